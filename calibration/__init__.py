@@ -1,0 +1,1 @@
+"""Reduced precision: calibration data readers, FP16 and INT8 graphs, accuracy gates."""

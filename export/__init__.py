@@ -1,0 +1,1 @@
+"""Trained model to deployable artifacts (ONNX graphs, bundle manifest, graph checks, engines)."""

@@ -1,0 +1,17 @@
+"""User-facing errors: one line, naming the file, the field and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake in the user's input. The CLI prints it on one line and exits with code 2."""
+
+    exit_code = 2
+
+
+def input_error(path: str | Path | None, field: str | None, message: str) -> UserError:
+    """Build the one-line message `FILE: FIELD: MESSAGE` (parts that are None are left out)."""
+    parts = [str(p) for p in (path, field) if p is not None]
+    return UserError(": ".join([*parts, message]))
