@@ -1,0 +1,215 @@
+"""The fast exact SCAN scorer: similarities of all (image, caption) pairs without attended contexts.
+
+The original computes, for every pair, the attended context c = Σ a·v explicitly (O(L·R·D) per pair)
+and then cos(w, c). Both terms of the cosine follow from quantities that are needed anyway
+(DESIGN.md §2):
+
+    w_l·c_l = Σ_r a_{l,r} S_{r,l}           (S = V Wᵀ, the attention logits)
+    |c_l|²  = a_lᵀ G a_l,  G = V Vᵀ          (the image's R×R Gram matrix, computed once per image)
+
+so t2i costs one large GEMM over all regions × all words plus O(L·R²) per pair; i2t uses the
+caption's L×L Gram matrix symmetrically. Every normalisation, softmax and aggregation over words
+sees only the first `length` words, so padding never changes a score.
+
+Tensors of one block are laid out (n images, R regions, m captions, T words) so the logits come
+from a single GEMM without copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from scan_deploy.config import ModelConfig
+
+EPS = 1e-8
+# Elements of one (n, R, m, T) block; a block holds about six tensors of this size.
+DEFAULT_BLOCK_ELEMENTS = 1 << 23
+
+
+def l2norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2-normalise as the original does: x / (|x| + eps)."""
+    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + EPS)
+
+
+def l1norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """L1-normalise as the original intended (its `l1norm_d` was never defined)."""
+    return x / (x.abs().sum(dim=dim, keepdim=True) + EPS)
+
+
+def region_gram(regions: torch.Tensor) -> torch.Tensor:
+    """Per-image Gram matrix V Vᵀ, (N, R, D) -> (N, R, R)."""
+    return regions @ regions.transpose(1, 2)
+
+
+def caption_gram(words: torch.Tensor) -> torch.Tensor:
+    """Per-caption Gram matrix W Wᵀ, (M, T, D) -> (M, T, T)."""
+    return words @ words.transpose(1, 2)
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(M,) lengths -> (M, T) boolean mask of the valid words."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def normalize_logits(
+    logits: torch.Tensor, kind: str, dim: int, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Apply `raw_feature_norm` along `dim`, seeing only the positions where `valid` is True."""
+    if kind == "softmax":
+        if valid is not None:
+            logits = logits.masked_fill(~valid, float("-inf"))
+        return torch.softmax(logits, dim=dim)
+    if valid is not None:
+        logits = logits.masked_fill(~valid, 0.0)
+    if kind.startswith("clipped"):
+        logits = F.leaky_relu(logits, 0.1)
+    if kind.endswith("l2norm"):
+        return l2norm(logits, dim)
+    if kind.endswith("l1norm"):
+        return l1norm(logits, dim)
+    return logits
+
+
+def aggregate(
+    values: torch.Tensor,
+    kind: str,
+    dim: int,
+    lambda_lse: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pool the per-word (or per-region) relevances over `dim`: LogSumExp, Mean, Max or Sum."""
+    if kind == "LogSumExp":
+        if valid is not None:
+            values = values.masked_fill(~valid, float("-inf"))
+        return torch.logsumexp(values * lambda_lse, dim=dim) / lambda_lse
+    if kind == "Max":
+        if valid is not None:
+            values = values.masked_fill(~valid, float("-inf"))
+        return values.amax(dim=dim)
+    if valid is not None:
+        values = values.masked_fill(~valid, 0.0)
+    total = values.sum(dim=dim)
+    if kind == "Sum":
+        return total
+    count = valid.sum(dim=dim) if valid is not None else values.shape[dim]
+    return total / count
+
+
+def _logits(regions: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """S[n, r, m, t] = v_{n,r} · w_{m,t}, as one GEMM."""
+    n, r, d = regions.shape
+    m, t, _ = words.shape
+    return (regions.reshape(n * r, d) @ words.reshape(m * t, d).T).view(n, r, m, t)
+
+
+def _cosine(
+    numerator: torch.Tensor, norm_a: torch.Tensor, squared_norm_b: torch.Tensor
+) -> torch.Tensor:
+    """cos as the original: w12 / max(|a|·|b|, eps), with |b|² from the Gram identity."""
+    return numerator / (norm_a * squared_norm_b.clamp(min=0).sqrt()).clamp(min=EPS)
+
+
+def score_t2i_block(
+    regions: torch.Tensor,
+    gram: torch.Tensor,
+    words: torch.Tensor,
+    lengths: torch.Tensor,
+    config: ModelConfig,
+) -> torch.Tensor:
+    """t2i similarities of n images × m captions: words attend to regions. Returns (n, m)."""
+    n, r, _ = regions.shape
+    m, t, _ = words.shape
+    valid = length_mask(lengths, t)  # (m, T)
+    logits = _logits(regions, words)  # (n, R, m, T)
+    normed = normalize_logits(logits, config.raw_feature_norm, 3, valid[None, None])
+    attn = torch.softmax(normed * config.lambda_softmax, dim=1)  # over regions
+    numerator = (attn * logits).sum(dim=1)  # (n, m, T)
+    gram_attn = (gram @ attn.reshape(n, r, m * t)).view(n, r, m, t)
+    context_sq = (attn * gram_attn).sum(dim=1)  # |c_l|² = a_lᵀ G a_l
+    relevance = _cosine(numerator, words.norm(dim=-1)[None], context_sq)
+    return aggregate(relevance, config.agg_func, 2, config.lambda_lse, valid[None])
+
+
+def score_i2t_block(
+    regions: torch.Tensor,
+    words: torch.Tensor,
+    gram: torch.Tensor,
+    lengths: torch.Tensor,
+    config: ModelConfig,
+) -> torch.Tensor:
+    """i2t similarities of n images × m captions: regions attend to words. Returns (n, m)."""
+    n, r, _ = regions.shape
+    m, t, _ = words.shape
+    valid = length_mask(lengths, t)[None, None]  # (1, 1, m, T)
+    logits = _logits(regions, words)  # (n, R, m, T)
+    normed = normalize_logits(logits.masked_fill(~valid, 0.0), config.raw_feature_norm, 1, None)
+    attn = torch.softmax(
+        (normed * config.lambda_softmax).masked_fill(~valid, float("-inf")), dim=3
+    )  # over the caption's words
+    numerator = (attn * logits).sum(dim=3)  # (n, R, m)
+    attn_by_caption = attn.permute(2, 0, 1, 3).reshape(m, n * r, t)
+    attn_gram = (attn_by_caption @ gram).view(m, n, r, t).permute(1, 2, 0, 3)
+    context_sq = (attn * attn_gram).sum(dim=3)  # |c_r|² = a_rᵀ H a_r
+    relevance = _cosine(numerator, regions.norm(dim=-1)[..., None], context_sq)
+    return aggregate(relevance, config.agg_func, 1, config.lambda_lse)
+
+
+def score_block(
+    regions: torch.Tensor,
+    words: torch.Tensor,
+    lengths: torch.Tensor,
+    config: ModelConfig,
+    gram: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Similarities (n, m) of one block, for the configured attention direction.
+
+    `gram` is the region Gram (n, R, R) for t2i or the caption Gram (m, T, T) for i2t; it is
+    computed here when not given (a gallery stores it precomputed).
+    """
+    if config.cross_attn == "t2i":
+        gram = region_gram(regions) if gram is None else gram
+        return score_t2i_block(regions, gram, words, lengths, config)
+    gram = caption_gram(words) if gram is None else gram
+    return score_i2t_block(regions, words, gram, lengths, config)
+
+
+@torch.no_grad()
+def similarity_matrix(
+    regions: torch.Tensor,
+    words: torch.Tensor,
+    lengths: torch.Tensor,
+    config: ModelConfig,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    progress=None,
+) -> torch.Tensor:
+    """All-pairs similarities (N, M) in blocks of bounded memory.
+
+    Captions are sorted by length and each block is cut to its own longest caption, so short
+    captions do not pay for the padding of long ones. `progress(k)` is called after each image
+    chunk with the number of images done in it.
+    """
+    num_images, num_regions, _ = regions.shape
+    lengths = lengths.to(torch.long)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = torch.empty(num_images, words.shape[0], dtype=regions.dtype, device=regions.device)
+    caption_chunk = max(1, min(words.shape[0], 512))
+    chunks = []
+    for start in range(0, words.shape[0], caption_chunk):
+        idx = order[start : start + caption_chunk]
+        t = int(lengths[idx].max())
+        chunk_words = words[idx, :t]
+        gram = caption_gram(chunk_words) if config.cross_attn == "i2t" else None
+        chunks.append((idx, chunk_words, lengths[idx], gram))
+    step = max(1, block_elements // (num_regions * caption_chunk * words.shape[1]))
+    for first in range(0, num_images, step):
+        block_regions = regions[first : first + step]
+        image_gram = region_gram(block_regions) if config.cross_attn == "t2i" else None
+        for idx, chunk_words, chunk_lengths, caption_g in chunks:
+            gram = image_gram if config.cross_attn == "t2i" else caption_g
+            out[first : first + step, idx] = score_block(
+                block_regions, chunk_words, chunk_lengths, config, gram
+            )
+        if progress is not None:
+            progress(block_regions.shape[0])
+    return out
