@@ -72,7 +72,9 @@ class ModelConfig:
                 raise input_error(source, name, f"got {value!r}, expected a positive integer")
         for name in ("bi_gru", "no_imgnorm", "no_txtnorm", "max_violation"):
             if not isinstance(getattr(self, name), bool):
-                raise input_error(source, name, f"got {getattr(self, name)!r}, expected true or false")
+                raise input_error(
+                    source, name, f"got {getattr(self, name)!r}, expected true or false"
+                )
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)):
             raise input_error(source, "margin", f"got {self.margin!r}, expected a number")
         for name in ("lambda_softmax", "lambda_lse"):
@@ -92,7 +94,9 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise input_error(source, unknown[0], f"unknown option (known: {', '.join(sorted(known))})")
+            raise input_error(
+                source, unknown[0], f"unknown option (known: {', '.join(sorted(known))})"
+            )
         if "vocab_size" not in data:
             raise input_error(source, "vocab_size", "missing, expected a positive integer")
         try:

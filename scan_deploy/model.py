@@ -101,7 +101,9 @@ class SCAN(nn.Module):
         self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         """Similarity (B_images, B_captions) of a training batch, differentiable."""
-        return score_block(self.img_enc(images), self.txt_enc(tokens, lengths), lengths, self.config)
+        return score_block(
+            self.img_enc(images), self.txt_enc(tokens, lengths), lengths, self.config
+        )
 
     @torch.no_grad()
     def similarity(

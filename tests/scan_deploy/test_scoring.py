@@ -41,7 +41,9 @@ def test_unnormalized_embeddings_keep_the_general_cosine(direction, norm):
     )
     images, words = _inputs(normalize=False, seed=1)
     expected = oracle_scores(images, words, LENGTHS, cfg)
-    torch.testing.assert_close(score_block(images, words, LENGTHS, cfg), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        score_block(images, words, LENGTHS, cfg), expected, atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("direction", CROSS_ATTNS)

@@ -1,0 +1,35 @@
+# Set-up and the two entry points of the README: `make demo` and `make test`.
+# The install pins the CPU build of torch (constraints/cpu.txt) so nothing pulls a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/scan-deploy
+DEMO ?= runs/demo
+DEMO_TRAIN ?= 5000
+DEMO_EPOCHS ?= 8
+
+.PHONY: install test lint demo clean
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[reference,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+demo: install
+	$(CLI) data synth --out $(DEMO)/data --train $(DEMO_TRAIN) --dev 1000 --test 1000 --img-dim 256 --seed 0
+	$(CLI) train --data $(DEMO)/data --out $(DEMO)/run --epochs $(DEMO_EPOCHS) --embed-size 256 \
+		--word-dim 128 --lr 5e-4 --lr-update 6 --warmup-epochs 2 --max-violation --val-images 500
+	$(CLI) evaluate $(DEMO)/run/model_best --data $(DEMO)/data --split test
+
+clean:
+	rm -rf $(DEMO)

@@ -1,0 +1,127 @@
+"""Checkpoints: our safe format (a folder with safetensors weights + config + vocab) and conversion
+of the original SCAN `model_best.pth.tar`.
+
+Our format never unpickles anything: `model.safetensors`, `config.json`, `vocab.json` and an
+optional `meta.json` (epoch, best rsum, ...). A training run's `last/` folder also holds
+`optimizer.safetensors` + `train_state.json` for `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scan_deploy.atomic import atomic_dir, write_json
+from scan_deploy.config import ModelConfig
+from scan_deploy.errors import input_error
+from scan_deploy.model import SCAN
+from scan_deploy.vocab import Vocabulary
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+VOCAB = "vocab.json"
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model: SCAN
+    vocab: Vocabulary
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: SCAN,
+    vocab: Vocabulary,
+    meta: dict[str, Any] | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint folder atomically. `extra_files` maps file names to tensors dicts
+    (written as safetensors) or JSON-able values."""
+    with atomic_dir(path) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        write_json(tmp / CONFIG, model.config.to_dict())
+        vocab.save(tmp / VOCAB)
+        write_json(tmp / META, {"format_version": FORMAT_VERSION, **(meta or {})})
+        for name, payload in (extra_files or {}).items():
+            if name.endswith(".safetensors"):
+                save_file(payload, str(tmp / name))
+            else:
+                write_json(tmp / name, payload)
+
+
+def load_checkpoint(path: str | Path, vocab_path: str | Path | None = None) -> Checkpoint:
+    """Load our checkpoint folder, or an original SCAN `.pth.tar` (which needs `vocab_path`)."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
+    if path.is_file():
+        if vocab_path is None:
+            raise input_error(
+                path, None, "an original SCAN checkpoint needs its vocabulary: pass --vocab FILE"
+            )
+        return load_original(path, vocab_path)
+    raise input_error(path, None, "not found, expected a checkpoint folder or a .pth.tar file")
+
+
+def _load_folder(path: Path) -> Checkpoint:
+    for name in (WEIGHTS, CONFIG, VOCAB):
+        if not (path / name).is_file():
+            raise input_error(path / name, None, "missing, expected a scan-deploy checkpoint file")
+    config = ModelConfig.load(path / CONFIG)
+    vocab = Vocabulary.load(path / VOCAB)
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise input_error(path / WEIGHTS, None, f"unreadable safetensors file ({exc})") from None
+    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+    return Checkpoint(build_model(config, vocab, state, path / WEIGHTS), vocab, path, meta)
+
+
+def build_model(
+    config: ModelConfig, vocab: Vocabulary, state: dict[str, torch.Tensor], source: Path
+) -> SCAN:
+    """A SCAN model with `state` loaded, after checking config, vocab and weights agree."""
+    if len(vocab) != config.vocab_size:
+        raise input_error(
+            source.parent / CONFIG if source.suffix == ".safetensors" else source,
+            "vocab_size",
+            f"is {config.vocab_size} but the vocabulary has {len(vocab)} words",
+        )
+    model = SCAN(config)
+    model.load_weights(state, str(source))
+    return model.eval()
+
+
+def load_original(path: Path, vocab_path: str | Path) -> Checkpoint:
+    """Read an original SCAN checkpoint through the restricted unpickler."""
+    from scan_deploy.original_checkpoint import config_from_options, load_original_checkpoint
+
+    original = load_original_checkpoint(path)
+    vocab = Vocabulary.load(vocab_path)
+    options = dict(original.options)
+    options.setdefault("vocab_size", len(vocab))
+    config = config_from_options(options, path)
+    state = {f"img_enc.{k}": v for k, v in original.image_state.items()}
+    state.update({f"txt_enc.{k}": v for k, v in original.text_state.items()})
+    meta = {
+        "source": str(path),
+        "epoch": original.epoch,
+        "best_rsum": original.best_rsum,
+        "eiters": original.eiters,
+    }
+    return Checkpoint(build_model(config, vocab, state, path), vocab, path, meta)

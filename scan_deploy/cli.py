@@ -1,0 +1,241 @@
+"""The `scan-deploy` command line. Heavy packages (torch) are imported inside the commands that
+need them, so commands of the runtime work on a device without torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scan_deploy import __version__
+from scan_deploy.errors import UserError
+
+app = typer.Typer(
+    help="SCAN image-text matching: train, evaluate, export and deploy.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Data sets in the SCAN precomp format.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"scan-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """SCAN image-text matching, from PyTorch training to embedded inference."""
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder for the precomp files.")],
+    train: Annotated[int, typer.Option(min=1, help="Training images.")] = 5000,
+    dev: Annotated[int, typer.Option(min=1, help="Validation images.")] = 1000,
+    test: Annotated[int, typer.Option(min=1, help="Test images.")] = 1000,
+    img_dim: Annotated[int, typer.Option(min=1, help="Region feature size.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write the synthetic benchmark (train/dev/test + vocabulary) in the precomp format."""
+    from scan_deploy.synth import write_synthetic
+
+    with console.status(f"writing synthetic benchmark to {out}"):
+        summary = write_synthetic(out, train=train, dev=dev, test=test, img_dim=img_dim, seed=seed)
+    console.print(f"wrote {out}: {summary}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Precomp data folder (train/dev splits + vocab).")],
+    out: Annotated[Path, typer.Option(help="Run folder (model_best/ and last/ go here).")],
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 2e-4,
+    lr_update: Annotated[int, typer.Option(help="Divide the lr by 10 every N epochs.")] = 15,
+    grad_clip: float = 2.0,
+    warmup_epochs: Annotated[
+        int, typer.Option(help="Epochs summing all violations before hardest negatives.")
+    ] = 0,
+    val_images: Annotated[int, typer.Option(help="Dev images used for validation.")] = 1000,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    embed_size: int = 1024,
+    word_dim: int = 300,
+    num_layers: int = 1,
+    bi_gru: bool = False,
+    precomp_enc_type: str = "basic",
+    no_imgnorm: bool = False,
+    no_txtnorm: bool = False,
+    raw_feature_norm: str = "clipped_l2norm",
+    agg_func: str = "LogSumExp",
+    cross_attn: str = "t2i",
+    lambda_softmax: float = 9.0,
+    lambda_lse: float = 6.0,
+    margin: float = 0.2,
+    max_violation: Annotated[bool, typer.Option(help="Hardest negatives (after warm-up).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.")] = False,
+) -> None:
+    """Train SCAN on a precomp data set; keeps the checkpoint with the best dev rsum."""
+    from scan_deploy.config import ModelConfig
+    from scan_deploy.precomp import check_feature_dim, find_vocab, load_split
+    from scan_deploy.progress import progress_bar
+    from scan_deploy.train import LAST, Trainer, TrainOptions
+    from scan_deploy.vocab import Vocabulary
+
+    vocab = Vocabulary.load(find_vocab(data))
+    train_split, dev_split = load_split(data, "train"), load_split(data, "dev")
+    config = ModelConfig(
+        vocab_size=len(vocab),
+        img_dim=train_split.feature_dim,
+        embed_size=embed_size,
+        word_dim=word_dim,
+        num_layers=num_layers,
+        bi_gru=bi_gru,
+        precomp_enc_type=precomp_enc_type,
+        no_imgnorm=no_imgnorm,
+        no_txtnorm=no_txtnorm,
+        raw_feature_norm=raw_feature_norm,
+        agg_func=agg_func,
+        cross_attn=cross_attn,
+        lambda_softmax=lambda_softmax,
+        lambda_lse=lambda_lse,
+        margin=margin,
+        max_violation=max_violation,
+    )
+    check_feature_dim(dev_split, config.img_dim, data / "dev_ims.npy")
+    options = TrainOptions(
+        epochs, batch_size, lr, lr_update, grad_clip, warmup_epochs, val_images, seed, device
+    )
+    trainer = Trainer(out, train_split, dev_split, vocab, config, options)
+    if resume:
+        trainer.resume(out / LAST)
+    with progress_bar(console) as progress:
+        task = progress.add_task("train", total=None)
+
+        def on_batch(loss: float, pairs: int) -> None:
+            progress.update(task, advance=pairs, loss=loss)
+
+        def on_epoch(report) -> None:
+            m = report.metrics
+            mark = " (best)" if report.best else ""
+            progress.console.print(
+                f"epoch {report.epoch}: loss {report.loss:.3f} lr {report.lr:.1e} "
+                f"{'hardest' if report.hardest_negative else 'sum'}-negatives | dev R@1 "
+                f"i2t {m['i2t']['r1']:.1f} t2i {m['t2i']['r1']:.1f} rsum {report.rsum:.1f}{mark} "
+                f"| {report.seconds:.0f}s"
+            )
+            progress.reset(task, total=None)
+            progress.update(task, description=f"train epoch {report.epoch + 1}")
+
+        progress.update(task, description=f"train epoch {trainer.start_epoch}")
+        trainer.fit(on_batch, on_epoch)
+    console.print(f"best checkpoint: {out / 'model_best'} (dev rsum {trainer.best_rsum:.1f})")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or original .pth.tar.")],
+    data: Annotated[Path, typer.Option(help="Precomp data folder.")],
+    split: Annotated[
+        str, typer.Option(help="Split name (train, dev, test, testall, ...).")
+    ] = "test",
+    fold5: Annotated[bool, typer.Option(help="COCO protocol: average of 5 folds of 1K.")] = False,
+    ensemble: Annotated[
+        list[Path] | None, typer.Option(help="More checkpoints whose similarities are averaged.")
+    ] = None,
+    vocab: Annotated[
+        Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Recall@K, medr and meanr in both directions, and rsum, of one model or an ensemble."""
+    from scan_deploy.checkpoint import load_checkpoint
+    from scan_deploy.evaluate import check_compatible, evaluate_split
+    from scan_deploy.precomp import load_split
+    from scan_deploy.progress import progress_bar
+
+    checkpoints = [load_checkpoint(p, vocab) for p in [checkpoint, *(ensemble or [])]]
+    data_split = load_split(data, split)
+    for ckpt in checkpoints:
+        check_compatible(ckpt, data_split, data / f"{split}_ims.npy")
+    with progress_bar(err_console, transient=True) as progress:
+        total = data_split.num_images * len(checkpoints)
+        task = progress.add_task(f"scoring {split}", total=total)
+        results = evaluate_split(
+            checkpoints, data_split, fold5, lambda n: progress.advance(task, n)
+        )
+    results["split"] = split
+    results["images"] = data_split.num_images
+    results["captions"] = data_split.num_captions
+    if as_json:
+        print(json.dumps(results))
+    else:
+        console.print(recall_table(results, f"{split}: {data_split.num_images} images"))
+
+
+def recall_table(results: dict, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("direction", "R@1", "R@5", "R@10", "medr", "meanr"):
+        table.add_column(column, justify="right")
+    for key, name in (("i2t", "image→text"), ("t2i", "text→image")):
+        m = results[key]
+        table.add_row(
+            name,
+            *(f"{m[k]:.1f}" for k in ("r1", "r5", "r10")),
+            f"{m['medr']:.0f}",
+            f"{m['meanr']:.1f}",
+        )
+    table.caption = f"rsum {results['rsum']:.1f}"
+    return table
+
+
+@app.command()
+def convert(
+    original: Annotated[
+        Path, typer.Argument(help="Original SCAN checkpoint (model_best.pth.tar).")
+    ],
+    vocab: Annotated[Path, typer.Option(help="The vocabulary JSON it was trained with.")],
+    out: Annotated[Path, typer.Option(help="Output checkpoint folder.")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
+) -> None:
+    """Convert an original SCAN checkpoint into the safe scan-deploy format (no pickle)."""
+    from scan_deploy.checkpoint import load_original, save_checkpoint
+
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists (pass --force to overwrite)")
+    checkpoint = load_original(original, vocab)
+    save_checkpoint(out, checkpoint.model, checkpoint.vocab, checkpoint.meta)
+    console.print(f"wrote {out} ({checkpoint.config.cross_attn}, vocab {len(checkpoint.vocab)})")
+
+
+def main() -> None:
+    """Entry point: user mistakes print one line and exit 2, never a traceback."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except UserError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

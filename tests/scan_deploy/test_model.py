@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from scan_deploy.config import ModelConfig
+from scan_deploy.errors import UserError
+from scan_deploy.model import SCAN
+
+
+def _config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=11, img_dim=6, embed_size=4, word_dim=3)
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("bi_gru", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_text_encoder_matches_each_caption_encoded_alone(bi_gru, num_layers):
+    torch.manual_seed(0)
+    model = SCAN(_config(bi_gru=bi_gru, num_layers=num_layers)).eval()
+    lengths = torch.tensor([3, 6, 1, 4])
+    tokens = torch.randint(1, 11, (4, 6))
+    words = model.txt_enc(tokens, lengths)
+    assert words.shape == (4, 6, 4)
+    for row, length in enumerate(lengths.tolist()):
+        alone = model.txt_enc(tokens[row : row + 1, :length], lengths[row : row + 1])
+        torch.testing.assert_close(words[row, :length], alone[0], atol=1e-6, rtol=0)
+        assert torch.all(words[row, length:] == 0)
+    norms = words.norm(dim=-1)[torch.arange(6)[None] < lengths[:, None]]
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0)
+
+
+def test_bi_gru_averages_the_two_directions():
+    torch.manual_seed(1)
+    model = SCAN(_config(bi_gru=True, no_txtnorm=True)).eval()
+    tokens = torch.tensor([[1, 2, 3]])
+    output, _ = model.txt_enc.rnn(model.txt_enc.embed(tokens))
+    expected = (output[..., :4] + output[..., 4:]) / 2
+    torch.testing.assert_close(model.txt_enc(tokens, torch.tensor([3])), expected)
+
+
+@pytest.mark.parametrize("enc_type", ["basic", "weight_norm"])
+def test_image_encoder_normalises_unless_disabled(enc_type):
+    torch.manual_seed(2)
+    images = torch.randn(2, 5, 6)
+    normed = SCAN(_config(precomp_enc_type=enc_type)).img_enc(images)
+    torch.testing.assert_close(normed.norm(dim=-1), torch.ones(2, 5), atol=1e-6, rtol=0)
+    raw = SCAN(_config(precomp_enc_type=enc_type, no_imgnorm=True)).img_enc(images)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(2, 5))
+
+
+def test_weight_norm_keeps_original_parameter_names_and_value():
+    model = SCAN(_config(precomp_enc_type="weight_norm"))
+    keys = set(model.state_dict())
+    assert {"img_enc.fc.weight_g", "img_enc.fc.weight_v", "img_enc.fc.bias"} <= keys
+    fc = model.img_enc.fc
+    assert fc.weight_g.shape == ()
+    torch.testing.assert_close(fc.weight.norm(), fc.weight_g.detach())
+
+
+def test_load_weights_names_the_mismatch():
+    model = SCAN(_config())
+    state = SCAN(_config(vocab_size=12)).state_dict()
+    with pytest.raises(
+        UserError, match=r"ckpt: txt_enc.embed.weight: shape \(12, 3\).*vocab_size=11"
+    ):
+        model.load_weights(state, "ckpt")
+    state = dict(model.state_dict())
+    del state["img_enc.fc.bias"]
+    with pytest.raises(UserError, match="img_enc.fc.bias: missing"):
+        model.load_weights(state, "ckpt")
