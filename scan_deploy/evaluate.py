@@ -1,4 +1,4 @@
-"""Evaluation of the PyTorch reference: encode a split, score all pairs, Recall@K (+ 5-fold, ensemble)."""
+"""Evaluation of the reference: encode a split, score all pairs, Recall@K, 5-fold, ensemble."""
 
 from __future__ import annotations
 
