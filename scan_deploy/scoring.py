@@ -52,23 +52,27 @@ def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def normalize_logits(
-    logits: torch.Tensor, kind: str, dim: int, valid: torch.Tensor | None
+def attention_logits(
+    logits: torch.Tensor, kind: str, dim: int, scale: float, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Apply `raw_feature_norm` along `dim`, seeing only the positions where `valid` is True."""
+    """scale · `raw_feature_norm`(logits) along `dim`.
+
+    Padded positions must hold zero logits (their word vectors are zeroed first): they then add
+    nothing to an L1/L2 norm. Only the softmax kind needs `valid` to mask them out.
+    """
     if kind == "softmax":
         if valid is not None:
             logits = logits.masked_fill(~valid, float("-inf"))
-        return torch.softmax(logits, dim=dim)
-    if valid is not None:
-        logits = logits.masked_fill(~valid, 0.0)
+        return torch.softmax(logits, dim=dim) * scale
     if kind.startswith("clipped"):
         logits = F.leaky_relu(logits, 0.1)
     if kind.endswith("l2norm"):
-        return l2norm(logits, dim)
+        norm = torch.linalg.vector_norm(logits, ord=2, dim=dim, keepdim=True)
+        return logits * (scale / (norm + EPS))
     if kind.endswith("l1norm"):
-        return l1norm(logits, dim)
-    return logits
+        norm = torch.linalg.vector_norm(logits, ord=1, dim=dim, keepdim=True)
+        return logits * (scale / (norm + EPS))
+    return logits * scale
 
 
 def aggregate(
@@ -121,9 +125,11 @@ def score_t2i_block(
     n, r, _ = regions.shape
     m, t, _ = words.shape
     valid = length_mask(lengths, t)  # (m, T)
-    logits = _logits(regions, words)  # (n, R, m, T)
-    normed = normalize_logits(logits, config.raw_feature_norm, 3, valid[None, None])
-    attn = torch.softmax(normed * config.lambda_softmax, dim=1)  # over regions
+    logits = _logits(regions, words)  # (n, R, m, T), zero at padded words
+    scaled = attention_logits(
+        logits, config.raw_feature_norm, 3, config.lambda_softmax, valid[None, None]
+    )
+    attn = torch.softmax(scaled, dim=1)  # over regions
     numerator = (attn * logits).sum(dim=1)  # (n, m, T)
     gram_attn = (gram @ attn.reshape(n, r, m * t)).view(n, r, m, t)
     context_sq = (attn * gram_attn).sum(dim=1)  # |c_l|² = a_lᵀ G a_l
@@ -142,11 +148,9 @@ def score_i2t_block(
     n, r, _ = regions.shape
     m, t, _ = words.shape
     valid = length_mask(lengths, t)[None, None]  # (1, 1, m, T)
-    logits = _logits(regions, words)  # (n, R, m, T)
-    normed = normalize_logits(logits.masked_fill(~valid, 0.0), config.raw_feature_norm, 1, None)
-    attn = torch.softmax(
-        (normed * config.lambda_softmax).masked_fill(~valid, float("-inf")), dim=3
-    )  # over the caption's words
+    logits = _logits(regions, words)  # (n, R, m, T), zero at padded words
+    scaled = attention_logits(logits, config.raw_feature_norm, 1, config.lambda_softmax)
+    attn = torch.softmax(scaled.masked_fill(~valid, float("-inf")), dim=3)  # over words
     numerator = (attn * logits).sum(dim=3)  # (n, R, m)
     attn_by_caption = attn.permute(2, 0, 1, 3).reshape(m, n * r, t)
     attn_gram = (attn_by_caption @ gram).view(m, n, r, t).permute(1, 2, 0, 3)
@@ -165,8 +169,10 @@ def score_block(
     """Similarities (n, m) of one block, for the configured attention direction.
 
     `gram` is the region Gram (n, R, R) for t2i or the caption Gram (m, T, T) for i2t; it is
-    computed here when not given (a gallery stores it precomputed).
+    computed here when not given (a gallery stores it precomputed). Word vectors beyond each
+    length are zeroed here, so padding never reaches a score.
     """
+    words = words * length_mask(lengths, words.shape[1])[..., None]
     if config.cross_attn == "t2i":
         gram = region_gram(regions) if gram is None else gram
         return score_t2i_block(regions, gram, words, lengths, config)
