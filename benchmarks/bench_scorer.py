@@ -1,6 +1,6 @@
 """Vectorized Gram-identity scorer vs the original SCAN per-caption loop, measured in one run.
 
-    .venv/bin/python benchmarks/bench_scorer.py [--images 1000] [--captions 5000] [--loop-captions 100]
+    .venv/bin/python benchmarks/bench_scorer.py [--images N] [--captions M] [--loop-captions K]
 
 Both run on the same inputs with the same torch threads. The original loop (a faithful port of
 `xattn_score_t2i` / `xattn_score_i2t`: one caption at a time against all images, explicit attended
@@ -103,7 +103,8 @@ def main() -> None:
             diff = (fast[:, subset] - loop).abs().max().item()
             gflops = 2 * args.images * args.regions * args.dim * int(lengths.sum()) / fast_s / 1e9
             print(
-                f"{direction + ' ' + agg:<22}{fast_s:>14.2f}{loop_s:>18.2f}{loop_s / fast_s:>9.1f}x"
+                f"{direction + ' ' + agg:<22}{fast_s:>14.2f}{loop_s:>18.2f}"
+                f"{loop_s / fast_s:>9.1f}x"
                 f"{diff:>12.2e}{gflops:>10.1f}{100 * gflops / peak:>7.0f}%"
             )
 
