@@ -24,7 +24,7 @@ def encode_images(
     device = next(model.parameters()).device
     out = []
     for start in range(0, images.shape[0], batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        batch = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))
         out.append(model.img_enc(batch.to(device)))
         if progress is not None:
             progress(out[-1].shape[0])

@@ -193,9 +193,9 @@ class Trainer:
             if options.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)
             self.optimizer.step()
-            total, batches = total + float(loss), batches + 1
+            total, batches = total + loss.item(), batches + 1
             if on_batch is not None:
-                on_batch(float(loss), features.shape[0])
+                on_batch(total / batches, features.shape[0])
         return total / max(batches, 1), lr, hardest
 
     def _save(self, epoch: int, best: bool) -> None:

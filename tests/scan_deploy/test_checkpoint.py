@@ -1,0 +1,115 @@
+import argparse
+
+import pytest
+import torch
+
+from scan_deploy.checkpoint import load_checkpoint, save_checkpoint
+from scan_deploy.config import ModelConfig
+from scan_deploy.errors import UserError
+from scan_deploy.model import SCAN
+from scan_deploy.vocab import Vocabulary
+
+
+def _vocab(size: int) -> Vocabulary:
+    """A vocabulary of `size` entries: the 4 special tokens and words w0, w1, ..."""
+    return Vocabulary.build([" ".join(f"w{i}" for i in range(size - 4))], threshold=1)
+
+
+@pytest.fixture
+def tiny():
+    vocab = _vocab(9)
+    config = ModelConfig(vocab_size=len(vocab), img_dim=6, embed_size=4, word_dim=3, bi_gru=True)
+    torch.manual_seed(0)
+    return SCAN(config), vocab
+
+
+def test_roundtrip_keeps_weights_config_vocab_and_meta(tmp_path, tiny):
+    model, vocab = tiny
+    save_checkpoint(tmp_path / "ckpt", model, vocab, {"epoch": 3})
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    assert loaded.vocab.word2idx == vocab.word2idx
+    assert loaded.meta["epoch"] == 3
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor)
+    assert not list(tmp_path.glob(".*tmp"))  # no temp leftovers
+
+
+def test_vocab_size_mismatch_is_one_line_error(tmp_path, tiny):
+    model, _ = tiny
+    save_checkpoint(tmp_path / "ckpt", model, _vocab(8))
+    with pytest.raises(UserError, match=r"config.json: vocab_size: is 9 but the vocabulary has 8"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_corrupted_weights_and_missing_files(tmp_path, tiny):
+    model, vocab = tiny
+    save_checkpoint(tmp_path / "ckpt", model, vocab)
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="model.safetensors: unreadable safetensors"):
+        load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "vocab.json").unlink()
+    with pytest.raises(UserError, match="vocab.json: missing"):
+        load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+def _original_file(path, model: SCAN, **opt_overrides):
+    c = model.config
+    opt = argparse.Namespace(
+        data_path="/data",
+        vocab_size=c.vocab_size,
+        img_dim=c.img_dim,
+        embed_size=c.embed_size,
+        word_dim=c.word_dim,
+        num_layers=c.num_layers,
+        bi_gru=c.bi_gru,
+        precomp_enc_type=c.precomp_enc_type,
+        no_imgnorm=c.no_imgnorm,
+        no_txtnorm=c.no_txtnorm,
+        raw_feature_norm=c.raw_feature_norm,
+        agg_func=c.agg_func,
+        cross_attn=c.cross_attn,
+        lambda_softmax=c.lambda_softmax,
+        lambda_lse=c.lambda_lse,
+        margin=c.margin,
+        max_violation=c.max_violation,
+        learning_rate=2e-4,
+        **opt_overrides,
+    )
+    img = {
+        k[len("img_enc.") :]: v for k, v in model.state_dict().items() if k.startswith("img_enc.")
+    }
+    txt = {
+        k[len("txt_enc.") :]: v for k, v in model.state_dict().items() if k.startswith("txt_enc.")
+    }
+    torch.save({"model": [img, txt], "opt": opt, "epoch": 7, "best_rsum": 400.5, "Eiters": 9}, path)
+
+
+def test_original_checkpoint_gives_the_same_scores(tmp_path, tiny):
+    model, vocab = tiny
+    _original_file(tmp_path / "model_best.pth.tar", model)
+    vocab.save(tmp_path / "vocab.json")
+    loaded = load_checkpoint(tmp_path / "model_best.pth.tar", tmp_path / "vocab.json")
+    assert loaded.config == model.config and loaded.meta["epoch"] == 7
+    images, tokens, lengths = (
+        torch.randn(2, 5, 6),
+        torch.tensor([[1, 5, 2], [1, 2, 0]]),
+        torch.tensor([3, 2]),
+    )
+    torch.testing.assert_close(
+        loaded.model(images, tokens, lengths), model.eval()(images, tokens, lengths)
+    )
+
+
+def test_original_checkpoint_needs_vocab_and_matching_config(tmp_path, tiny):
+    model, vocab = tiny
+    _original_file(tmp_path / "model_best.pth.tar", model)
+    with pytest.raises(UserError, match="pass --vocab"):
+        load_checkpoint(tmp_path / "model_best.pth.tar")
+    _vocab(8).save(tmp_path / "small.json")
+    with pytest.raises(
+        UserError, match="model_best.pth.tar: vocab_size: is 9 but the vocabulary has 8"
+    ):
+        load_checkpoint(tmp_path / "model_best.pth.tar", tmp_path / "small.json")

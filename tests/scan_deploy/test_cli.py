@@ -1,0 +1,143 @@
+"""The command line end to end on a tiny synthetic set, and its handling of user mistakes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scan_deploy import __version__
+
+
+def run(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "scan_deploy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data, run_dir = root / "data", root / "run"
+    synth = run(
+        "data",
+        "synth",
+        "--out",
+        data,
+        "--train",
+        40,
+        "--dev",
+        10,
+        "--test",
+        10,
+        "--img-dim",
+        16,
+        "--seed",
+        1,
+    )
+    assert synth.returncode == 0, synth.stderr
+    train = run(
+        "train",
+        "--data",
+        data,
+        "--out",
+        run_dir,
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--embed-size",
+        8,
+        "--word-dim",
+        6,
+        "--val-images",
+        10,
+        "--bi-gru",
+    )
+    assert train.returncode == 0, train.stderr
+    assert "epoch 0" in train.stdout
+    return data, run_dir
+
+
+def test_version_and_help():
+    assert run("--version").stdout.strip() == f"scan-deploy {__version__}"
+    for command in ([], ["data", "synth"], ["train"], ["evaluate"], ["convert"]):
+        result = run(*command, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_evaluate_json_and_table(trained):
+    data, run_dir = trained
+    result = run("evaluate", run_dir / "model_best", "--data", data, "--split", "test", "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["images"] == 10 and metrics["captions"] == 50
+    assert set(metrics["i2t"]) == {"r1", "r5", "r10", "medr", "meanr"}
+    assert metrics["rsum"] == pytest.approx(
+        sum(metrics[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    )
+    table = run("evaluate", run_dir / "model_best", "--data", data, "--ensemble", run_dir / "last")
+    assert table.returncode == 0 and "image→text" in table.stdout and "rsum" in table.stdout
+
+
+def test_fold5_needs_a_multiple_of_five(trained):
+    data, run_dir = trained
+    result = run("evaluate", run_dir / "model_best", "--data", data, "--fold5", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["folds"]) == 5
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_user_mistakes_are_one_line_errors(trained, tmp_path):
+    data, run_dir = trained
+    _one_line_error(run("evaluate", tmp_path / "nope", "--data", data), "nope", "not found")
+    _one_line_error(
+        run("evaluate", run_dir / "model_best", "--data", data, "--split", "val"),
+        "val_ims.npy",
+    )
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("synth_vocab.json", "test_caps.txt"):
+        (bad / name).write_bytes((data / name).read_bytes())
+    features = np.load(data / "test_ims.npy")
+    np.save(bad / "test_ims.npy", features[:, :, :8])
+    _one_line_error(
+        run("evaluate", run_dir / "model_best", "--data", bad), "test_ims.npy", "img_dim", "16"
+    )
+    features[3, 0, 0] = np.nan
+    np.save(bad / "test_ims.npy", features)
+    _one_line_error(run("evaluate", run_dir / "model_best", "--data", bad), "test_ims.npy", "3")
+    _one_line_error(
+        run("train", "--data", data, "--out", tmp_path / "r", "--agg-func", "Median"),
+        "agg_func",
+        "LogSumExp",
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_convert_refuses_to_overwrite(trained, tmp_path):
+    data, run_dir = trained
+    (tmp_path / "out").mkdir()
+    _one_line_error(
+        run(
+            "convert",
+            tmp_path / "x.pth.tar",
+            "--vocab",
+            data / "synth_vocab.json",
+            "--out",
+            tmp_path / "out",
+        ),
+        "already exists",
+    )
