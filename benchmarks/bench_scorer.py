@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/bench_scorer.py [--images N] [--captions M] [--loop-captions K]
 
-Both run on the same inputs with the same torch threads. The original loop (a faithful port of
-`xattn_score_t2i` / `xattn_score_i2t`: one caption at a time against all images, explicit attended
-context) is timed on the first `--loop-captions` captions and extrapolated linearly to all captions
-(its cost is exactly linear in the number of captions); the max abs difference is taken on that
-subset. GFLOP/s counts the logits GEMM (2·N·R·D·Σ lengths), next to a measured fp32 GEMM peak.
+Both run on the same inputs with the same torch threads. The original loop (a line-by-line port of
+`xattn_score_t2i` / `xattn_score_i2t`: one caption at a time, repeated against all images, with the
+explicit attended context and the original's copies) is timed on the first `--loop-captions`
+captions and extrapolated linearly to all captions (its cost is exactly linear in the number of
+captions); the max abs difference is taken on that subset. GFLOP/s counts the logits GEMM (2·N·R·D·Σ lengths), next to a measured fp32 GEMM peak.
 """
 
 from __future__ import annotations
@@ -21,34 +21,45 @@ from scan_deploy.scoring import l2norm, similarity_matrix
 
 
 def original_func_attention(query, context, cfg):
-    """The original `func_attention` (query attends to context), written for batched contexts."""
-    attn = torch.bmm(context, query.transpose(1, 2))  # (n, sourceL, queryL)
+    """The original `func_attention`, line for line (transposes, `.contiguous()` copies included)."""
+    batch_size, source_len = context.size(0), context.size(1)
+    query_len = query.size(1)
+    attn = torch.bmm(context, torch.transpose(query, 1, 2))  # (n, sourceL, queryL)
     kind = cfg.raw_feature_norm
     if kind == "softmax":
-        attn = torch.softmax(attn, dim=2)
+        attn = torch.softmax(attn.view(batch_size * source_len, query_len), dim=1)
+        attn = attn.view(batch_size, source_len, query_len)
     elif kind == "clipped_l2norm":
         attn = l2norm(torch.nn.functional.leaky_relu(attn, 0.1), 2)
     elif kind == "l2norm":
         attn = l2norm(attn, 2)
-    attn = torch.softmax(attn.transpose(1, 2) * cfg.lambda_softmax, dim=2)  # (n, queryL, sourceL)
-    return torch.bmm(attn, context)  # attended context (n, queryL, d)
+    attn = torch.transpose(attn, 1, 2).contiguous().view(batch_size * query_len, source_len)
+    attn = torch.softmax(attn * cfg.lambda_softmax, dim=1).view(batch_size, query_len, source_len)
+    attn_t = torch.transpose(attn, 1, 2).contiguous()
+    weighted = torch.bmm(torch.transpose(context, 1, 2), attn_t)
+    return torch.transpose(weighted, 1, 2)
 
 
 def original_cosine(x1, x2):
-    w12 = (x1 * x2).sum(2)
-    return w12 / (x1.norm(dim=2) * x2.norm(dim=2)).clamp(min=1e-8)
+    """The original `cosine_similarity(x1, x2, dim=2)`."""
+    w12 = torch.sum(x1 * x2, 2)
+    w1 = torch.norm(x1, 2, 2)
+    w2 = torch.norm(x2, 2, 2)
+    return w12 / (w1 * w2).clamp(min=1e-8)
 
 
 @torch.no_grad()
 def original_scores(images, words, lengths, cfg):
-    """The original per-caption loop (t2i or i2t, LogSumExp/Mean aggregation)."""
+    """The original `xattn_score_t2i` / `xattn_score_i2t` loop over captions."""
     columns = []
     for j in range(words.shape[0]):
-        cap = words[j : j + 1, : int(lengths[j])].expand(images.shape[0], -1, -1)
+        cap = words[j, : int(lengths[j])].unsqueeze(0).contiguous().repeat(images.shape[0], 1, 1)
         if cfg.cross_attn == "t2i":
-            row = original_cosine(cap, original_func_attention(cap, images, cfg))
+            context = original_func_attention(cap, images, cfg).contiguous()
+            row = original_cosine(cap, context)
         else:
-            row = original_cosine(images, original_func_attention(images, cap, cfg))
+            context = original_func_attention(images, cap, cfg).contiguous()
+            row = original_cosine(images, context)
         if cfg.agg_func == "LogSumExp":
             row = torch.log(torch.exp(row * cfg.lambda_lse).sum(1)) / cfg.lambda_lse
         else:

@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from scan_deploy.config import ModelConfig
 
 EPS = 1e-8
-# Elements of one (n, R, m, T) block; a block holds about six tensors of this size.
-DEFAULT_BLOCK_ELEMENTS = 1 << 23
+# Elements of one (n, R, m, T) block (a block holds about six tensors of this size) and captions
+# per block: small blocks stay in cache, which makes the element-wise passes cheap next to the GEMM.
+DEFAULT_BLOCK_ELEMENTS = 1 << 21
+CAPTION_CHUNK = 256
 
 
 def l2norm(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -199,7 +201,7 @@ def similarity_matrix(
     lengths = lengths.to(torch.long)
     order = torch.argsort(lengths, descending=True, stable=True)
     out = torch.empty(num_images, words.shape[0], dtype=regions.dtype, device=regions.device)
-    caption_chunk = max(1, min(words.shape[0], 512))
+    caption_chunk = max(1, min(words.shape[0], CAPTION_CHUNK))
     chunks = []
     for start in range(0, words.shape[0], caption_chunk):
         idx = order[start : start + caption_chunk]
