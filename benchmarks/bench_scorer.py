@@ -6,7 +6,8 @@ Both run on the same inputs with the same torch threads. The original loop (a li
 `xattn_score_t2i` / `xattn_score_i2t`: one caption at a time, repeated against all images, with the
 explicit attended context and the original's copies) is timed on the first `--loop-captions`
 captions and extrapolated linearly to all captions (its cost is exactly linear in the number of
-captions); the max abs difference is taken on that subset. GFLOP/s counts the logits GEMM (2·N·R·D·Σ lengths), next to a measured fp32 GEMM peak.
+captions); the max abs difference is taken on that subset. GFLOP/s counts the logits GEMM
+(2·N·R·D·Σ lengths), next to a measured fp32 GEMM peak.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from scan_deploy.scoring import l2norm, similarity_matrix
 
 
 def original_func_attention(query, context, cfg):
-    """The original `func_attention`, line for line (transposes, `.contiguous()` copies included)."""
+    """The original `func_attention`, line for line (transposes and `.contiguous()` copies too)."""
     batch_size, source_len = context.size(0), context.size(1)
     query_len = query.size(1)
     attn = torch.bmm(context, torch.transpose(query, 1, 2))  # (n, sourceL, queryL)
