@@ -1,0 +1,218 @@
+"""The SCAN "precomp" data format: `{split}_ims.npy` region features, `{split}_caps.txt` captions.
+
+`{split}_ims.npy` holds float32 features of shape (images, regions, features), memory-mapped when
+read so a 2 GB training split never has to fit in memory. `{split}_caps.txt` holds one caption per
+line: five per image (caption j describes image j // 5) or one per image. The vocabulary is the one
+`*_vocab.json` file in the same folder. Numpy only: the runtime reads galleries through this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scan_deploy.atomic import atomic_path, write_text
+from scan_deploy.errors import input_error
+
+CAPTIONS_PER_IMAGE = (5, 1)
+FEATURE_DTYPE = np.dtype("<f4")
+_CHUNK_BYTES = 64 << 20  # how much of the memory-mapped features one finiteness check reads
+
+
+@dataclass(frozen=True, eq=False)
+class PrecompSplit:
+    """One split: memory-mapped region features and their captions."""
+
+    images: np.ndarray  # (N, R, F) float32, memory-mapped
+    captions: list[str]
+    captions_per_image: int  # 5 or 1
+    features_path: Path | None = None  # where `images` was read from, for error messages
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.images.shape[2])
+
+    def image_of_caption(self, j: int) -> int:
+        """The index of the image that caption `j` describes."""
+        if not 0 <= j < self.num_captions:
+            raise IndexError(f"caption {j} out of range 0..{self.num_captions - 1}")
+        return j // self.captions_per_image
+
+
+def split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """The features file and the captions file of `split` in `data_dir`."""
+    data_dir = Path(data_dir)
+    return data_dir / f"{split}_ims.npy", data_dir / f"{split}_caps.txt"
+
+
+def load_split(data_dir: str | Path, split: str, *, check_finite: bool = True) -> PrecompSplit:
+    """Read and validate one split; the features stay memory-mapped."""
+    ims_path, caps_path = split_paths(data_dir, split)
+    _require_files(Path(data_dir), split, ims_path, caps_path)
+    images = _open_features(ims_path)
+    if check_finite:
+        _check_finite(images, ims_path)
+    captions = _read_captions(caps_path)
+    per_image = _captions_per_image(len(captions), images.shape[0], caps_path, ims_path)
+    return PrecompSplit(images, captions, per_image, ims_path)
+
+
+def find_vocab(data_dir: str | Path) -> Path:
+    """The single `*_vocab.json` file in `data_dir`."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise input_error(data_dir, None, "data directory not found")
+    found = sorted(data_dir.glob("*_vocab.json"))
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in found) if found else "none"
+        raise input_error(
+            data_dir, "vocab", f"expected exactly one {{data_name}}_vocab.json, found {listed}"
+        )
+    return found[0]
+
+
+def check_feature_dim(split: PrecompSplit, img_dim: int, source: str | Path | None) -> None:
+    """Fail when a model configured in `source` expects `img_dim` features and the data differ."""
+    if split.feature_dim != img_dim:
+        where = f" in {split.features_path}" if split.features_path is not None else ""
+        raise input_error(
+            source,
+            "img_dim",
+            f"the model expects {img_dim} features per region, the data{where} "
+            f"have {split.feature_dim}",
+        )
+
+
+def write_split(data_dir: str | Path, split: str, images: np.ndarray, captions: list[str]) -> None:
+    """Write `images` (N, R, F) and `captions` (N or 5N lines) as one precomp split, atomically."""
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"images must be 3-D (images, regions, features), got {images.shape}")
+    chunks = (chunk for _, chunk in _chunks(images))
+    write_split_chunks(data_dir, split, images.shape, chunks, captions)
+
+
+def write_split_chunks(
+    data_dir: str | Path,
+    split: str,
+    shape: tuple[int, int, int],
+    chunks: Iterable[np.ndarray],
+    captions: list[str],
+) -> None:
+    """Like `write_split`, but the features arrive as consecutive chunks of images.
+
+    Lets a generator stream a large split to disk without holding it in memory.
+    """
+    num_images, regions, features = shape
+    _validate_captions_to_write(captions, num_images)
+    ims_path, caps_path = split_paths(data_dir, split)
+    with atomic_path(ims_path, suffix=".npy") as tmp, open(tmp, "wb") as out:
+        header = {"descr": FEATURE_DTYPE.str, "fortran_order": False, "shape": tuple(shape)}
+        np.lib.format.write_array_header_1_0(out, header)
+        written = 0
+        for chunk in chunks:
+            if chunk.shape[1:] != (regions, features):
+                raise ValueError(f"chunk shape {chunk.shape} does not match {shape}")
+            out.write(np.ascontiguousarray(chunk, dtype=FEATURE_DTYPE).data)
+            written += len(chunk)
+        if written != num_images:
+            raise ValueError(f"chunks hold {written} images, expected {num_images}")
+    write_text(caps_path, "".join(c + "\n" for c in captions))
+
+
+def _validate_captions_to_write(captions: list[str], num_images: int) -> None:
+    if num_images < 1:
+        raise ValueError("a split needs at least one image")
+    if len(captions) not in (5 * num_images, num_images):
+        raise ValueError(f"{len(captions)} captions for {num_images} images, expected 1x or 5x")
+    for j, caption in enumerate(captions):
+        if not caption.strip() or "\n" in caption or "\r" in caption:
+            raise ValueError(f"caption {j} must be one non-empty line, got {caption!r}")
+
+
+def _require_files(data_dir: Path, split: str, *paths: Path) -> None:
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        expected = " and ".join(p.name for p in paths)
+        raise input_error(
+            data_dir,
+            f"split {split!r}",
+            f"missing {', '.join(missing)}; the precomp format expects {expected}",
+        )
+
+
+def _open_features(path: Path) -> np.ndarray:
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise input_error(path, "format", f"not a readable .npy array ({exc})") from None
+    if images.ndim != 3:
+        raise input_error(
+            path, "shape", f"got {images.shape}, expected 3-D (images, regions, features)"
+        )
+    if images.dtype != np.float32:
+        raise input_error(path, "dtype", f"got {images.dtype}, expected float32")
+    if images.shape[0] == 0:
+        raise input_error(path, "shape", "holds zero images, expected at least one")
+    if 0 in images.shape[1:]:
+        raise input_error(path, "shape", f"got {images.shape}, expected regions and features > 0")
+    return images
+
+
+def _check_finite(images: np.ndarray, path: Path) -> None:
+    """Scan the memory-mapped features in bounded chunks and name the first image with NaN/Inf."""
+    for start, chunk in _chunks(images):
+        bad = ~np.isfinite(chunk).all(axis=(1, 2))
+        if bad.any():
+            first = start + int(np.argmax(bad))
+            raise input_error(path, "features", f"image {first} has NaN or Inf values")
+
+
+def _chunks(images: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Consecutive runs of whole images, about `_CHUNK_BYTES` each, read one at a time."""
+    image_bytes = int(np.prod(images.shape[1:])) * images.itemsize
+    rows = max(1, _CHUNK_BYTES // max(1, image_bytes))
+    for start in range(0, images.shape[0], rows):
+        yield start, np.asarray(images[start : start + rows])
+
+
+def _read_captions(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise input_error(path, "encoding", f"expected UTF-8 text ({exc.reason})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last caption
+    captions = [line.strip() for line in lines]
+    for number, caption in enumerate(captions, start=1):
+        if not caption:
+            raise input_error(path, f"line {number}", "empty caption, expected one caption a line")
+    return captions
+
+
+def _captions_per_image(num_captions: int, num_images: int, caps_path: Path, ims_path: Path) -> int:
+    for per_image in CAPTIONS_PER_IMAGE:
+        if num_captions == per_image * num_images:
+            return per_image
+    raise input_error(
+        caps_path,
+        "captions",
+        f"got {num_captions} captions for the {num_images} images of {ims_path.name}, "
+        f"expected {5 * num_images} (5 per image) or {num_images} (1 per image)",
+    )
