@@ -11,6 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# mkstemp/mkdtemp create private (0600/0700) paths; artifacts are meant to be shared and read.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
 
 @contextmanager
 def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
@@ -22,6 +26,7 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -35,6 +40,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp_path
+        os.chmod(tmp_path, DIR_MODE)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp_path, target)
