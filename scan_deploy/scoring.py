@@ -17,6 +17,8 @@ from a single GEMM without copies.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +28,7 @@ EPS = 1e-8
 # Elements of one (n, R, m, T) block (a block holds about six tensors of this size) and captions
 # per block: small blocks stay in cache, which makes the element-wise passes cheap next to the GEMM.
 DEFAULT_BLOCK_ELEMENTS = 1 << 21
-CAPTION_CHUNK = 256
+CAPTION_CHUNK = 64
 
 
 def l2norm(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -116,49 +118,87 @@ def _cosine(
     return numerator / (norm_a * squared_norm_b.clamp(min=0).sqrt()).clamp(min=EPS)
 
 
-def score_t2i_block(
-    regions: torch.Tensor,
-    gram: torch.Tensor,
-    words: torch.Tensor,
-    lengths: torch.Tensor,
-    config: ModelConfig,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class ImageSide:
+    """Per-image tensors of a block: regions (n, R, D), their norms (n, R), the Gram (n, R, R)."""
+
+    regions: torch.Tensor
+    norms: torch.Tensor
+    gram: torch.Tensor | None
+
+    @classmethod
+    def prepare(
+        cls, regions: torch.Tensor, config: ModelConfig, gram: torch.Tensor | None = None
+    ) -> ImageSide:
+        if config.cross_attn == "t2i" and gram is None:
+            gram = region_gram(regions)
+        return cls(regions, regions.norm(dim=-1), gram)
+
+
+@dataclass(frozen=True)
+class CaptionSide:
+    """Per-caption tensors of a block, computed once and reused against every image chunk:
+    words (m, T, D) zeroed beyond each length, lengths (m,), the valid mask (m, T), word norms
+    (m, T) and, for i2t, the caption Gram (m, T, T)."""
+
+    words: torch.Tensor
+    lengths: torch.Tensor
+    valid: torch.Tensor
+    norms: torch.Tensor
+    gram: torch.Tensor | None
+
+    @classmethod
+    def prepare(
+        cls,
+        words: torch.Tensor,
+        lengths: torch.Tensor,
+        config: ModelConfig,
+        gram: torch.Tensor | None = None,
+    ) -> CaptionSide:
+        valid = length_mask(lengths, words.shape[1])
+        words = words * valid[..., None]
+        if config.cross_attn == "i2t" and gram is None:
+            gram = caption_gram(words)
+        return cls(words, lengths, valid, words.norm(dim=-1), gram)
+
+
+def score_t2i_block(images: ImageSide, captions: CaptionSide, config: ModelConfig) -> torch.Tensor:
     """t2i similarities of n images × m captions: words attend to regions. Returns (n, m)."""
-    n, r, _ = regions.shape
-    m, t, _ = words.shape
-    valid = length_mask(lengths, t)  # (m, T)
-    logits = _logits(regions, words)  # (n, R, m, T), zero at padded words
+    n, r, _ = images.regions.shape
+    m, t, _ = captions.words.shape
+    valid = captions.valid
+    logits = _logits(images.regions, captions.words)  # (n, R, m, T), zero at padded words
     scaled = attention_logits(
         logits, config.raw_feature_norm, 3, config.lambda_softmax, valid[None, None]
     )
     attn = torch.softmax(scaled, dim=1)  # over regions
     numerator = (attn * logits).sum(dim=1)  # (n, m, T)
-    gram_attn = (gram @ attn.reshape(n, r, m * t)).view(n, r, m, t)
+    gram_attn = (images.gram @ attn.reshape(n, r, m * t)).view(n, r, m, t)
     context_sq = (attn * gram_attn).sum(dim=1)  # |c_l|² = a_lᵀ G a_l
-    relevance = _cosine(numerator, words.norm(dim=-1)[None], context_sq)
+    relevance = _cosine(numerator, captions.norms[None], context_sq)
     return aggregate(relevance, config.agg_func, 2, config.lambda_lse, valid[None])
 
 
-def score_i2t_block(
-    regions: torch.Tensor,
-    words: torch.Tensor,
-    gram: torch.Tensor,
-    lengths: torch.Tensor,
-    config: ModelConfig,
-) -> torch.Tensor:
+def score_i2t_block(images: ImageSide, captions: CaptionSide, config: ModelConfig) -> torch.Tensor:
     """i2t similarities of n images × m captions: regions attend to words. Returns (n, m)."""
-    n, r, _ = regions.shape
-    m, t, _ = words.shape
-    valid = length_mask(lengths, t)[None, None]  # (1, 1, m, T)
-    logits = _logits(regions, words)  # (n, R, m, T), zero at padded words
+    n, r, _ = images.regions.shape
+    m, t, _ = captions.words.shape
+    valid = captions.valid[None, None]  # (1, 1, m, T)
+    logits = _logits(images.regions, captions.words)  # (n, R, m, T), zero at padded words
     scaled = attention_logits(logits, config.raw_feature_norm, 1, config.lambda_softmax)
     attn = torch.softmax(scaled.masked_fill(~valid, float("-inf")), dim=3)  # over words
     numerator = (attn * logits).sum(dim=3)  # (n, R, m)
     attn_by_caption = attn.permute(2, 0, 1, 3).reshape(m, n * r, t)
-    attn_gram = (attn_by_caption @ gram).view(m, n, r, t).permute(1, 2, 0, 3)
+    attn_gram = (attn_by_caption @ captions.gram).view(m, n, r, t).permute(1, 2, 0, 3)
     context_sq = (attn * attn_gram).sum(dim=3)  # |c_r|² = a_rᵀ H a_r
-    relevance = _cosine(numerator, regions.norm(dim=-1)[..., None], context_sq)
+    relevance = _cosine(numerator, images.norms[..., None], context_sq)
     return aggregate(relevance, config.agg_func, 1, config.lambda_lse)
+
+
+def score_sides(images: ImageSide, captions: CaptionSide, config: ModelConfig) -> torch.Tensor:
+    if config.cross_attn == "t2i":
+        return score_t2i_block(images, captions, config)
+    return score_i2t_block(images, captions, config)
 
 
 def score_block(
@@ -172,14 +212,12 @@ def score_block(
 
     `gram` is the region Gram (n, R, R) for t2i or the caption Gram (m, T, T) for i2t; it is
     computed here when not given (a gallery stores it precomputed). Word vectors beyond each
-    length are zeroed here, so padding never reaches a score.
+    length are zeroed, so padding never reaches a score.
     """
-    words = words * length_mask(lengths, words.shape[1])[..., None]
-    if config.cross_attn == "t2i":
-        gram = region_gram(regions) if gram is None else gram
-        return score_t2i_block(regions, gram, words, lengths, config)
-    gram = caption_gram(words) if gram is None else gram
-    return score_i2t_block(regions, words, gram, lengths, config)
+    t2i = config.cross_attn == "t2i"
+    images = ImageSide.prepare(regions, config, gram if t2i else None)
+    captions = CaptionSide.prepare(words, lengths, config, None if t2i else gram)
+    return score_sides(images, captions, config)
 
 
 @torch.no_grad()
@@ -193,9 +231,9 @@ def similarity_matrix(
 ) -> torch.Tensor:
     """All-pairs similarities (N, M) in blocks of bounded memory.
 
-    Captions are sorted by length and each block is cut to its own longest caption, so short
-    captions do not pay for the padding of long ones. `progress(k)` is called after each image
-    chunk with the number of images done in it.
+    Captions are sorted by length and each chunk is cut to its own longest caption, so short
+    captions do not pay for the padding of long ones; caption-side tensors are prepared once per
+    chunk. `progress(k)` is called after each image chunk with the number of images done in it.
     """
     num_images, num_regions, _ = regions.shape
     lengths = lengths.to(torch.long)
@@ -206,18 +244,12 @@ def similarity_matrix(
     for start in range(0, words.shape[0], caption_chunk):
         idx = order[start : start + caption_chunk]
         t = int(lengths[idx].max())
-        chunk_words = words[idx, :t]
-        gram = caption_gram(chunk_words) if config.cross_attn == "i2t" else None
-        chunks.append((idx, chunk_words, lengths[idx], gram))
+        chunks.append((idx, CaptionSide.prepare(words[idx, :t], lengths[idx], config)))
     step = max(1, block_elements // (num_regions * caption_chunk * words.shape[1]))
     for first in range(0, num_images, step):
-        block_regions = regions[first : first + step]
-        image_gram = region_gram(block_regions) if config.cross_attn == "t2i" else None
-        for idx, chunk_words, chunk_lengths, caption_g in chunks:
-            gram = image_gram if config.cross_attn == "t2i" else caption_g
-            out[first : first + step, idx] = score_block(
-                block_regions, chunk_words, chunk_lengths, config, gram
-            )
+        images = ImageSide.prepare(regions[first : first + step], config)
+        for idx, captions in chunks:
+            out[first : first + step, idx] = score_sides(images, captions, config)
         if progress is not None:
-            progress(block_regions.shape[0])
+            progress(images.regions.shape[0])
     return out
