@@ -63,8 +63,8 @@ def data_synth(
 def train(
     data: Annotated[Path, typer.Option(help="Precomp data folder (train/dev splits + vocab).")],
     out: Annotated[Path, typer.Option(help="Run folder (model_best/ and last/ go here).")],
-    epochs: int = 30,
-    batch_size: int = 128,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    batch_size: Annotated[int, typer.Option(min=2)] = 128,
     lr: float = 2e-4,
     lr_update: Annotated[int, typer.Option(help="Divide the lr by 10 every N epochs.")] = 15,
     grad_clip: float = 2.0,
@@ -119,8 +119,18 @@ def train(
     )
     check_feature_dim(dev_split, config.img_dim, data / "dev_ims.npy")
     options = TrainOptions(
-        epochs, batch_size, lr, lr_update, grad_clip, warmup_epochs, val_images, seed, device
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_update=lr_update,
+        grad_clip=grad_clip,
+        warmup_epochs=warmup_epochs,
+        val_images=val_images,
+        seed=seed,
+        device=device,
     )
+    if (out / LAST).exists() and not resume:
+        raise UserError(f"{out}: already holds a training run (pass --resume, or another --out)")
     trainer = Trainer(out, train_split, dev_split, vocab, config, options)
     if resume:
         trainer.resume(out / LAST)

@@ -125,6 +125,9 @@ def test_user_mistakes_are_one_line_errors(trained, tmp_path):
         "LogSumExp",
     )
     assert not (tmp_path / "r").exists()
+    _one_line_error(
+        run("train", "--data", data, "--out", run_dir), str(run_dir), "already holds a training run"
+    )
 
 
 def test_convert_refuses_to_overwrite(trained, tmp_path):
@@ -141,3 +144,38 @@ def test_convert_refuses_to_overwrite(trained, tmp_path):
         ),
         "already exists",
     )
+
+
+def test_convert_original_checkpoint_then_evaluate(trained, tmp_path):
+    import argparse
+
+    import torch
+
+    from scan_deploy.checkpoint import load_checkpoint
+
+    data, run_dir = trained
+    ours = load_checkpoint(run_dir / "model_best")
+    state = ours.model.state_dict()
+    original = {
+        "model": [
+            {k.removeprefix("img_enc."): v for k, v in state.items() if k.startswith("img_enc.")},
+            {k.removeprefix("txt_enc."): v for k, v in state.items() if k.startswith("txt_enc.")},
+        ],
+        "opt": argparse.Namespace(**ours.config.to_dict(), lr_update=15),
+        "epoch": 0,
+        "best_rsum": 1.0,
+        "Eiters": 2,
+    }
+    torch.save(original, tmp_path / "model_best.pth.tar")
+    result = run(
+        "convert",
+        tmp_path / "model_best.pth.tar",
+        "--vocab",
+        data / "synth_vocab.json",
+        "--out",
+        tmp_path / "converted",
+    )
+    assert result.returncode == 0, result.stderr
+    a = run("evaluate", tmp_path / "converted", "--data", data, "--json")
+    b = run("evaluate", run_dir / "model_best", "--data", data, "--json")
+    assert json.loads(a.stdout) == json.loads(b.stdout)
