@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/scan-deploy
 DEMO ?= runs/demo
 DEMO_TRAIN ?= 5000
-DEMO_EPOCHS ?= 8
+DEMO_EPOCHS ?= 4
 
 .PHONY: install test lint demo clean
 
@@ -26,9 +26,11 @@ test: lint
 	$(VENV)/bin/pytest
 
 demo: install
-	$(CLI) data synth --out $(DEMO)/data --train $(DEMO_TRAIN) --dev 1000 --test 1000 --img-dim 256 --seed 0
+	rm -rf $(DEMO)
+	$(CLI) data synth --out $(DEMO)/data --train $(DEMO_TRAIN) --dev 1000 --test 1000 --img-dim 256 \
+		--noise 0.5 --seed 0
 	$(CLI) train --data $(DEMO)/data --out $(DEMO)/run --epochs $(DEMO_EPOCHS) --embed-size 256 \
-		--word-dim 128 --lr 5e-4 --lr-update 6 --warmup-epochs 2 --max-violation --val-images 500
+		--word-dim 128 --lr 2e-3 --lr-update 3 --val-images 500
 	$(CLI) evaluate $(DEMO)/run/model_best --data $(DEMO)/data --split test
 
 clean:

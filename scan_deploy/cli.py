@@ -50,12 +50,17 @@ def data_synth(
     test: Annotated[int, typer.Option(min=1, help="Test images.")] = 1000,
     img_dim: Annotated[int, typer.Option(min=1, help="Region feature size.")] = 2048,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    noise: Annotated[
+        float, typer.Option(help="Appearance jitter and feature noise (lower is easier).")
+    ] = 1.0,
 ) -> None:
     """Write the synthetic benchmark (train/dev/test + vocabulary) in the precomp format."""
     from scan_deploy.synth import write_synthetic
 
     with console.status(f"writing synthetic benchmark to {out}"):
-        summary = write_synthetic(out, train=train, dev=dev, test=test, img_dim=img_dim, seed=seed)
+        summary = write_synthetic(
+            out, train=train, dev=dev, test=test, img_dim=img_dim, seed=seed, noise=noise
+        )
     console.print(f"wrote {out}: {summary}")
 
 
