@@ -180,14 +180,14 @@ def evaluate(
 ) -> None:
     """Recall@K, medr and meanr in both directions, and rsum, of one model or an ensemble."""
     from scan_deploy.checkpoint import load_checkpoint
-    from scan_deploy.evaluate import check_compatible, evaluate_split
-    from scan_deploy.precomp import load_split
+    from scan_deploy.evaluate import evaluate_split
+    from scan_deploy.precomp import check_feature_dim, load_split
     from scan_deploy.progress import progress_bar
 
     checkpoints = [load_checkpoint(p, vocab) for p in [checkpoint, *(ensemble or [])]]
     data_split = load_split(data, split)
     for ckpt in checkpoints:
-        check_compatible(ckpt, data_split, data / f"{split}_ims.npy")
+        check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
     with progress_bar(err_console, transient=True) as progress:
         total = data_split.num_images * len(checkpoints)
         task = progress.add_task(f"scoring {split}", total=total)

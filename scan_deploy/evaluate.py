@@ -68,17 +68,6 @@ def split_similarities(
     return model.similarity(regions, words, lengths, progress=progress).cpu().numpy()
 
 
-def check_compatible(checkpoint: Checkpoint, split: PrecompSplit, source) -> None:
-    """Refuse a split whose feature size differs from the checkpoint's img_dim."""
-    if split.feature_dim != checkpoint.config.img_dim:
-        raise input_error(
-            source,
-            "img_dim",
-            f"features have {split.feature_dim} dims but the checkpoint expects "
-            f"{checkpoint.config.img_dim}",
-        )
-
-
 def evaluate_split(
     checkpoints: Sequence[Checkpoint],
     split: PrecompSplit,
