@@ -1,4 +1,4 @@
-"""The distribution maps export/, calibration/ and runtime/ into scan_deploy, installed or editable."""
+"""The distribution maps export/, calibration/ and runtime/ into scan_deploy (wheel, editable)."""
 
 import subprocess
 import sys
