@@ -253,3 +253,13 @@ def similarity_matrix(
         if progress is not None:
             progress(images.regions.shape[0])
     return out
+
+
+def pooled_embedding(x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The cheap global embedding for shortlists: L2-normalised mean of the valid rows.
+
+    (N, R, D) regions -> (N, D); with `lengths`, (M, T, D) words zero beyond each length -> (M, D).
+    """
+    if lengths is None:
+        return l2norm(x.mean(dim=1), -1)
+    return l2norm(x.sum(dim=1) / lengths.to(x.dtype)[:, None], -1)
