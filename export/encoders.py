@@ -21,72 +21,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
+from scan_deploy.export.graph_builder import DEFAULT_OPSET, GraphBuilder, value_info
 
 from scan_deploy.model import SCAN
-from scan_deploy.scoring import EPS
-
-DEFAULT_OPSET = 17
-
-
-class GraphBuilder:
-    """Accumulates nodes and constant initializers of one graph with unique names."""
-
-    def __init__(self, opset: int) -> None:
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
-
-    def name(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}_{self._count}"
-
-    def const(self, value, hint: str = "const") -> str:
-        name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs=1, **attrs):
-        names = [self.name(hint or op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, names, **attrs))
-        return names[0] if outputs == 1 else names
-
-    def output_as(self, value: str, name: str) -> None:
-        """Expose `value` as the graph output called `name`."""
-        self.nodes.append(helper.make_node("Identity", [value], [name]))
-
-    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int) -> str:
-        """Reduce* with constant axes: an attribute before opset 18 (13 for ReduceSum), an input
-        after."""
-        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
-        if axes_as_input:
-            return self.op(
-                op_type, [x, self.const(np.array(axes, np.int64), "axes")], keepdims=keepdims
-            )
-        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
-
-    def l2norm(self, x: str) -> str:
-        """x / (|x| + eps) over the last axis, as the reference `l2norm`."""
-        norm = self.op("Sqrt", [self.reduce("ReduceSumSquare", x, [-1], 1)])
-        return self.op("Div", [x, self.op("Add", [norm, self.const(np.float32(EPS), "eps")])])
-
-    def gram(self, x: str) -> str:
-        return self.op("MatMul", [x, self.op("Transpose", [x], perm=[0, 2, 1])], "gram")
-
-    def model(self, inputs, outputs, graph_name: str) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
-        model.producer_name = "scan-deploy"
-        return model
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().to(torch.float32).numpy()
-
-
-def _value(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem_type, shape)
 
 
 def image_encoder_graph(model: SCAN, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -103,11 +45,11 @@ def image_encoder_graph(model: SCAN, opset: int = DEFAULT_OPSET) -> onnx.ModelPr
     g.output_as(g.l2norm(g.reduce("ReduceMean", regions, [1], 0)), "global")
     d = config.embed_size
     return g.model(
-        [_value("features", TensorProto.FLOAT, ["batch", "regions", config.img_dim])],
+        [value_info("features", TensorProto.FLOAT, ["batch", "regions", config.img_dim])],
         [
-            _value("regions", TensorProto.FLOAT, ["batch", "regions", d]),
-            _value("region_gram", TensorProto.FLOAT, ["batch", "regions", "regions"]),
-            _value("global", TensorProto.FLOAT, ["batch", d]),
+            value_info("regions", TensorProto.FLOAT, ["batch", "regions", d]),
+            value_info("region_gram", TensorProto.FLOAT, ["batch", "regions", "regions"]),
+            value_info("global", TensorProto.FLOAT, ["batch", d]),
         ],
         "scan_image_encoder",
     )
@@ -158,7 +100,7 @@ def text_encoder_graph(model: SCAN, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
             sequence = g.op("Reshape", [stacked, g.const(np.array([0, 0, dirs * hidden]))])
     per_word = g.reduce("ReduceMean", y, [1], 0)  # average of the two directions (or squeeze)
     words = g.op("Transpose", [per_word], perm=[1, 0, 2])  # (B, T, H)
-    mask = _length_mask(g, "tokens", "lengths")  # (B, T, 1) float
+    mask = g.op("Cast", [g.unsqueeze(g.length_mask("tokens", "lengths"), 2)], to=TensorProto.FLOAT)
     words = g.op("Mul", [words, mask])
     if not config.no_txtnorm:
         words = g.l2norm(words)
@@ -166,35 +108,17 @@ def text_encoder_graph(model: SCAN, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
     g.output_as(g.gram(words), "caption_gram")
     total = g.reduce("ReduceSum", words, [1], 0)
     count = g.op("Cast", ["lengths"], to=TensorProto.FLOAT)
-    mean = g.op("Div", [total, g.op("Unsqueeze", [count, g.const(np.array([1], np.int64))])])
+    mean = g.op("Div", [total, g.unsqueeze(count, 1)])
     g.output_as(g.l2norm(mean), "global")
     return g.model(
         [
-            _value("tokens", TensorProto.INT64, ["batch", "words"]),
-            _value("lengths", TensorProto.INT64, ["batch"]),
+            value_info("tokens", TensorProto.INT64, ["batch", "words"]),
+            value_info("lengths", TensorProto.INT64, ["batch"]),
         ],
         [
-            _value("words", TensorProto.FLOAT, ["batch", "words", hidden]),
-            _value("caption_gram", TensorProto.FLOAT, ["batch", "words", "words"]),
-            _value("global", TensorProto.FLOAT, ["batch", hidden]),
+            value_info("words", TensorProto.FLOAT, ["batch", "words", hidden]),
+            value_info("caption_gram", TensorProto.FLOAT, ["batch", "words", "words"]),
+            value_info("global", TensorProto.FLOAT, ["batch", hidden]),
         ],
         "scan_text_encoder",
     )
-
-
-def _length_mask(g: GraphBuilder, tokens: str, lengths: str) -> str:
-    """(B, T, 1) float mask of the positions before each length."""
-    shape = g.op("Shape", [tokens])
-    steps = g.op("Gather", [shape, g.const(np.array(1, np.int64))], axis=0)
-    positions = g.op(
-        "Range", [g.const(np.array(0, np.int64)), steps, g.const(np.array(1, np.int64))]
-    )
-    valid = g.op(
-        "Less",
-        [
-            g.op("Unsqueeze", [positions, g.const(np.array([0], np.int64))]),
-            g.op("Unsqueeze", [lengths, g.const(np.array([1], np.int64))]),
-        ],
-    )
-    as_float = g.op("Cast", [valid], to=TensorProto.FLOAT)
-    return g.op("Unsqueeze", [as_float, g.const(np.array([2], np.int64))])

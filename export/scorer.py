@@ -1,0 +1,151 @@
+"""The cross-attention scorer as an ONNX graph: the exact Gram identity of `scan_deploy.scoring`.
+
+Inputs are what the encoders produce (and a gallery stores): `regions` (images, regions, D),
+`region_gram` (images, regions, regions) for t2i, `words` (captions, words, D), `lengths`
+(captions,) int64, `caption_gram` (captions, words, words) for i2t. Output `similarity`
+(images, captions). The variant (direction, raw_feature_norm, aggregation, λs) is baked in as
+constants. Masked positions use a large finite negative instead of -inf (exp of it is exactly 0),
+which every backend handles.
+
+Node for node this follows `score_t2i_block` / `score_i2t_block`; the graph scores all pairs of its
+inputs at once, so callers bound memory by feeding blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from scan_deploy.export.graph_builder import DEFAULT_OPSET, GraphBuilder, value_info
+
+from scan_deploy.config import ModelConfig
+from scan_deploy.scoring import EPS
+
+MASKED = -1e30
+
+
+def scorer_graph(config: ModelConfig, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    g = GraphBuilder(opset)
+    t2i = config.cross_attn == "t2i"
+    valid = g.length_mask("words", "lengths")  # (M, T) bool
+    words = g.op("Mul", ["words", g.op("Cast", [g.unsqueeze(valid, 2)], to=TensorProto.FLOAT)])
+    logits = _logits(g, words, config.embed_size)  # (N, R, M, T)
+    if t2i:
+        g.output_as(_t2i(g, config, logits, words, valid), "similarity")
+    else:
+        g.output_as(_i2t(g, config, logits, valid), "similarity")
+    d = config.embed_size
+    image_side = [value_info("regions", TensorProto.FLOAT, ["images", "regions", d])]
+    caption_side = [
+        value_info("words", TensorProto.FLOAT, ["captions", "words", d]),
+        value_info("lengths", TensorProto.INT64, ["captions"]),
+    ]
+    if t2i:
+        image_side.append(
+            value_info("region_gram", TensorProto.FLOAT, ["images", "regions", "regions"])
+        )
+    else:
+        caption_side.append(
+            value_info("caption_gram", TensorProto.FLOAT, ["captions", "words", "words"])
+        )
+    output = value_info("similarity", TensorProto.FLOAT, ["images", "captions"])
+    return g.model(image_side + caption_side, [output], f"scan_scorer_{config.cross_attn}")
+
+
+def _logits(g: GraphBuilder, words: str, dim: int) -> str:
+    """S[n, r, m, t] = v_{n,r} · w_{m,t} as one MatMul of the flattened regions and words."""
+    rows = g.const(np.array([-1, dim], np.int64), "rows")
+    flat_regions = g.op("Reshape", ["regions", rows])
+    flat_words = g.op("Reshape", [words, rows])
+    flat = g.op("MatMul", [flat_regions, g.op("Transpose", [flat_words], perm=[1, 0])])
+    image_dims = g.slice(g.op("Shape", ["regions"]), 0, 2)
+    caption_dims = g.slice(g.op("Shape", ["words"]), 0, 2)
+    return g.op("Reshape", [flat, g.op("Concat", [image_dims, caption_dims], axis=0)])
+
+
+def _attention_logits(g: GraphBuilder, config: ModelConfig, logits: str, axis: int, valid):
+    """λ · raw_feature_norm(logits) along `axis` (as `scoring.attention_logits`)."""
+    kind, scale = config.raw_feature_norm, np.float32(config.lambda_softmax)
+    if kind == "softmax":
+        if valid is not None:
+            logits = g.op("Where", [valid, logits, g.const(np.float32(MASKED), "masked")])
+        return g.op("Mul", [g.op("Softmax", [logits], axis=axis), g.const(scale, "lambda")])
+    if kind.startswith("clipped"):
+        logits = g.op("LeakyRelu", [logits], alpha=0.1)
+    if kind.endswith("l2norm") or kind.endswith("l1norm"):
+        reduce = "ReduceL2" if kind.endswith("l2norm") else "ReduceL1"
+        norm = g.reduce(reduce, logits, [axis], 1)
+        factor = g.op(
+            "Div", [g.const(scale, "lambda"), g.op("Add", [norm, g.const(np.float32(EPS))])]
+        )
+        return g.op("Mul", [logits, factor])
+    return g.op("Mul", [logits, g.const(scale, "lambda")])
+
+
+def _cosine(g: GraphBuilder, numerator: str, norm_a: str, squared_norm_b: str) -> str:
+    zero, eps = g.const(np.float32(0.0)), g.const(np.float32(EPS), "eps")
+    norm_b = g.op("Sqrt", [g.op("Max", [squared_norm_b, zero])])
+    return g.op("Div", [numerator, g.op("Max", [g.op("Mul", [norm_a, norm_b]), eps])])
+
+
+def _aggregate(g: GraphBuilder, config: ModelConfig, values: str, axis: int, valid, count):
+    """Pool over `axis`; `valid` masks padded words (t2i), `count` is their number."""
+    kind = config.agg_func
+    if kind in ("LogSumExp", "Max"):
+        if kind == "LogSumExp":
+            values = g.op("Mul", [values, g.const(np.float32(config.lambda_lse), "lambda_lse")])
+        if valid is not None:
+            values = g.op("Where", [valid, values, g.const(np.float32(MASKED), "masked")])
+        if kind == "Max":
+            return g.reduce("ReduceMax", values, [axis], 0)
+        pooled = g.reduce("ReduceLogSumExp", values, [axis], 0)
+        return g.op("Div", [pooled, g.const(np.float32(config.lambda_lse), "lambda_lse")])
+    if valid is None and kind == "Mean":
+        return g.reduce("ReduceMean", values, [axis], 0)
+    if valid is not None:
+        values = g.op("Where", [valid, values, g.const(np.float32(0.0))])
+    total = g.reduce("ReduceSum", values, [axis], 0)
+    if kind == "Sum":
+        return total
+    return g.op("Div", [total, count])
+
+
+def _t2i(g: GraphBuilder, config: ModelConfig, logits: str, words: str, valid: str) -> str:
+    valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
+    scaled = _attention_logits(g, config, logits, 3, valid4)
+    attn = g.op("Softmax", [scaled], axis=1)  # over regions
+    numerator = g.reduce("ReduceSum", g.op("Mul", [attn, logits]), [1], 0)  # (N, M, T)
+    n_r_mt = g.op(
+        "Concat", [g.slice(g.op("Shape", [attn]), 0, 2), g.const(np.array([-1], np.int64))], axis=0
+    )
+    gram_attn = g.op("MatMul", ["region_gram", g.op("Reshape", [attn, n_r_mt])])
+    gram_attn = g.op("Reshape", [gram_attn, g.op("Shape", [attn])])
+    context_sq = g.reduce("ReduceSum", g.op("Mul", [attn, gram_attn]), [1], 0)
+    word_norms = g.reduce("ReduceL2", words, [2], 0)  # (M, T)
+    relevance = _cosine(g, numerator, word_norms, context_sq)  # (N, M, T)
+    count = g.op("Cast", ["lengths"], to=TensorProto.FLOAT)  # broadcasts over (N, M)
+    return _aggregate(g, config, relevance, 2, g.unsqueeze(valid, 0), count)
+
+
+def _i2t(g: GraphBuilder, config: ModelConfig, logits: str, valid: str) -> str:
+    valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
+    scaled = _attention_logits(g, config, logits, 1, None)
+    masked = g.op("Where", [valid4, scaled, g.const(np.float32(MASKED), "masked")])
+    attn = g.op("Softmax", [masked], axis=3)  # over the caption's words
+    numerator = g.reduce("ReduceSum", g.op("Mul", [attn, logits]), [3], 0)  # (N, R, M)
+    shape = g.op("Shape", [attn])  # N, R, M, T
+    by_caption = g.op("Transpose", [attn], perm=[2, 0, 1, 3])  # (M, N, R, T)
+    m_nr_t = g.op(
+        "Concat",
+        [g.slice(shape, 2, 3), g.const(np.array([-1], np.int64)), g.slice(shape, 3, 4)],
+        axis=0,
+    )
+    attn_gram = g.op("MatMul", [g.op("Reshape", [by_caption, m_nr_t]), "caption_gram"])
+    m_n_r_t = g.op(
+        "Concat", [g.slice(shape, 2, 3), g.slice(shape, 0, 2), g.slice(shape, 3, 4)], axis=0
+    )
+    attn_gram = g.op("Transpose", [g.op("Reshape", [attn_gram, m_n_r_t])], perm=[1, 2, 0, 3])
+    context_sq = g.reduce("ReduceSum", g.op("Mul", [attn, attn_gram]), [3], 0)  # (N, R, M)
+    region_norms = g.reduce("ReduceL2", "regions", [2], 1)  # (N, R, 1)
+    relevance = _cosine(g, numerator, region_norms, context_sq)
+    return _aggregate(g, config, relevance, 1, None, None)
