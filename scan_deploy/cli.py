@@ -238,6 +238,49 @@ def convert(
     console.print(f"wrote {out} ({checkpoint.config.cross_attn}, vocab {len(checkpoint.vocab)})")
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or original .pth.tar.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (13 or newer).")] = 17,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch engines accept.")] = 64,
+    max_words: Annotated[int, typer.Option(min=1, help="Longest caption in tokens.")] = 64,
+    regions: Annotated[int, typer.Option(min=1, help="Regions per image.")] = 36,
+    vocab: Annotated[
+        Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a non-empty bundle folder.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the parity report as JSON.")
+    ] = False,
+) -> None:
+    """Export the image encoder, text encoder and scorer to ONNX, checked against PyTorch."""
+    from scan_deploy.checkpoint import load_checkpoint
+    from scan_deploy.export.writer import ShapeRanges, export_bundle
+
+    ckpt = load_checkpoint(checkpoint, vocab)
+    ranges = ShapeRanges.create(max_batch, regions, max_words)
+    with console.status("exporting and checking against PyTorch"):
+        manifest = export_bundle(ckpt, out, opset, ranges, force)
+    if as_json:
+        print(json.dumps(manifest["export_parity"]))
+        return
+    table = Table(title=f"{out}: ONNX Runtime vs PyTorch (generated inputs)")
+    for column in ("graph", "output", "batch", "max abs", "max rel", "cosine", "tolerance"):
+        table.add_column(column, justify="right")
+    for row in manifest["export_parity"]:
+        table.add_row(
+            row["graph"],
+            row["output"],
+            str(row["batch"]),
+            f"{row['max_abs']:.2e}",
+            f"{row['max_rel']:.2e}",
+            f"{row['cosine']:.8f}",
+            f"{row['tolerance']:.0e}",
+        )
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: user mistakes print one line and exit 2, never a traceback."""
     import click

@@ -1,0 +1,94 @@
+"""The export bundle: `manifest.json` + the three ONNX graphs + `vocab.json` (DESIGN.md §3).
+
+Reading and validating a bundle needs neither torch nor onnx (the runtime uses this module): the
+manifest names every file with its sha256, the model config, the vocabulary hash, each graph's
+inputs/outputs (names, dtypes, symbolic dims) and the shape ranges engines are built for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scan_deploy.config import ModelConfig
+from scan_deploy.errors import input_error
+from scan_deploy.vocab import Vocabulary
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VOCAB = "vocab.json"
+GRAPHS = ("image_encoder", "text_encoder", "scorer")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle on disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+    config: ModelConfig
+    vocab: Vocabulary
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.manifest["graphs"][name]["file"]
+
+    def graph(self, name: str) -> dict[str, Any]:
+        return self.manifest["graphs"][name]
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read `manifest.json` and check every file it names against its sha256."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise input_error(manifest_path, None, "missing, expected an export bundle folder")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise input_error(manifest_path, None, f"not valid JSON ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise input_error(
+            manifest_path,
+            "format_version",
+            f"got {manifest.get('format_version')!r}, expected {FORMAT_VERSION}",
+        )
+    for key in ("model", "vocab", "graphs", "shape_ranges", "opset"):
+        if key not in manifest:
+            raise input_error(manifest_path, key, "missing from the manifest")
+    config = ModelConfig.from_dict(manifest["model"], source=manifest_path)
+    _check_file(path, manifest["vocab"], manifest_path, "vocab")
+    vocab = Vocabulary.load(path / manifest["vocab"]["file"])
+    if len(vocab) != config.vocab_size:
+        raise input_error(
+            manifest_path, "vocab", f"has {len(vocab)} words, the model expects {config.vocab_size}"
+        )
+    for name in GRAPHS:
+        if name not in manifest["graphs"]:
+            raise input_error(manifest_path, f"graphs.{name}", "missing from the manifest")
+        _check_file(path, manifest["graphs"][name], manifest_path, f"graphs.{name}")
+    return Bundle(path, manifest, config, vocab)
+
+
+def _check_file(root: Path, entry: dict[str, Any], manifest_path: Path, field: str) -> None:
+    file_path = root / entry["file"]
+    if not file_path.is_file():
+        raise input_error(file_path, None, f"missing (named by {manifest_path.name} {field})")
+    actual = sha256_file(file_path)
+    if actual != entry["sha256"]:
+        raise input_error(
+            file_path,
+            "sha256",
+            f"is {actual[:12]}…, the manifest expects {entry['sha256'][:12]}… "
+            "(file changed or corrupted: re-export the bundle)",
+        )
