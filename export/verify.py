@@ -59,7 +59,7 @@ def reference_outputs(
     model: SCAN, features: np.ndarray, tokens: np.ndarray, lengths: np.ndarray
 ) -> dict[str, dict[str, np.ndarray]]:
     """What each graph must produce for these inputs, by the PyTorch reference."""
-    regions = model.img_enc(torch.from_numpy(features))
+    regions = model.img_enc(torch.tensor(features))
     length_t = torch.from_numpy(lengths)
     words = model.txt_enc(torch.from_numpy(tokens), length_t)
     similarity = score_block(regions, words, length_t, model.config)

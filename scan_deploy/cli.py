@@ -265,10 +265,14 @@ def export_command(
     if as_json:
         print(json.dumps(manifest["export_parity"]))
         return
-    table = Table(title=f"{out}: ONNX Runtime vs PyTorch (generated inputs)")
+    console.print(parity_table(manifest["export_parity"], f"{out}: ONNX Runtime vs PyTorch"))
+
+
+def parity_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
     for column in ("graph", "output", "batch", "max abs", "max rel", "cosine", "tolerance"):
         table.add_column(column, justify="right")
-    for row in manifest["export_parity"]:
+    for row in rows:
         table.add_row(
             row["graph"],
             row["output"],
@@ -278,7 +282,63 @@ def export_command(
             f"{row['cosine']:.8f}",
             f"{row['tolerance']:.0e}",
         )
-    console.print(table)
+    return table
+
+
+@app.command()
+def compare(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint it was exported from.")],
+    data: Annotated[Path, typer.Option(help="Precomp data folder.")],
+    split: Annotated[str, typer.Option(help="Split to compare on.")] = "test",
+    vocab: Annotated[
+        Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """ONNX Runtime vs PyTorch on real data: per-graph errors and Recall@K of both pipelines.
+    Exits 1 when an error exceeds its tolerance or a Recall@K differs."""
+    from scan_deploy.bundle import load_bundle
+    from scan_deploy.checkpoint import load_checkpoint
+    from scan_deploy.export.compare import compare_bundle
+    from scan_deploy.precomp import check_feature_dim, load_split
+    from scan_deploy.progress import progress_bar
+
+    loaded = load_bundle(bundle)
+    ckpt = load_checkpoint(checkpoint, vocab)
+    data_split = load_split(data, split)
+    check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
+    with progress_bar(err_console, transient=True) as progress:
+        task = progress.add_task("onnxruntime pipeline", total=data_split.num_captions)
+        report = compare_bundle(
+            loaded, ckpt, data_split, threads, lambda n: progress.advance(task, n)
+        )
+    passed = report["recall_identical"] and all(
+        row["max_abs"] <= row["tolerance"] for row in report["graphs"]
+    )
+    report["passed"] = passed
+    if as_json:
+        print(json.dumps(report))
+    else:
+        console.print(parity_table(report["graphs"], f"{bundle} vs {checkpoint} ({split} inputs)"))
+        table = Table(title=f"Recall@K on {split} ({data_split.num_images} images)")
+        for column in ("pipeline", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"):
+            table.add_column(column, justify="right")
+        for name in ("pytorch", "onnxruntime"):
+            m = report[name]
+            table.add_row(
+                name,
+                *(f"{m[d][f'r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+                f"{m['rsum']:.1f}",
+            )
+        table.caption = (
+            f"similarity max abs diff {report['similarity_max_abs']:.2e}; "
+            f"{'PASSED' if passed else 'FAILED'}"
+        )
+        console.print(table)
+    if not passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

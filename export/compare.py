@@ -1,0 +1,100 @@
+"""`scan-deploy compare`: a bundle's graphs in ONNX Runtime against the PyTorch checkpoint on real
+data (Polygraphy-style error statistics per graph output) and on retrieval (Recall@K of both
+pipelines on a split)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+import numpy as np
+from scan_deploy.export.verify import compare_graphs, session
+
+from scan_deploy.batching import pad_tokens
+from scan_deploy.bundle import Bundle
+from scan_deploy.checkpoint import Checkpoint
+from scan_deploy.errors import UserError
+from scan_deploy.evaluate import split_similarities
+from scan_deploy.metrics import recall_metrics
+from scan_deploy.precomp import PrecompSplit
+
+GRAPH_SAMPLE = 64  # images (and their first captions) used for the per-graph error statistics
+
+
+def check_same_model(bundle: Bundle, checkpoint: Checkpoint) -> None:
+    if bundle.config != checkpoint.config:
+        raise UserError(f"{bundle.path}: model config differs from {checkpoint.path}")
+    if bundle.vocab != checkpoint.vocab:
+        raise UserError(f"{bundle.path}: vocabulary differs from {checkpoint.path}")
+
+
+def ort_similarities(
+    bundle: Bundle,
+    sessions: dict,
+    split: PrecompSplit,
+    batch: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """The deployed pipeline: ONNX encoders, then the ONNX scorer over blocks of
+    (`batch` images × `batch` captions, captions grouped by length)."""
+    image_out = [
+        sessions["image_encoder"].run(None, {"features": np.asarray(split.images[s : s + batch])})
+        for s in range(0, split.num_images, batch)
+    ]
+    regions = np.concatenate([o[0] for o in image_out])
+    region_grams = np.concatenate([o[1] for o in image_out])
+    token_lists = [bundle.vocab.encode(c) for c in split.captions]
+    order = np.argsort([-len(t) for t in token_lists], kind="stable")
+    sims = np.empty((split.num_images, split.num_captions), np.float32)
+    t2i = bundle.config.cross_attn == "t2i"
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        tokens, lengths = pad_tokens([token_lists[j] for j in idx])
+        words, caption_gram, _ = sessions["text_encoder"].run(
+            None, {"tokens": tokens, "lengths": lengths}
+        )
+        for first in range(0, split.num_images, batch):
+            feeds = {"regions": regions[first : first + batch], "words": words, "lengths": lengths}
+            if t2i:
+                feeds["region_gram"] = region_grams[first : first + batch]
+            else:
+                feeds["caption_gram"] = caption_gram
+            sims[first : first + batch, idx] = sessions["scorer"].run(None, feeds)[0]
+        if progress is not None:
+            progress(len(idx))
+    return sims
+
+
+def compare_bundle(
+    bundle: Bundle,
+    checkpoint: Checkpoint,
+    split: PrecompSplit,
+    threads: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Per-graph error statistics on real inputs, and Recall@K of ORT vs PyTorch on the split."""
+    check_same_model(bundle, checkpoint)
+    sessions = {
+        name: session(str(bundle.graph_path(name)), threads) for name in bundle.manifest["graphs"]
+    }
+    sample = min(GRAPH_SAMPLE, split.num_images)
+    first_captions = [split.captions[i * split.captions_per_image] for i in range(sample)]
+    tokens, lengths = pad_tokens([bundle.vocab.encode(c) for c in first_captions])
+    features = np.asarray(split.images[:sample], dtype=np.float32)
+    errors = compare_graphs(sessions, checkpoint.model.eval(), features, tokens, lengths)
+    ort_sims = ort_similarities(bundle, sessions, split, progress=progress)
+    torch_sims = split_similarities(checkpoint, split)
+    similarity_error = float(np.abs(ort_sims - torch_sims).max())
+    ort_metrics = recall_metrics(ort_sims, split.captions_per_image)
+    torch_metrics = recall_metrics(torch_sims, split.captions_per_image)
+    return {
+        "graphs": [asdict(e) for e in errors],
+        "similarity_max_abs": similarity_error,
+        "onnxruntime": ort_metrics,
+        "pytorch": torch_metrics,
+        "recall_identical": all(
+            ort_metrics[d][f"r{k}"] == torch_metrics[d][f"r{k}"]
+            for d in ("i2t", "t2i")
+            for k in (1, 5, 10)
+        ),
+    }
