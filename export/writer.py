@@ -111,8 +111,8 @@ def export_bundle(
             entries[name] = {
                 "file": f"{name}.onnx",
                 "sha256": sha256_file(tmp / f"{name}.onnx"),
-                "inputs": [_describe(v) for v in graph.graph.input],
-                "outputs": [_describe(v) for v in graph.graph.output],
+                "inputs": [describe_value(v) for v in graph.graph.input],
+                "outputs": [describe_value(v) for v in graph.graph.output],
             }
         checkpoint.vocab.save(tmp / VOCAB)
         manifest = {
@@ -142,7 +142,7 @@ def export_bundle(
     return manifest
 
 
-def _describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
+def describe_value(value: onnx.ValueInfoProto) -> dict[str, Any]:
     tensor = value.type.tensor_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
     shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]

@@ -341,6 +341,40 @@ def compare(
         raise typer.Exit(1)
 
 
+@app.command()
+def check(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
+    target: Annotated[str, typer.Option(help="Deployment target to lint for.")] = "tensorrt",
+    dla: Annotated[
+        bool, typer.Option(help="Also check for Jetson DLA (static shapes, fallbacks).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print findings as JSON.")] = False,
+) -> None:
+    """TensorRT readiness lint: operators, constant axes, Q/DQ rules, manifest vs files (and DLA).
+    Exits 1 when the TensorRT ONNX parser would refuse a graph."""
+    from dataclasses import asdict
+
+    from scan_deploy.bundle import load_bundle
+    from scan_deploy.export.lint import lint_bundle
+
+    if target != "tensorrt":
+        raise UserError(f"--target: got {target!r}, expected tensorrt")
+    findings = lint_bundle(load_bundle(bundle), dla)
+    errors = [f for f in findings if f.severity == "error"]
+    if as_json:
+        print(json.dumps({"passed": not errors, "findings": [asdict(f) for f in findings]}))
+    else:
+        table = Table(title=f"{bundle}: TensorRT readiness{' (DLA)' if dla else ''}")
+        for column in ("graph", "node", "op", "severity", "message"):
+            table.add_column(column)
+        for f in findings:
+            table.add_row(f.graph, f.node, f.op, f.severity, f.message)
+        table.caption = f"{len(errors)} errors, {len(findings) - len(errors)} GPU fallbacks"
+        console.print(table if findings else f"{bundle}: no findings, ready for TensorRT")
+    if errors:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: user mistakes print one line and exit 2, never a traceback."""
     import click
