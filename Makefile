@@ -32,6 +32,9 @@ demo: install
 	$(CLI) train --data $(DEMO)/data --out $(DEMO)/run --epochs $(DEMO_EPOCHS) --embed-size 256 \
 		--word-dim 128 --lr 2e-3 --lr-update 3 --val-images 500
 	$(CLI) evaluate $(DEMO)/run/model_best --data $(DEMO)/data --split test
+	$(CLI) export $(DEMO)/run/model_best --out $(DEMO)/bundle
+	$(CLI) compare $(DEMO)/bundle $(DEMO)/run/model_best --data $(DEMO)/data --split test
+	$(CLI) check $(DEMO)/bundle --target tensorrt
 
 clean:
 	rm -rf $(DEMO)

@@ -179,3 +179,45 @@ def test_convert_original_checkpoint_then_evaluate(trained, tmp_path):
     a = run("evaluate", tmp_path / "converted", "--data", data, "--json")
     b = run("evaluate", run_dir / "model_best", "--data", data, "--json")
     assert json.loads(a.stdout) == json.loads(b.stdout)
+
+
+def test_export_compare_check(trained, tmp_path):
+    data, run_dir = trained
+    bundle = tmp_path / "bundle"
+    exported = run(
+        "export",
+        run_dir / "model_best",
+        "--out",
+        bundle,
+        "--max-batch",
+        16,
+        "--max-words",
+        32,
+        "--json",
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert all(row["max_abs"] <= row["tolerance"] for row in json.loads(exported.stdout))
+    _one_line_error(run("export", run_dir / "model_best", "--out", bundle), "not empty", "--force")
+    compared = run("compare", bundle, run_dir / "model_best", "--data", data, "--json")
+    assert compared.returncode == 0, compared.stderr
+    report = json.loads(compared.stdout)
+    assert report["passed"] and report["onnxruntime"] == report["pytorch"]
+    checked = run("check", bundle, "--json")
+    assert checked.returncode == 0 and json.loads(checked.stdout) == {
+        "passed": True,
+        "findings": [],
+    }
+    dla = run("check", bundle, "--dla", "--json")
+    assert dla.returncode == 1
+    messages = [
+        f["message"] for f in json.loads(dla.stdout)["findings"] if f["severity"] == "error"
+    ]
+    assert messages and all("DLA needs a static profile" in m for m in messages)
+    scorer = bundle / "scorer.onnx"
+    scorer.write_bytes(scorer.read_bytes()[:100])
+    _one_line_error(run("check", bundle), "scorer.onnx", "sha256")
+    _one_line_error(
+        run("export", run_dir / "model_best", "--out", tmp_path / "b2", "--opset", 9),
+        "--opset",
+        "13",
+    )
