@@ -1,0 +1,107 @@
+"""ONNX Runtime CPU time of `scorer.onnx` vs the PyTorch reference scorer, measured in one run.
+
+    .venv/bin/python benchmarks/bench_export.py [--images N] [--captions M] [--dim D]
+
+Same inputs and the same number of threads for both. Both score the same (images × captions)
+blocks: captions sorted by length, 64 per block, cut to their longest caption, and `--block-images`
+images per block (the ONNX scorer scores whatever block it is fed, so the caller blocks as the
+PyTorch `similarity_matrix` does). GFLOP/s counts the logits GEMM (2·N·R·D·Σ lengths), next to a
+measured fp32 GEMM peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from scan_deploy.export.scorer import scorer_graph
+
+from scan_deploy.config import ModelConfig
+from scan_deploy.scoring import CAPTION_CHUNK, caption_gram, l2norm, region_gram, similarity_matrix
+
+
+def gemm_peak(repeats: int = 5) -> float:
+    a, b = torch.randn(4096, 1024), torch.randn(1024, 4096)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 4096 * 1024 * 4096 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def ort_scores(session, config, images, words, lengths, block_images):
+    """The ONNX scorer over length-sorted caption chunks × image blocks."""
+    order = np.argsort(-lengths, kind="stable")
+    out = np.empty((images.shape[0], words.shape[0]), np.float32)
+    grams = region_gram(torch.from_numpy(images)).numpy() if config.cross_attn == "t2i" else None
+    for start in range(0, len(order), CAPTION_CHUNK):
+        idx = order[start : start + CAPTION_CHUNK]
+        chunk = np.ascontiguousarray(words[idx, : lengths[idx].max()])
+        feeds = {"words": chunk, "lengths": lengths[idx]}
+        if config.cross_attn == "i2t":
+            feeds["caption_gram"] = caption_gram(torch.from_numpy(chunk)).numpy()
+        for first in range(0, images.shape[0], block_images):
+            feeds["regions"] = images[first : first + block_images]
+            if grams is not None:
+                feeds["region_gram"] = grams[first : first + block_images]
+            out[first : first + block_images, idx] = session.run(None, feeds)[0]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--captions", type=int, default=5000)
+    parser.add_argument("--regions", type=int, default=36)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--block-images", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(args.seed)
+    images = l2norm(torch.randn(args.images, args.regions, args.dim, generator=gen), -1)
+    lengths = torch.randint(10, 23, (args.captions,), generator=gen)
+    words = l2norm(torch.randn(args.captions, int(lengths.max()), args.dim, generator=gen), -1)
+    words[torch.arange(words.shape[1])[None] >= lengths[:, None]] = 0
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    peak = gemm_peak()
+    flops = 2 * args.images * args.regions * args.dim * int(lengths.sum())
+    print(
+        f"{args.images} images x {args.captions} captions, R={args.regions}, D={args.dim}, "
+        f"{threads} threads (torch and ORT); fp32 GEMM peak {peak:.1f} GFLOP/s"
+    )
+    print(
+        f"{'variant':<16}{'ORT s':>9}{'torch s':>9}{'ORT/torch':>11}{'max |diff|':>12}"
+        f"{'ORT GFLOP/s':>13}{'% peak':>8}"
+    )
+    for direction in ("t2i", "i2t"):
+        for agg in ("LogSumExp", "Mean"):
+            config = ModelConfig(
+                vocab_size=1, embed_size=args.dim, cross_attn=direction, agg_func=agg
+            )
+            session = ort.InferenceSession(
+                scorer_graph(config).SerializeToString(),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+            start = time.perf_counter()
+            got = ort_scores(
+                session, config, images.numpy(), words.numpy(), lengths.numpy(), args.block_images
+            )
+            ort_s = time.perf_counter() - start
+            start = time.perf_counter()
+            ref = similarity_matrix(images, words, lengths, config).numpy()
+            torch_s = time.perf_counter() - start
+            gflops = flops / ort_s / 1e9
+            print(
+                f"{direction + ' ' + agg:<16}{ort_s:>9.2f}{torch_s:>9.2f}{ort_s / torch_s:>10.2f}x"
+                f"{np.abs(got - ref).max():>12.2e}{gflops:>13.1f}{100 * gflops / peak:>7.0f}%"
+            )
+
+
+if __name__ == "__main__":
+    main()
