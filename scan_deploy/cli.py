@@ -387,6 +387,10 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except OSError as exc:  # unwritable output, missing folder, disk full: the user's to fix
+        where = f"{exc.filename}: " if exc.filename else ""
+        err_console.print(f"[red]error:[/red] {where}{exc.strerror or exc}", highlight=False)
+        sys.exit(2)
     except click.Abort:
         err_console.print("aborted")
         sys.exit(1)
