@@ -8,13 +8,13 @@ inputs/outputs (names, dtypes, symbolic dims) and the shape ranges engines are b
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import input_error
+from scan_deploy.jsonfile import read_json_object
 from scan_deploy.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -51,12 +51,7 @@ def load_bundle(path: str | Path) -> Bundle:
     """Read `manifest.json` and check every file it names against its sha256."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise input_error(manifest_path, None, "missing, expected an export bundle folder")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise input_error(manifest_path, None, f"not valid JSON ({exc})") from None
+    manifest = read_json_object(manifest_path, "the manifest of an export bundle folder")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise input_error(
             manifest_path,

@@ -5,12 +5,12 @@ This module imports neither torch nor onnx: the runtime reads the same config fr
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from scan_deploy.errors import UserError, input_error
+from scan_deploy.jsonfile import read_json_object
 
 FORMAT_VERSION = 1
 
@@ -106,11 +106,4 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise input_error(path, None, "file not found, expected a model config JSON")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise input_error(path, None, f"not valid JSON ({exc})") from None
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(read_json_object(path, "a model config JSON"), source=Path(path))

@@ -15,6 +15,7 @@ from typing import Any
 
 from scan_deploy.atomic import write_json
 from scan_deploy.errors import input_error
+from scan_deploy.jsonfile import read_json_object
 from scan_deploy.tokenizer import tokenize_caption
 
 
@@ -85,7 +86,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         """Read a vocabulary JSON file; every problem is reported as a one-line `UserError`."""
-        data = _read_json_object(Path(path))
+        data = read_json_object(path, "a vocabulary JSON file with a 'word2idx' entry")
         if "word2idx" not in data:
             raise input_error(path, "word2idx", "missing, expected an object mapping words to ids")
         word2idx = _check_word2idx(path, data["word2idx"])
@@ -134,22 +135,6 @@ class Vocabulary:
                 raise ValueError(f"token id {i} is not in the vocabulary (ids 0..{self.idx - 1})")
             words.append(self.idx2word[int(i)])
         return words
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise input_error(path, None, "file not found, expected a vocabulary JSON file") from None
-    except OSError as exc:
-        raise input_error(path, None, f"cannot read the file ({exc.strerror})") from None
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise input_error(path, None, f"invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise input_error(path, None, "expected a JSON object with a 'word2idx' entry")
-    return data
 
 
 def _check_word2idx(path: str | Path, word2idx: Any) -> dict[str, int]:

@@ -56,7 +56,8 @@ def test_subpackages_import_from_the_installed_tree(tmp_path):
 def test_light_modules_do_not_import_torch():
     code = (
         "import sys, scan_deploy.config, scan_deploy.vocab, scan_deploy.tokenizer, "
-        "scan_deploy.metrics, scan_deploy.batching, scan_deploy.precomp, scan_deploy.cli;"
+        "scan_deploy.metrics, scan_deploy.batching, scan_deploy.precomp, scan_deploy.cli, "
+        "scan_deploy.bundle, scan_deploy.jsonfile;"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

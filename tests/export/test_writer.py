@@ -84,7 +84,7 @@ def test_loader_names_corrupted_truncated_or_missing_files(tmp_path):
     scorer.unlink()
     with pytest.raises(UserError, match="scorer.onnx: missing"):
         load_bundle(tmp_path / "bundle")
-    with pytest.raises(UserError, match="manifest.json: missing"):
+    with pytest.raises(UserError, match="manifest.json: file not found, expected the manifest"):
         load_bundle(tmp_path)
 
 
