@@ -11,25 +11,16 @@ measured fp32 GEMM peak.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from scan_deploy.export.scorer import scorer_graph
+from workload import embeddings, gemm_peak, workload_parser
 
 from scan_deploy.config import ModelConfig
-from scan_deploy.scoring import CAPTION_CHUNK, caption_gram, l2norm, region_gram, similarity_matrix
-
-
-def gemm_peak(repeats: int = 5) -> float:
-    a, b = torch.randn(4096, 1024), torch.randn(1024, 4096)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * 4096 * 1024 * 4096 * repeats / (time.perf_counter() - start) / 1e9
+from scan_deploy.scoring import CAPTION_CHUNK, caption_gram, region_gram, similarity_matrix
 
 
 def ort_scores(session, config, images, words, lengths, block_images):
@@ -52,20 +43,11 @@ def ort_scores(session, config, images, words, lengths, block_images):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--captions", type=int, default=5000)
-    parser.add_argument("--regions", type=int, default=36)
-    parser.add_argument("--dim", type=int, default=1024)
+    parser = workload_parser(__doc__.split("\n")[0])
     parser.add_argument("--block-images", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    gen = torch.Generator().manual_seed(args.seed)
-    images = l2norm(torch.randn(args.images, args.regions, args.dim, generator=gen), -1)
-    lengths = torch.randint(10, 23, (args.captions,), generator=gen)
-    words = l2norm(torch.randn(args.captions, int(lengths.max()), args.dim, generator=gen), -1)
-    words[torch.arange(words.shape[1])[None] >= lengths[:, None]] = 0
+    images, words, lengths = embeddings(args)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     peak = gemm_peak()

@@ -12,10 +12,10 @@ captions); the max abs difference is taken on that subset. GFLOP/s counts the lo
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
+from workload import embeddings, gemm_peak, workload_parser
 
 from scan_deploy.config import ModelConfig
 from scan_deploy.scoring import l2norm, similarity_matrix
@@ -69,29 +69,11 @@ def original_scores(images, words, lengths, cfg):
     return torch.stack(columns, 1)
 
 
-def gemm_peak(repeats: int = 5) -> float:
-    a, b = torch.randn(4096, 1024), torch.randn(1024, 4096)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * 4096 * 1024 * 4096 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--captions", type=int, default=5000)
+    parser = workload_parser(__doc__.split("\n")[0])
     parser.add_argument("--loop-captions", type=int, default=100)
-    parser.add_argument("--regions", type=int, default=36)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    gen = torch.Generator().manual_seed(args.seed)
-    images = l2norm(torch.randn(args.images, args.regions, args.dim, generator=gen), -1)
-    lengths = torch.randint(10, 23, (args.captions,), generator=gen)  # 8-20 words + start/end
-    words = l2norm(torch.randn(args.captions, int(lengths.max()), args.dim, generator=gen), -1)
-    words[torch.arange(words.shape[1])[None] >= lengths[:, None]] = 0
+    images, words, lengths = embeddings(args)
     print(
         f"{args.images} images x {args.captions} captions, R={args.regions}, D={args.dim}, "
         f"mean length {lengths.float().mean():.1f}, torch threads {torch.get_num_threads()}"
