@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from scan_deploy.batching import pad_tokens
 from scan_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from scan_deploy.config import ModelConfig
-from scan_deploy.errors import input_error
+from scan_deploy.errors import UserError, input_error
 from scan_deploy.evaluate import split_similarities
 from scan_deploy.metrics import recall_metrics
 from scan_deploy.model import SCAN
@@ -121,6 +121,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.train_split, self.dev_split = train_split, dev_split
         self.vocab, self.options = vocab, options
+        if options.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(
+                f"--device: {options.device} requested but this torch has no CUDA device "
+                f"(torch {torch.__version__}); install a CUDA build or use --device cpu"
+            )
         torch.manual_seed(options.seed)
         self.model = SCAN(config).to(options.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr)

@@ -128,6 +128,9 @@ def test_user_mistakes_are_one_line_errors(trained, tmp_path):
     _one_line_error(
         run("train", "--data", data, "--out", run_dir), str(run_dir), "already holds a training run"
     )
+    _one_line_error(
+        run("train", "--data", data, "--out", tmp_path / "r", "--device", "cuda"), "--device: cuda"
+    )
 
 
 def test_convert_refuses_to_overwrite(trained, tmp_path):
