@@ -36,11 +36,6 @@ def l2norm(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + EPS)
 
 
-def l1norm(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """L1-normalise as the original intended (its `l1norm_d` was never defined)."""
-    return x / (x.abs().sum(dim=dim, keepdim=True) + EPS)
-
-
 def region_gram(regions: torch.Tensor) -> torch.Tensor:
     """Per-image Gram matrix V Vᵀ, (N, R, D) -> (N, R, R)."""
     return regions @ regions.transpose(1, 2)
@@ -73,7 +68,7 @@ def attention_logits(
     if kind.endswith("l2norm"):
         norm = torch.linalg.vector_norm(logits, ord=2, dim=dim, keepdim=True)
         return logits * (scale / (norm + EPS))
-    if kind.endswith("l1norm"):
+    if kind.endswith("l1norm"):  # the original's `l1norm_d` was never defined: this is the intent
         norm = torch.linalg.vector_norm(logits, ord=1, dim=dim, keepdim=True)
         return logits * (scale / (norm + EPS))
     return logits * scale
