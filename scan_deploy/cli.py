@@ -23,7 +23,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Data sets in the SCAN precomp format.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+# Tables are wider than the 80 columns rich assumes when output is piped (CI logs, `| tee`).
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 
