@@ -19,6 +19,7 @@ import torch
 from scan_deploy.export.scorer import scorer_graph
 from workload import embeddings, gemm_peak, workload_parser
 
+from scan_deploy.allocator import keep_freed_memory
 from scan_deploy.config import ModelConfig
 from scan_deploy.scoring import CAPTION_CHUNK, caption_gram, region_gram, similarity_matrix
 
@@ -43,6 +44,7 @@ def ort_scores(session, config, images, words, lengths, block_images):
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does
     parser = workload_parser(__doc__.split("\n")[0])
     parser.add_argument("--block-images", type=int, default=32)
     args = parser.parse_args()

@@ -17,6 +17,7 @@ import time
 import torch
 from workload import embeddings, gemm_peak, workload_parser
 
+from scan_deploy.allocator import keep_freed_memory
 from scan_deploy.config import ModelConfig
 from scan_deploy.scoring import l2norm, similarity_matrix
 
@@ -70,6 +71,7 @@ def original_scores(images, words, lengths, cfg):
 
 
 def main() -> None:
+    keep_freed_memory()  # as the CLI does
     parser = workload_parser(__doc__.split("\n")[0])
     parser.add_argument("--loop-captions", type=int, default=100)
     args = parser.parse_args()

@@ -380,6 +380,9 @@ def main() -> None:
     """Entry point: user mistakes print one line and exit 2, never a traceback."""
     import click
 
+    from scan_deploy.allocator import keep_freed_memory
+
+    keep_freed_memory()
     try:
         code = app(standalone_mode=False)
     except UserError as exc:
