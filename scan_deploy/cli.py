@@ -155,8 +155,11 @@ def train(
                 f"i2t {m['i2t']['r1']:.1f} t2i {m['t2i']['r1']:.1f} rsum {report.rsum:.1f}{mark} "
                 f"| {report.seconds:.0f}s"
             )
-            progress.reset(task, total=None)
-            progress.update(task, description=f"train epoch {report.epoch + 1}")
+            if report.epoch + 1 < epochs:
+                progress.reset(task, total=None)
+                progress.update(task, description=f"train epoch {report.epoch + 1}")
+            else:
+                progress.remove_task(task)
 
         progress.update(task, description=f"train epoch {trainer.start_epoch}")
         trainer.fit(on_batch, on_epoch)
