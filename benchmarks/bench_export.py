@@ -16,6 +16,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 import torch
+from scan_deploy.export.compare import scorer_blocks
 from scan_deploy.export.scorer import scorer_graph
 from workload import embeddings, gemm_peak, workload_parser
 
@@ -25,22 +26,21 @@ from scan_deploy.scoring import CAPTION_CHUNK, caption_gram, region_gram, simila
 
 
 def ort_scores(session, config, images, words, lengths, block_images):
-    """The ONNX scorer over length-sorted caption chunks × image blocks."""
+    """The ONNX scorer over length-sorted caption chunks × image blocks (Grams from torch)."""
+    t2i = config.cross_attn == "t2i"
     order = np.argsort(-lengths, kind="stable")
-    out = np.empty((images.shape[0], words.shape[0]), np.float32)
-    grams = region_gram(torch.from_numpy(images)).numpy() if config.cross_attn == "t2i" else None
-    for start in range(0, len(order), CAPTION_CHUNK):
-        idx = order[start : start + CAPTION_CHUNK]
-        chunk = np.ascontiguousarray(words[idx, : lengths[idx].max()])
-        feeds = {"words": chunk, "lengths": lengths[idx]}
-        if config.cross_attn == "i2t":
-            feeds["caption_gram"] = caption_gram(torch.from_numpy(chunk)).numpy()
-        for first in range(0, images.shape[0], block_images):
-            feeds["regions"] = images[first : first + block_images]
-            if grams is not None:
-                feeds["region_gram"] = grams[first : first + block_images]
-            out[first : first + block_images, idx] = session.run(None, feeds)[0]
-    return out
+
+    def caption_chunks():
+        for start in range(0, len(order), CAPTION_CHUNK):
+            idx = order[start : start + CAPTION_CHUNK]
+            chunk = np.ascontiguousarray(words[idx, : lengths[idx].max()])
+            gram = None if t2i else caption_gram(torch.from_numpy(chunk)).numpy()
+            yield idx, chunk, lengths[idx], gram
+
+    grams = region_gram(torch.from_numpy(images)).numpy() if t2i else None
+    return scorer_blocks(
+        session, t2i, images, grams, caption_chunks(), words.shape[0], block_images
+    )
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ pipelines on a split)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 
 import numpy as np
@@ -28,6 +28,33 @@ def check_same_model(bundle: Bundle, checkpoint: Checkpoint) -> None:
         raise UserError(f"{bundle.path}: vocabulary differs from {checkpoint.path}")
 
 
+def scorer_blocks(
+    scorer,
+    t2i: bool,
+    regions: np.ndarray,
+    region_grams: np.ndarray | None,
+    caption_chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
+    num_captions: int,
+    block_images: int,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Run `scorer.onnx` over image blocks × caption chunks `(indices, words, lengths,
+    caption_gram)` and gather the (images, captions) similarity matrix."""
+    sims = np.empty((regions.shape[0], num_captions), np.float32)
+    for idx, words, lengths, caption_gram in caption_chunks:
+        for first in range(0, regions.shape[0], block_images):
+            block = slice(first, first + block_images)
+            feeds = {"regions": regions[block], "words": words, "lengths": lengths}
+            if t2i:
+                feeds["region_gram"] = region_grams[block]
+            else:
+                feeds["caption_gram"] = caption_gram
+            sims[block, idx] = scorer.run(None, feeds)[0]
+        if progress is not None:
+            progress(len(idx))
+    return sims
+
+
 def ort_similarities(
     bundle: Bundle,
     sessions: dict,
@@ -45,24 +72,27 @@ def ort_similarities(
     region_grams = np.concatenate([o[1] for o in image_out])
     token_lists = [bundle.vocab.encode(c) for c in split.captions]
     order = np.argsort([-len(t) for t in token_lists], kind="stable")
-    sims = np.empty((split.num_images, split.num_captions), np.float32)
+
+    def caption_chunks():
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            tokens, lengths = pad_tokens([token_lists[j] for j in idx])
+            words, caption_gram, _ = sessions["text_encoder"].run(
+                None, {"tokens": tokens, "lengths": lengths}
+            )
+            yield idx, words, lengths, caption_gram
+
     t2i = bundle.config.cross_attn == "t2i"
-    for start in range(0, len(order), batch):
-        idx = order[start : start + batch]
-        tokens, lengths = pad_tokens([token_lists[j] for j in idx])
-        words, caption_gram, _ = sessions["text_encoder"].run(
-            None, {"tokens": tokens, "lengths": lengths}
-        )
-        for first in range(0, split.num_images, batch):
-            feeds = {"regions": regions[first : first + batch], "words": words, "lengths": lengths}
-            if t2i:
-                feeds["region_gram"] = region_grams[first : first + batch]
-            else:
-                feeds["caption_gram"] = caption_gram
-            sims[first : first + batch, idx] = sessions["scorer"].run(None, feeds)[0]
-        if progress is not None:
-            progress(len(idx))
-    return sims
+    return scorer_blocks(
+        sessions["scorer"],
+        t2i,
+        regions,
+        region_grams,
+        caption_chunks(),
+        split.num_captions,
+        batch,
+        progress,
+    )
 
 
 def compare_bundle(

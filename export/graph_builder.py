@@ -88,3 +88,11 @@ class GraphBuilder:
 
 def value_info(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, shape)
+
+
+def describe_value(value: onnx.ValueInfoProto) -> dict:
+    """Name, numpy dtype name and shape (symbolic dims as names) of a graph input or output."""
+    tensor = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": dtype, "shape": shape}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from scan_deploy.export.graph_builder import describe_value
 
 # onnx-tensorrt docs/operators.md, rows marked Y (TensorRT 8.5, opset <= 17).
 TENSORRT_OPS = frozenset(
@@ -175,8 +176,6 @@ def _rnn_activation_problem(node: onnx.NodeProto) -> str | None:
 
 def lint_bundle(bundle, dla: bool = False) -> list[Finding]:
     """Every graph of a loaded bundle: its manifest entry matches the file, then the rules above."""
-    from scan_deploy.export.writer import describe_value
-
     findings = []
     for name, entry in bundle.manifest["graphs"].items():
         path = bundle.graph_path(name)

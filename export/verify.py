@@ -134,7 +134,8 @@ def generated_inputs(
     features = rng.random((batch, regions, img_dim), dtype=np.float32)
     lengths = rng.integers(1, max_words + 1, size=batch).astype(np.int64)
     lengths[0] = max_words
-    lengths[-1] = 1 if batch > 1 else lengths[-1]
+    if batch > 1:
+        lengths[-1] = 1
     tokens = rng.integers(1, vocab_size, size=(batch, max_words)).astype(np.int64)
     tokens[np.arange(max_words)[None] >= lengths[:, None]] = 0
     return features, tokens, lengths

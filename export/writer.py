@@ -13,6 +13,7 @@ import onnx
 import onnxruntime
 import torch
 from scan_deploy.export.encoders import image_encoder_graph, text_encoder_graph
+from scan_deploy.export.graph_builder import describe_value
 from scan_deploy.export.scorer import scorer_graph
 from scan_deploy.export.verify import OutputError, compare_graphs, generated_inputs, session
 
@@ -140,10 +141,3 @@ def export_bundle(
         }
         write_json(tmp / MANIFEST, manifest)
     return manifest
-
-
-def describe_value(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    tensor = value.type.tensor_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-    shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-    return {"name": value.name, "dtype": dtype, "shape": shape}
