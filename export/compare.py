@@ -95,6 +95,15 @@ def ort_similarities(
     )
 
 
+def graph_sample(bundle: Bundle, split: PrecompSplit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features of the first GRAPH_SAMPLE images, and token ids + lengths of their first captions:
+    the inputs of the per-graph error statistics."""
+    sample = min(GRAPH_SAMPLE, split.num_images)
+    first_captions = [split.captions[i * split.captions_per_image] for i in range(sample)]
+    tokens, lengths = pad_tokens([bundle.vocab.encode(c) for c in first_captions])
+    return np.asarray(split.images[:sample], dtype=np.float32), tokens, lengths
+
+
 def compare_bundle(
     bundle: Bundle,
     checkpoint: Checkpoint,
@@ -107,11 +116,7 @@ def compare_bundle(
     sessions = {
         name: session(str(bundle.graph_path(name)), threads) for name in bundle.manifest["graphs"]
     }
-    sample = min(GRAPH_SAMPLE, split.num_images)
-    first_captions = [split.captions[i * split.captions_per_image] for i in range(sample)]
-    tokens, lengths = pad_tokens([bundle.vocab.encode(c) for c in first_captions])
-    features = np.asarray(split.images[:sample], dtype=np.float32)
-    errors = compare_graphs(sessions, checkpoint.model.eval(), features, tokens, lengths)
+    errors = compare_graphs(sessions, checkpoint.model.eval(), *graph_sample(bundle, split))
     ort_sims = ort_similarities(bundle, sessions, split, progress=progress)
     torch_sims = split_similarities(checkpoint, split)
     similarity_error = float(np.abs(ort_sims - torch_sims).max())

@@ -38,12 +38,12 @@ class GraphBuilder:
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs=1, **attrs):
         names = [self.name(hint or op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, names, **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=names[0], **attrs))
         return names[0] if outputs == 1 else names
 
     def output_as(self, value: str, name: str) -> None:
         """Expose `value` as the graph output called `name`."""
-        self.nodes.append(helper.make_node("Identity", [value], [name]))
+        self.nodes.append(helper.make_node("Identity", [value], [name], name=name))
 
     def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int) -> str:
         """Reduce* with constant axes: an attribute before opset 18 (13 for ReduceSum), an input

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from scan_deploy.config import ModelConfig
-from scan_deploy.errors import input_error
+from scan_deploy.errors import UserError, input_error
 from scan_deploy.jsonfile import read_json_object
 from scan_deploy.vocab import Vocabulary
 
@@ -21,6 +21,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 GRAPHS = ("image_encoder", "text_encoder", "scorer")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -40,11 +41,23 @@ class Bundle:
     config: ModelConfig
     vocab: Vocabulary
 
-    def graph_path(self, name: str) -> Path:
-        return self.path / self.manifest["graphs"][name]["file"]
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        return self.path / self.graph(name, precision)["file"]
 
-    def graph(self, name: str) -> dict[str, Any]:
-        return self.manifest["graphs"][name]
+    def graph(self, name: str, precision: str = "fp32") -> dict[str, Any]:
+        """The manifest entry of one graph: the exported FP32 graph, or a precision variant
+        written by `scan-deploy calibrate` (recorded under `variants`)."""
+        if precision == "fp32":
+            return self.manifest["graphs"][name]
+        if precision not in self.precisions():
+            raise UserError(
+                f"{self.path}: the bundle has no {precision} graphs "
+                f"(run: scan-deploy calibrate {self.path} --data DIR --precision {precision})"
+            )
+        return self.manifest["variants"][precision]["graphs"][name]
+
+    def precisions(self) -> list[str]:
+        return ["fp32", *self.manifest.get("variants", {})]
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -72,6 +85,16 @@ def load_bundle(path: str | Path) -> Bundle:
         if name not in manifest["graphs"]:
             raise input_error(manifest_path, f"graphs.{name}", "missing from the manifest")
         _check_file(path, manifest["graphs"][name], manifest_path, f"graphs.{name}")
+    for precision, variant in manifest.get("variants", {}).items():
+        if precision not in PRECISIONS[1:]:
+            raise input_error(
+                manifest_path, f"variants.{precision}", f"expected one of {PRECISIONS[1:]}"
+            )
+        for name in GRAPHS:
+            field = f"variants.{precision}.graphs.{name}"
+            if name not in variant.get("graphs", {}):
+                raise input_error(manifest_path, field, "missing from the manifest")
+            _check_file(path, variant["graphs"][name], manifest_path, field)
     return Bundle(path, manifest, config, vocab)
 
 

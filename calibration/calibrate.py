@@ -1,0 +1,245 @@
+"""`scan-deploy calibrate`: make the FP16 or INT8 variant of a bundle's three graphs, gate it
+against the FP32 PyTorch reference, and record it in the bundle.
+
+1. a seeded sample of the calibration split (INT8 activation ranges are computed on it and cached
+   under `BUNDLE/calibration/`, keyed by graph hash, data, sample and method);
+2. the search of `search.py` on that sample decides which units stay in higher precision;
+3. the gate of `gates.py` on the evaluation split (the test split by default);
+4. only a variant that meets its target (or with `accept_loss`) is written: `{graph}.{precision}
+   .onnx` files and a `variants.{precision}` manifest entry (hashes, kept nodes, calibration
+   settings, the gate report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from scan_deploy.calibration import fp16, int8
+from scan_deploy.calibration.data import image_feeds, sample_split, scorer_feeds, text_feeds
+from scan_deploy.calibration.gates import (
+    TARGETS,
+    pipeline_similarities,
+    run_gate,
+    worst_delta,
+)
+from scan_deploy.calibration.search import Unit, choose_kept, fp16_units, int8_units
+from scan_deploy.export.compare import check_same_model
+from scan_deploy.export.graph_builder import describe_value
+from scan_deploy.export.verify import session
+
+from scan_deploy.atomic import atomic_path, write_json
+from scan_deploy.bundle import GRAPHS, MANIFEST, Bundle, sha256_file
+from scan_deploy.checkpoint import Checkpoint
+from scan_deploy.errors import UserError
+from scan_deploy.evaluate import split_similarities
+from scan_deploy.metrics import recall_metrics
+from scan_deploy.precomp import PrecompSplit
+
+PROBE_IMAGES = 64  # images of the sample whose similarity error ranks the units
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    precision: str
+    method: str = "max"  # INT8 only
+    samples: int = 256
+    seed: int = 0
+    split: str = "train"
+    accept_loss: bool = False
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in TARGETS:
+            raise UserError(f"--precision: got {self.precision!r}, expected fp16 or int8")
+        if self.method not in int8.METHODS:
+            raise UserError(f"--method: got {self.method!r}, expected {', '.join(int8.METHODS)}")
+
+
+def calibrate_bundle(
+    bundle: Bundle,
+    checkpoint: Checkpoint,
+    calibration_split: PrecompSplit,
+    eval_split: PrecompSplit,
+    settings: CalibrationSettings,
+    progress: Progress | None = None,
+) -> dict:
+    """Search, gate and (if it passes or loss is accepted) write the variant; returns the report
+    with `written` telling whether the bundle changed."""
+    check_same_model(bundle, checkpoint)
+    report_progress = progress or (lambda stage, done, total: None)
+    fp32 = {name: _named_nodes(onnx.load(str(bundle.graph_path(name)))) for name in GRAPHS}
+    sample = sample_split(calibration_split, settings.samples, settings.seed)
+    probe = PrecompSplit(
+        sample.images[:PROBE_IMAGES],
+        sample.captions[: PROBE_IMAGES * sample.captions_per_image],
+        sample.captions_per_image,
+    )
+    report_progress("reference on the calibration sample", 0, 1)
+    sample_reference = split_similarities(checkpoint, sample)
+    probe_reference = split_similarities(checkpoint, probe)
+    sample_metrics = recall_metrics(sample_reference, sample.captions_per_image)
+    build, units = _builder(bundle, fp32, sample, calibration_split, settings)
+
+    def sample_delta(graphs) -> float:
+        sims = pipeline_similarities(bundle, graphs, sample, settings.threads)
+        return worst_delta(sample_metrics, sims, sample.captions_per_image)
+
+    def probe_error(graphs) -> float:
+        sims = pipeline_similarities(bundle, graphs, probe, settings.threads)
+        return float(np.abs(sims - probe_reference).max()) if np.isfinite(sims).all() else np.inf
+
+    report_progress("precision search", 0, 1)
+    decision = choose_kept(units, build, sample_delta, probe_error, TARGETS[settings.precision])
+    variant = build(decision.kept)
+    report_progress("reference on the evaluation split", 0, 1)
+    eval_reference = split_similarities(checkpoint, eval_split)
+    gate = run_gate(
+        bundle,
+        checkpoint,
+        variant,
+        fp32,
+        eval_split,
+        eval_reference,
+        settings.precision,
+        settings.threads,
+        lambda n: report_progress("gate", n, eval_split.num_captions),
+    )
+    gate["blame_ops"] = _blame_ops(gate, decision, units)
+    record = {
+        "kept_higher_precision": decision.kept_report(),
+        "search": decision.steps,
+        "calibration": {
+            "split": settings.split,
+            "samples": sample.num_images,
+            "seed": settings.seed,
+            "method": settings.method if settings.precision == "int8" else None,
+            "quantized_ops": list(int8.QUANTIZED_OPS) if settings.precision == "int8" else None,
+        },
+        "gate": gate,
+        "accepted_loss": not gate["passed"],
+    }
+    written = gate["passed"] or settings.accept_loss
+    if written:
+        _write_variant(bundle, settings.precision, variant, record)
+    return {**record, "written": written}
+
+
+def _builder(
+    bundle: Bundle,
+    fp32: dict[str, onnx.ModelProto],
+    sample: PrecompSplit,
+    calibration_split: PrecompSplit,
+    settings: CalibrationSettings,
+):
+    """`build(kept units) -> graphs` for the precision, and the candidate units."""
+    if settings.precision == "fp16":
+
+        def build_fp16(kept: list[Unit]) -> dict[str, onnx.ModelProto]:
+            return {
+                name: fp16.to_fp16(model, {n for u in kept if u.graph == name for n in u.nodes})
+                for name, model in fp32.items()
+            }
+
+        return build_fp16, fp16_units(fp32)
+    caches = {
+        name: bundle.path
+        / "calibration"
+        / f"{name}.{settings.method}.{_cache_key(model, calibration_split, settings)}.json"
+        for name, model in fp32.items()
+    }
+    if not all(path.is_file() for path in caches.values()):
+        sessions = {name: session(model, settings.threads) for name, model in fp32.items()}
+        feeds = {
+            "image_encoder": image_feeds(sample),
+            "text_encoder": text_feeds(sample, bundle.vocab),
+            "scorer": scorer_feeds(
+                sessions, sample, bundle.vocab, bundle.config.cross_attn == "t2i"
+            ),
+        }
+    else:
+        feeds = dict.fromkeys(GRAPHS)
+
+    def build_int8(kept: list[Unit]) -> dict[str, onnx.ModelProto]:
+        return {
+            name: int8.quantize(
+                model,
+                feeds[name],
+                settings.method,
+                caches[name],
+                {n for u in kept if u.graph == name for n in u.nodes},
+            )
+            for name, model in fp32.items()
+        }
+
+    return build_int8, int8_units(fp32)
+
+
+def _cache_key(model: onnx.ModelProto, split: PrecompSplit, settings: CalibrationSettings) -> str:
+    """Graph bytes, the data file's identity, and the sample settings."""
+    source = split.features_path
+    stat = source.stat() if source is not None and source.exists() else None
+    identity = {
+        "graph": hashlib.sha256(model.SerializeToString()).hexdigest(),
+        "features": str(source.resolve()) if source else None,
+        "size": stat.st_size if stat else None,
+        "mtime_ns": stat.st_mtime_ns if stat else None,
+        "captions": split.num_captions,
+        "samples": settings.samples,
+        "seed": settings.seed,
+        "method": settings.method,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _named_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Bundles exported before nodes were named: give every node a unique name (its output)."""
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = node.output[0] if node.output else f"{node.op_type}_{index}"
+    return model
+
+
+def _blame_ops(gate: dict, decision, units: list[Unit]) -> list[dict]:
+    """The units left in low precision, ranked by their measured probe error (the search ranks
+    every unit only when the sample missed the target; otherwise this list is empty)."""
+    if gate["passed"]:
+        return []
+    kept = set(decision.kept)
+    return [
+        {"graph": u.graph, "op": u.label, "probe_similarity_error": decision.sensitivity.get(u)}
+        for u in sorted(
+            (u for u in units if u not in kept),
+            key=lambda u: decision.sensitivity.get(u, 0.0),
+            reverse=True,
+        )[:5]
+    ]
+
+
+def _write_variant(
+    bundle: Bundle, precision: str, graphs: dict[str, onnx.ModelProto], record: dict
+) -> None:
+    """Graph files first (each atomically), then the manifest that names them."""
+    entries = {}
+    for name, model in graphs.items():
+        target = bundle.path / f"{name}.{precision}.onnx"
+        with atomic_path(target, suffix=".onnx") as tmp:
+            onnx.save_model(model, str(tmp))
+            digest = sha256_file(tmp)
+        entries[name] = {
+            "file": target.name,
+            "sha256": digest,
+            "inputs": [describe_value(v) for v in model.graph.input],
+            "outputs": [describe_value(v) for v in model.graph.output],
+        }
+    manifest = dict(bundle.manifest)
+    manifest["variants"] = {
+        **manifest.get("variants", {}),
+        precision: {"graphs": entries, **record},
+    }
+    write_json(bundle.path / MANIFEST, manifest)
