@@ -23,6 +23,8 @@ import onnx
 from onnx import numpy_helper
 from scan_deploy.export.graph_builder import describe_value
 
+from scan_deploy.bundle import GRAPHS
+
 # onnx-tensorrt docs/operators.md, rows marked Y (TensorRT 8.5, opset <= 17).
 TENSORRT_OPS = frozenset(
     """Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization
@@ -175,32 +177,39 @@ def _rnn_activation_problem(node: onnx.NodeProto) -> str | None:
 
 
 def lint_bundle(bundle, dla: bool = False) -> list[Finding]:
-    """Every graph of a loaded bundle: its manifest entry matches the file, then the rules above."""
+    """Every graph of a loaded bundle, FP32 and precision variants: its manifest entry matches
+    the file, then the rules above."""
     findings = []
-    for name, entry in bundle.manifest["graphs"].items():
-        path = bundle.graph_path(name)
-        try:
-            model = onnx.load(str(path))
-            onnx.checker.check_model(model, full_check=True)
-        except Exception as exc:  # a truncated or corrupted file: report it, don't crash
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for precision in bundle.precisions():
+        for name in GRAPHS:
+            label = name if precision == "fp32" else f"{name}.{precision}"
+            findings += _lint_entry(bundle, label, bundle.graph(name, precision), dla)
+    return findings
+
+
+def _lint_entry(bundle, name: str, entry: dict, dla: bool) -> list[Finding]:
+    findings = []
+    path = bundle.path / entry["file"]
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # a truncated or corrupted file: report it, don't crash
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        findings.append(Finding(name, str(path), "file", "error", f"unreadable ONNX: {first_line}"))
+        return findings
+    for kind in ("inputs", "outputs"):
+        actual = [describe_value(v) for v in getattr(model.graph, kind[:-1])]
+        if actual != entry[kind]:
             findings.append(
-                Finding(name, str(path), "file", "error", f"unreadable ONNX: {first_line}")
-            )
-            continue
-        for kind in ("inputs", "outputs"):
-            actual = [describe_value(v) for v in getattr(model.graph, kind[:-1])]
-            if actual != entry[kind]:
-                findings.append(
-                    Finding(
-                        name,
-                        str(path),
-                        kind,
-                        "error",
-                        f"manifest {kind} {entry[kind]} do not match the file's {actual}",
-                    )
+                Finding(
+                    name,
+                    str(path),
+                    kind,
+                    "error",
+                    f"manifest {kind} {entry[kind]} do not match the file's {actual}",
                 )
-        findings += lint_model(model, name, dla)
-        if dla:
-            findings += lint_static_shapes(name, entry["inputs"], bundle.manifest["shape_ranges"])
+            )
+    findings += lint_model(model, name, dla)
+    if dla:
+        findings += lint_static_shapes(name, entry["inputs"], bundle.manifest["shape_ranges"])
     return findings

@@ -1,0 +1,199 @@
+"""Engine sidecars: the JSON written beside every engine under `BUNDLE/engines/`, and the check
+that refuses an engine built for another backend version, device, graph or precision.
+
+As jetson-inference and clip_trt do, an engine's file name is keyed by graph, precision,
+backend and its version, device (compute capability, or DLA core) and a short hash of the
+source graph (`scorer.fp16.trt10.3.0.sm87.gpu.0123456789ab.engine`), and the sidecar records the
+same facts in full. A stale engine is refused with the command that rebuilds it, never run.
+
+Torch-free and onnx-free: the runtime uses this module on the device.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from scan_deploy.bundle import Bundle, sha256_file
+from scan_deploy.cuda_device import DeviceInfo
+from scan_deploy.errors import input_error
+from scan_deploy.jsonfile import read_json_object
+
+FORMAT_VERSION = 1
+ENGINES_DIR = "engines"
+BACKENDS = ("tensorrt", "onnxruntime")
+REQUIRED = (
+    "format_version",
+    "backend",
+    "backend_version",
+    "device",
+    "precision",
+    "graph",
+    "profiles",
+    "source",
+    "engine",
+    "vocab",
+    "build",
+)
+# Hardware-compatibility levels this project builds, and the oldest compute capability each runs on.
+HARDWARE_COMPAT_MIN_CC = {"AMPERE_PLUS": (8, 0)}
+
+
+def engine_stem(
+    graph: str,
+    precision: str,
+    backend_tag: str,
+    device_tag: str,
+    target: str,
+    source_sha256: str,
+) -> str:
+    """`scorer.fp16.trt10.3.0.sm87.gpu.0123456789ab`: every fact an engine depends on."""
+    return ".".join([graph, precision, backend_tag, device_tag, target, source_sha256[:12]])
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """`X.engine` or `X.onnx` -> `X.json`."""
+    return Path(engine_path).with_suffix(".json")
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    sidecar = read_json_object(path, "an engine sidecar written by `scan-deploy build-engine`")
+    if sidecar.get("format_version") != FORMAT_VERSION:
+        raise input_error(
+            path,
+            "format_version",
+            f"got {sidecar.get('format_version')!r}, expected {FORMAT_VERSION}",
+        )
+    for key in REQUIRED:
+        if key not in sidecar:
+            raise input_error(path, key, "missing from the engine sidecar")
+    return sidecar
+
+
+def rebuild_command(bundle_path: str | Path, sidecar: dict[str, Any]) -> str:
+    """The `scan-deploy build-engine` command that rebuilds this engine for the running setup."""
+    argv = [
+        "scan-deploy",
+        "build-engine",
+        str(bundle_path),
+        "--backend",
+        sidecar["backend"],
+        "--precision",
+        sidecar["precision"],
+        "--graph",
+        sidecar["graph"],
+        *sidecar["build"].get("cli", []),
+    ]
+    return shlex.join(argv)
+
+
+def check_sidecar(
+    sidecar: dict[str, Any],
+    path: str | Path,
+    bundle: Bundle,
+    *,
+    backend: str,
+    backend_version: str,
+    device: DeviceInfo,
+    precision: str | None = None,
+) -> None:
+    """Refuse (UserError, one line) an engine whose sidecar does not match the bundle, the
+    running backend and its version, the device, or the requested precision."""
+    path = Path(path)
+    fix = f"rebuild it: {rebuild_command(bundle.path, sidecar)}"
+    if sidecar["backend"] != backend:
+        raise input_error(path, "backend", f"is a {sidecar['backend']} engine, not {backend}")
+    if precision is not None and sidecar["precision"] != precision:
+        raise input_error(
+            path, "precision", f"is a {sidecar['precision']} engine, {precision} was requested"
+        )
+    expected = bundle.graph(sidecar["graph"], sidecar["precision"])
+    if sidecar["source"]["sha256"] != expected["sha256"]:
+        raise input_error(
+            path,
+            "source.sha256",
+            f"built from {sidecar['source']['sha256'][:12]}…, the bundle's "
+            f"{expected['file']} is {expected['sha256'][:12]}… ({fix})",
+        )
+    words = bundle.manifest["vocab"]["words_sha256"]
+    if sidecar["vocab"]["words_sha256"] != words:
+        raise input_error(path, "vocab.words_sha256", f"built for another vocabulary ({fix})")
+    _check_version(path, sidecar, backend_version, fix)
+    _check_device(path, sidecar, device, fix)
+
+
+def check_engine_file(path: str | Path, sidecar: dict[str, Any]) -> None:
+    """The engine file is the one the sidecar describes (not replaced or truncated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, None, "missing (named by its sidecar)")
+    actual = sha256_file(path)
+    if actual != sidecar["engine"]["sha256"]:
+        raise input_error(
+            path,
+            "sha256",
+            f"is {actual[:12]}…, its sidecar expects {sidecar['engine']['sha256'][:12]}… "
+            "(file changed or truncated: rebuild it)",
+        )
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """`10.3.0.26` -> (10, 3, 0, 26); non-numeric parts (`1.32.0+cpu`) end it."""
+    parts = []
+    for part in version.split("."):
+        match = re.match(r"\d+", part)
+        if not match:
+            break
+        parts.append(int(match.group()))
+        if match.group() != part:
+            break
+    return tuple(parts)
+
+
+def _check_version(path: Path, sidecar: dict[str, Any], running: str, fix: str) -> None:
+    built = sidecar["backend_version"]
+    if built == running:
+        return
+    build = sidecar["build"]
+    # A version-compatible TensorRT engine that embeds its lean runtime runs on the same or a
+    # later TensorRT (TensorRT "Version Compatibility": 10 -> 11, 11.0 -> 11.x).
+    if (
+        build.get("version_compatible")
+        and not build.get("exclude_lean_runtime")
+        and version_tuple(running) >= version_tuple(built)
+    ):
+        return
+    raise input_error(
+        path,
+        "backend_version",
+        f"built with {sidecar['backend']} {built}, running {running} ({fix})",
+    )
+
+
+def _check_device(path: Path, sidecar: dict[str, Any], device: DeviceInfo, fix: str) -> None:
+    built = sidecar["device"]
+    level = sidecar["build"].get("hardware_compatibility_level")
+    if level is not None:
+        oldest = HARDWARE_COMPAT_MIN_CC[level]
+        if device.compute_capability is None or version_tuple(device.compute_capability) < oldest:
+            raise input_error(
+                path,
+                "device",
+                f"is a {level} engine, {device.name} has compute capability "
+                f"{device.compute_capability} ({fix})",
+            )
+        return
+    if built.get("compute_capability") != device.compute_capability:
+        raise input_error(
+            path,
+            "device.compute_capability",
+            f"built for {built.get('compute_capability')} ({built['name']}), running on "
+            f"{device.compute_capability} ({device.name}) ({fix})",
+        )
+    if built["name"] != device.name:
+        raise input_error(
+            path, "device.name", f"built on {built['name']}, running on {device.name} ({fix})"
+        )

@@ -1,0 +1,208 @@
+"""The only module that imports `tensorrt`: applies a `BuildPlan` with the TensorRT Python API,
+and loads an engine after checking its sidecar against the running TensorRT and GPU.
+
+Written against the Python API documented for both TensorRT 10.x (JetPack 6 ships 10.3) and
+11.x (none of it is on 11.x's removed-API list): `Logger`, `Builder`, `create_network(flags)`,
+`INetworkDefinition.num_layers/get_layer`, `ILayer.name`,
+`OnnxParser.parse/num_errors/get_error` (errors give `desc()`, `node()`, `node_name()`,
+`node_operator()`), `create_builder_config`,
+`set_memory_pool_limit(MemoryPoolType.WORKSPACE, n)`, `set_flag(BuilderFlag.X)`,
+`create_optimization_profile`/`set_shape`/`add_optimization_profile`, `create_timing_cache`/
+`set_timing_cache`/`ITimingCache.serialize`, `hardware_compatibility_level`,
+`default_device_type`, `DLA_core`, `can_run_on_DLA(layer)`, `profiling_verbosity`,
+`build_serialized_network`, `Runtime.deserialize_cuda_engine`, `Runtime.DLA_core`,
+`Runtime.engine_host_code_allowed`, `ICudaEngine.create_engine_inspector` and
+`EngineInspector.get_engine_information(LayerInformationFormat.JSON)`.
+
+Where 10.x and 11.x differ:
+- network flags: 10.x needs `NetworkDefinitionCreationFlag.STRONGLY_TYPED`; 11.x always builds
+  strongly typed (the flag is deprecated and ignored, `EXPLICIT_BATCH` is removed). The plan
+  carries the flags for the running major version (`export.build_engine.network_flags`).
+- `BuilderFlag.FP16/INT8`, calibrators and `platform_has_fast_fp16` are gone in 11.x (deprecated
+  in 10.x): never used here.
+- the inspector's JSON lists I/O tensors as `Bindings` (10.x) or `I/O Tensors` (11.x); only its
+  `Layers` list is read.
+- DLA: TensorRT 11.0-11.3 has none; 11.4.1 brings it back on Jetson AGX Orin (JetPack >= 7.2.2).
+
+Nothing here can run without TensorRT and a GPU; the logic around it is tested in pure Python.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scan_deploy.errors import UserError
+
+if TYPE_CHECKING:
+    from scan_deploy.bundle import Bundle
+    from scan_deploy.export.build_engine import BuildPlan
+
+INSTALL_HINT = (
+    "TensorRT is not installed: on x86_64 or SBSA run `pip install tensorrt` (NVIDIA's "
+    "CUDA 12/13 wheels, tensorrt-cu12 / tensorrt-cu13); on Jetson install JetPack's "
+    "python3-libnvinfer (nvidia-tensorrt) apt package"
+)
+
+
+def import_tensorrt() -> Any:
+    """The `tensorrt` module, or a one-line UserError telling how to install it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return tensorrt
+
+
+def version() -> str:
+    return import_tensorrt().__version__
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    data: bytes
+    timing_cache: bytes | None
+    placement: dict[str, list] | None  # DLA runs only: layers on the DLA and on the GPU
+
+
+def build_engine(plan: BuildPlan, timing_cache: bytes | None = None) -> BuiltEngine:
+    """Parse the plan's ONNX graph and build a serialized engine as the plan says.
+    `timing_cache` (a serialized cache, b"" or None) is used and returned updated."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    for name in plan.network_flags:
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(plan.source.read_bytes()):
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        raise UserError(parser_report(plan.source, errors))
+    config = builder.create_builder_config()
+    if plan.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if plan.hardware_compatibility_level is not None:
+        config.hardware_compatibility_level = getattr(
+            trt.HardwareCompatibilityLevel, plan.hardware_compatibility_level
+        )
+    config.default_device_type = getattr(trt.DeviceType, plan.default_device)
+    if plan.dla_core is not None:
+        config.DLA_core = plan.dla_core
+    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, plan.profiling_verbosity)
+    for profile in plan.profiles:
+        trt_profile = builder.create_optimization_profile()
+        for name, shapes in profile.inputs.items():
+            trt_profile.set_shape(name, shapes.min, shapes.opt, shapes.max)
+        if config.add_optimization_profile(trt_profile) < 0:
+            raise UserError(
+                f"{plan.source}: TensorRT refused the optimization profile with min shapes "
+                f"{profile.trtexec('min')}, opt {profile.trtexec('opt')}, max "
+                f"{profile.trtexec('max')}"
+            )
+    cache = None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache)
+        if cache is None or not config.set_timing_cache(cache, False):
+            raise UserError(
+                f"{plan.timing_cache}: the timing cache is from another device or TensorRT "
+                "version (delete it or pass another --timing-cache)"
+            )
+    placement = None
+    if plan.dla_core is not None:
+        layers = [network.get_layer(i) for i in range(network.num_layers)]
+        placement = dla_placement(
+            [layer.name for layer in layers], [config.can_run_on_DLA(layer) for layer in layers]
+        )
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise UserError(
+            f"{plan.source}: TensorRT could not build the {plan.graph} engine "
+            "(its log above says why)"
+        )
+    data = bytes(serialized)
+    if placement is not None:
+        runtime = trt.Runtime(logger)
+        runtime.DLA_core = plan.dla_core
+        engine = runtime.deserialize_cuda_engine(data)
+        info = engine.create_engine_inspector().get_engine_information(
+            trt.LayerInformationFormat.JSON
+        )
+        placement["engine_layers"] = inspector_layers(info)
+    return BuiltEngine(data, None if cache is None else bytes(cache.serialize()), placement)
+
+
+def parser_report(source: Path, errors: list[Any]) -> str:
+    """One line per ONNX parser error: `FILE: node N (NAME, OP): DESCRIPTION`."""
+    lines = []
+    for error in errors:
+        where = f"node {error.node()}"
+        name, op = error.node_name(), error.node_operator()
+        if name or op:
+            where += f" ({', '.join(x for x in (name, op) if x)})"
+        lines.append(f"{source}: TensorRT ONNX parser: {where}: {error.desc()}")
+    return "\n".join(lines) or f"{source}: TensorRT ONNX parser failed without an error message"
+
+
+def dla_placement(names: list[str], on_dla: list[bool]) -> dict[str, list]:
+    """Which network layers `IBuilderConfig.can_run_on_DLA` accepts; the others fall back to
+    the GPU (GPU_FALLBACK)."""
+    return {
+        "layers_on_dla": [n for n, ok in zip(names, on_dla, strict=True) if ok],
+        "layers_on_gpu": [n for n, ok in zip(names, on_dla, strict=True) if not ok],
+    }
+
+
+def inspector_layers(info: str) -> list[dict[str, str]]:
+    """Name and type of every engine layer from `get_engine_information(JSON)`: what the engine
+    runs after fusion (DLA subgraphs appear as fused `{ForeignNode[...]}` layers in TensorRT's
+    layer reports, NVIDIA/TensorRT#3143). Layers are plain names at
+    `ProfilingVerbosity.LAYER_NAMES_ONLY` and objects at `DETAILED`."""
+    layers = []
+    for layer in json.loads(info).get("Layers", []):
+        if isinstance(layer, dict):
+            layers.append({"name": layer.get("Name", ""), "type": layer.get("LayerType", "")})
+        else:
+            layers.append({"name": str(layer), "type": ""})
+    return layers
+
+
+def load_engine(path: str | Path, bundle: Bundle, precision: str | None = None) -> Any:
+    """Deserialize an engine after checking it against its sidecar, the bundle, the running
+    TensorRT and the current GPU (a stale engine is refused with its rebuild command)."""
+    from scan_deploy.cuda_device import current_device
+    from scan_deploy.engine_sidecar import (
+        check_engine_file,
+        check_sidecar,
+        read_sidecar,
+        sidecar_path,
+    )
+
+    path = Path(path)
+    sidecar = read_sidecar(sidecar_path(path))
+    trt = import_tensorrt()
+    check_sidecar(
+        sidecar,
+        path,
+        bundle,
+        backend="tensorrt",
+        backend_version=trt.__version__,
+        device=current_device(),
+        precision=precision,
+    )
+    check_engine_file(path, sidecar)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    build = sidecar["build"]
+    if build.get("dla_core") is not None:
+        runtime.DLA_core = build["dla_core"]
+    if build.get("version_compatible") and not build.get("exclude_lean_runtime"):
+        # The plan embeds a lean runtime: host code TensorRT must be allowed to load.
+        runtime.engine_host_code_allowed = True
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise UserError(f"{path}: TensorRT could not deserialize the engine (its log says why)")
+    return engine
