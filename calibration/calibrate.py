@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
@@ -27,7 +27,13 @@ from scan_deploy.calibration.gates import (
     run_gate,
     worst_delta,
 )
-from scan_deploy.calibration.search import Unit, choose_kept, fp16_units, int8_units
+from scan_deploy.calibration.search import (
+    Measurement,
+    Unit,
+    choose_kept,
+    fp16_units,
+    int8_units,
+)
 from scan_deploy.export.compare import check_same_model
 from scan_deploy.export.graph_builder import describe_value
 from scan_deploy.export.verify import session
@@ -40,7 +46,6 @@ from scan_deploy.evaluate import split_similarities
 from scan_deploy.metrics import recall_metrics
 from scan_deploy.precomp import PrecompSplit
 
-PROBE_IMAGES = 64  # images of the sample whose similarity error ranks the units
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -75,27 +80,19 @@ def calibrate_bundle(
     report_progress = progress or (lambda stage, done, total: None)
     fp32 = {name: _named_nodes(onnx.load(str(bundle.graph_path(name)))) for name in GRAPHS}
     sample = sample_split(calibration_split, settings.samples, settings.seed)
-    probe = PrecompSplit(
-        sample.images[:PROBE_IMAGES],
-        sample.captions[: PROBE_IMAGES * sample.captions_per_image],
-        sample.captions_per_image,
-    )
     report_progress("reference on the calibration sample", 0, 1)
     sample_reference = split_similarities(checkpoint, sample)
-    probe_reference = split_similarities(checkpoint, probe)
     sample_metrics = recall_metrics(sample_reference, sample.captions_per_image)
     build, units = _builder(bundle, fp32, sample, calibration_split, settings)
 
-    def sample_delta(graphs) -> float:
+    def measure(graphs) -> Measurement:
         sims = pipeline_similarities(bundle, graphs, sample, settings.threads)
-        return worst_delta(sample_metrics, sims, sample.captions_per_image)
-
-    def probe_error(graphs) -> float:
-        sims = pipeline_similarities(bundle, graphs, probe, settings.threads)
-        return float(np.abs(sims - probe_reference).max()) if np.isfinite(sims).all() else np.inf
+        worst = worst_delta(sample_metrics, sims, sample.captions_per_image)
+        error = float(np.abs(sims - sample_reference).max()) if np.isfinite(worst) else np.inf
+        return Measurement(worst, error)
 
     report_progress("precision search", 0, 1)
-    decision = choose_kept(units, build, sample_delta, probe_error, TARGETS[settings.precision])
+    decision = choose_kept(units, build, measure, TARGETS[settings.precision])
     variant = build(decision.kept)
     report_progress("reference on the evaluation split", 0, 1)
     eval_reference = split_similarities(checkpoint, eval_split)
@@ -110,7 +107,7 @@ def calibrate_bundle(
         settings.threads,
         lambda n: report_progress("gate", n, eval_split.num_captions),
     )
-    gate["blame_ops"] = _blame_ops(gate, decision, units)
+    gate["suspect_ops"] = _suspects(gate, decision)
     record = {
         "kept_higher_precision": decision.kept_report(),
         "search": decision.steps,
@@ -124,7 +121,8 @@ def calibrate_bundle(
         "gate": gate,
         "accepted_loss": not gate["passed"],
     }
-    written = gate["passed"] or settings.accept_loss
+    record["refused"] = _refusal(gate, decision, units, settings)
+    written = record["refused"] is None
     if written:
         _write_variant(bundle, settings.precision, variant, record)
     return {**record, "written": written}
@@ -205,19 +203,30 @@ def _named_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _blame_ops(gate: dict, decision, units: list[Unit]) -> list[dict]:
-    """The units left in low precision, ranked by their measured probe error (the search ranks
-    every unit only when the sample missed the target; otherwise this list is empty)."""
+def _refusal(gate: dict, decision, units: list[Unit], settings: CalibrationSettings) -> str | None:
+    """Why the variant is not written, or None."""
+    if units and len(decision.kept) == len(units):
+        return (
+            f"every candidate had to stay in higher precision to meet the target: the "
+            f"{settings.precision} variant would be FP32"
+        )
+    if not gate["passed"] and not settings.accept_loss:
+        return (
+            f"worst |ΔR@K| {gate['worst_delta_recall']:.2f} misses the "
+            f"{TARGETS[settings.precision]} target (pass --accept-loss to write it anyway)"
+        )
+    return None
+
+
+def _suspects(gate: dict, decision) -> list[dict]:
+    """When the gate fails: the units left in low precision that hurt the sample most alone
+    (measured only when the sample itself missed the target)."""
     if gate["passed"]:
         return []
-    kept = set(decision.kept)
+    low = [u for u in decision.sensitivity if u not in decision.kept]
+    ranked = sorted(low, key=decision.sensitivity.__getitem__, reverse=True)
     return [
-        {"graph": u.graph, "op": u.label, "probe_similarity_error": decision.sensitivity.get(u)}
-        for u in sorted(
-            (u for u in units if u not in kept),
-            key=lambda u: decision.sensitivity.get(u, 0.0),
-            reverse=True,
-        )[:5]
+        {"graph": u.graph, "op": u.label, **asdict(decision.sensitivity[u])} for u in ranked[:5]
     ]
 
 

@@ -14,9 +14,11 @@ calibration.
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 from collections.abc import Collection
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import onnx
@@ -56,8 +58,11 @@ def quantize(
     quant_logger = logging.getLogger()
     level = quant_logger.level
     quant_logger.setLevel(logging.ERROR)  # ORT logs every node it leaves alone at INFO
-    try:
-        with tempfile.TemporaryDirectory(prefix="scan-int8-") as tmp:
+    try:  # ... and prints calibration progress to stdout, which `--json` output owns
+        with (
+            tempfile.TemporaryDirectory(prefix="scan-int8-") as tmp,
+            redirect_stdout(io.StringIO()),
+        ):
             source, output = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             onnx.save_model(model, str(source))  # ORT mishandles an in-memory model's weights
             quantize_static(

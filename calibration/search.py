@@ -1,17 +1,17 @@
 """Which nodes must stay in higher precision: decided by measurement, not by a fixed list.
 
 Start with every candidate unit in low precision. If the calibration sample's worst |ΔR@K|
-exceeds the target (or an output is not finite), measure each unit's own harm (the similarity
-error when it alone is in low precision, on a small probe set), then move units back to higher
-precision, the most harmful first, until the sample meets the target. A unit is an operator type
-of one graph for FP16 (norms, softmax, reductions behave alike) and a single node for INT8 (few
-MatMuls, each with its own activation range).
+exceeds the target (or an output is not finite), measure each unit's own harm on the sample (the
+worst |ΔR@K|, then the similarity error, when it alone is in low precision), then move units back
+to higher precision, the most harmful first, until the sample meets the target. A unit is an
+operator type of one graph for FP16 (norms, softmax, reductions behave alike) and a single node
+for INT8 (few MatMuls, each with its own activation range).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import onnx
 from scan_deploy.calibration.fp16 import float_nodes
@@ -27,11 +27,19 @@ class Unit:
     nodes: tuple[str, ...]
 
 
+@dataclass(frozen=True, order=True)
+class Measurement:
+    """A variant on the calibration sample, against the FP32 reference (inf when not finite)."""
+
+    worst_delta_recall: float
+    similarity_error: float
+
+
 @dataclass
 class Decision:
     kept: list[Unit]  # units left in higher precision, in the order they were moved back
-    sensitivity: dict[Unit, float] = field(default_factory=dict)  # probe error, unit alone low
-    steps: list[dict] = field(default_factory=list)  # worst |ΔR@K| after each move
+    sensitivity: dict[Unit, Measurement] = field(default_factory=dict)  # with the unit alone low
+    steps: list[dict] = field(default_factory=list)  # the sample after each move
 
     def kept_report(self) -> list[dict]:
         return [
@@ -39,7 +47,7 @@ class Decision:
                 "graph": u.graph,
                 "op": u.label,
                 "nodes": list(u.nodes),
-                "probe_similarity_error": self.sensitivity.get(u),
+                "alone": asdict(self.sensitivity[u]) if u in self.sensitivity else None,
             }
             for u in self.kept
         ]
@@ -66,24 +74,22 @@ def int8_units(graphs: Graphs) -> list[Unit]:
 def choose_kept(
     units: list[Unit],
     build: Callable[[list[Unit]], Graphs],
-    worst_delta: Callable[[Graphs], float],
-    probe_error: Callable[[Graphs], float],
+    measure: Callable[[Graphs], Measurement],
     target: float,
 ) -> Decision:
-    """`build(kept)` makes the graphs with `kept` units in higher precision; `worst_delta` gives
-    the sample's worst |ΔR@K| (inf when not finite); `probe_error` the probe similarity error."""
+    """`build(kept)` makes the graphs with the `kept` units in higher precision; `measure` runs
+    them on the calibration sample."""
     decision = Decision(kept=[])
-    worst = worst_delta(build([]))
-    decision.steps.append({"kept": [], "worst_delta_recall": worst})
-    if worst <= target:
+    current = measure(build([]))
+    decision.steps.append({"kept": None, **asdict(current)})
+    if current.worst_delta_recall <= target:
         return decision
     for unit in units:
-        decision.sensitivity[unit] = probe_error(build([u for u in units if u != unit]))
-    ranked = sorted(units, key=lambda u: decision.sensitivity[u], reverse=True)
-    for unit in ranked:
+        decision.sensitivity[unit] = measure(build([u for u in units if u != unit]))
+    for unit in sorted(units, key=decision.sensitivity.__getitem__, reverse=True):
         decision.kept.append(unit)
-        worst = worst_delta(build(decision.kept))
-        decision.steps.append({"kept": f"{unit.graph}:{unit.label}", "worst_delta_recall": worst})
-        if worst <= target:
+        current = measure(build(decision.kept))
+        decision.steps.append({"kept": f"{unit.graph}:{unit.label}", **asdict(current)})
+        if current.worst_delta_recall <= target:
             break
     return decision

@@ -346,6 +346,124 @@ def compare(
 
 
 @app.command()
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
+    data: Annotated[Path, typer.Option(help="Precomp data folder.")],
+    precision: Annotated[str, typer.Option(help="fp16 or int8.")] = "int8",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="FP32 reference checkpoint (default: the one the bundle came from)."),
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="Split the calibration sample is drawn from.")
+    ] = "train",
+    samples: Annotated[int, typer.Option(help="Images in the calibration sample.")] = 256,
+    method: Annotated[str, typer.Option(help="INT8 ranges: max, entropy or percentile.")] = "max",
+    eval_split: Annotated[str, typer.Option(help="Split the accuracy gate runs on.")] = "test",
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = 0,
+    accept_loss: Annotated[
+        bool, typer.Option(help="Write the variant even when it misses its accuracy target.")
+    ] = False,
+    vocab: Annotated[
+        Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """FP16 or INT8 (Q/DQ) graphs from calibration data, gated against the FP32 PyTorch reference:
+    |ΔRecall@K| <= 0.3 (fp16) / 1.0 (int8) points on the evaluation split. A variant that misses
+    its target is not written (exit 1) unless --accept-loss."""
+    from scan_deploy.bundle import load_bundle
+    from scan_deploy.calibration.calibrate import CalibrationSettings, calibrate_bundle
+    from scan_deploy.checkpoint import load_checkpoint
+    from scan_deploy.precomp import check_feature_dim, load_split
+    from scan_deploy.progress import progress_bar
+
+    settings = CalibrationSettings(precision, method, samples, seed, split, accept_loss, threads)
+    loaded = load_bundle(bundle)
+    source = checkpoint or loaded.manifest.get("source", {}).get("checkpoint")
+    if source is None or not Path(source).exists():
+        raise UserError(f"{bundle}: the source checkpoint {source} is not here: pass --checkpoint")
+    ckpt = load_checkpoint(Path(source), vocab)
+    calibration_split, evaluation_split = load_split(data, split), load_split(data, eval_split)
+    for data_split in (calibration_split, evaluation_split):
+        check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
+    with progress_bar(err_console, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.advance(tasks[stage], done)
+
+        report = calibrate_bundle(
+            loaded, ckpt, calibration_split, evaluation_split, settings, on_progress
+        )
+    if as_json:
+        print(json.dumps(report))
+    else:
+        console.print(precision_tables(report, f"{bundle} {precision}"))
+    if not report["written"]:
+        raise typer.Exit(1)
+
+
+def precision_tables(report: dict, title: str):
+    """Element-wise errors per graph output, Recall@K with ΔR@K, what stayed in higher precision."""
+    from rich.console import Group
+
+    gate = report["gate"]
+    errors = Table(title=f"{title}: error vs the FP32 PyTorch reference")
+    for column in ("graph", "output", "max abs", "max rel", "cosine"):
+        errors.add_column(column, justify="left" if column in ("graph", "output") else "right")
+    for row in gate["graphs"]:
+        errors.add_row(
+            row["graph"],
+            row["output"],
+            f"{row['max_abs']:.2e}",
+            f"{row['max_rel']:.2e}",
+            f"{row['cosine']:.6f}",
+        )
+    recall = Table(title=f"Recall@K on {gate['split_images']} images")
+    for column in ("pipeline", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"):
+        recall.add_column(column, justify="right")
+    metrics = ((d, k) for d in ("i2t", "t2i") for k in (1, 5, 10))
+    for name, key in (
+        ("pytorch fp32", "reference"),
+        (f"onnxruntime {gate['precision']}", "variant"),
+    ):
+        m = gate[key]
+        recall.add_row(
+            name,
+            *(f"{m[d][f'r{k}']:.2f}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+            f"{m['rsum']:.2f}",
+        )
+    recall.add_row("Δ", *(f"{gate['delta_recall'][f'{d}_r{k}']:+.2f}" for d, k in metrics), "")
+    verdict = "PASSED" if gate["passed"] else "FAILED"
+    recall.caption = (
+        f"worst |ΔR@K| {gate['worst_delta_recall']:.2f} (target {gate['target_delta_recall']}): "
+        f"{verdict}; similarity max abs {gate['similarity_max_abs']:.2e}; "
+        f"{'written' if report['written'] else 'not written'}"
+    )
+    kept = report["kept_higher_precision"]
+    lines = [errors, recall]
+    if kept:
+        lines.append(
+            "kept in higher precision: "
+            + ", ".join(f"{k['graph']}:{k['op']} ({len(k['nodes'])} nodes)" for k in kept)
+        )
+    for blame in gate["blame"]:
+        lines.append(
+            f"blame: {blame['graph']} alone in {gate['precision']}: "
+            f"worst |ΔR@K| {blame['worst_delta_recall']:.2f}"
+        )
+    for op in gate.get("blame_ops", []):
+        lines.append(
+            f"suspect op: {op['graph']}:{op['op']} (probe error {op['probe_similarity_error']:.2e})"
+        )
+    return Group(*lines)
+
+
+@app.command()
 def check(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
     target: Annotated[str, typer.Option(help="Deployment target to lint for.")] = "tensorrt",
@@ -377,6 +495,96 @@ def check(
         console.print(table if findings else f"{bundle}: no findings, ready for TensorRT")
     if errors:
         raise typer.Exit(1)
+
+
+@app.command("build-engine")
+def build_engine_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
+    backend: Annotated[str, typer.Option(help="tensorrt or onnxruntime.")] = "tensorrt",
+    precision: Annotated[str, typer.Option(help="Graph precision: fp32, fp16 or int8.")] = "fp32",
+    graph: Annotated[
+        list[str] | None, typer.Option(help="Graph to build (repeat; default: all three).")
+    ] = None,
+    provider: Annotated[
+        str, typer.Option(help="ONNX Runtime execution provider: cpu, cuda or tensorrt.")
+    ] = "cpu",
+    min_shapes: Annotated[
+        list[str] | None,
+        typer.Option("--min-shapes", help="trtexec syntax name:1x5x8,... (repeat per profile)."),
+    ] = None,
+    opt_shapes: Annotated[
+        list[str] | None, typer.Option("--opt-shapes", help="As --min-shapes, optimal shapes.")
+    ] = None,
+    max_shapes: Annotated[
+        list[str] | None, typer.Option("--max-shapes", help="As --min-shapes, largest shapes.")
+    ] = None,
+    workspace: Annotated[
+        int | None, typer.Option(min=1, help="TensorRT workspace memory pool limit in MiB.")
+    ] = None,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="TensorRT timing cache, read if present, then updated.")
+    ] = None,
+    dla_core: Annotated[
+        int | None, typer.Option(min=0, help="Build for this DLA core (GPU fallback, static).")
+    ] = None,
+    hardware_compat: Annotated[
+        bool, typer.Option(help="Engine runs on any Ampere or newer GPU (AMPERE_PLUS).")
+    ] = False,
+    version_compatible: Annotated[
+        bool, typer.Option(help="Engine runs on later TensorRT versions (embeds a lean runtime).")
+    ] = False,
+    exclude_lean_runtime: Annotated[
+        bool, typer.Option(help="With --version-compatible: do not embed the lean runtime.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Build TensorRT engines or ONNX Runtime optimized models from a bundle's graphs, each with
+    a JSON sidecar under BUNDLE/engines/ (backend version, device, profiles, source sha256)."""
+    from scan_deploy.bundle import GRAPHS, load_bundle
+    from scan_deploy.export.build_engine import BuildOptions, build_engines
+    from scan_deploy.export.engine_profiles import format_shape
+
+    options = BuildOptions(
+        backend=backend,
+        precision=precision,
+        graphs=tuple(graph or GRAPHS),
+        provider=provider,
+        min_shapes=tuple(min_shapes or ()),
+        opt_shapes=tuple(opt_shapes or ()),
+        max_shapes=tuple(max_shapes or ()),
+        workspace_mib=workspace,
+        timing_cache=timing_cache,
+        dla_core=dla_core,
+        hardware_compat=hardware_compat,
+        version_compatible=version_compatible,
+        exclude_lean_runtime=exclude_lean_runtime,
+    )
+    loaded = load_bundle(bundle)
+    with console.status(f"building {backend} engines"):
+        rows = build_engines(loaded, options)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"{bundle}: engines")
+    for column in ("graph", "precision", "backend", "file", "size", "profile"):
+        table.add_column(column)
+    for row in rows:
+        profile = "; ".join(
+            f"{name} {format_shape(r['min'])}..{format_shape(r['max'])}"
+            for p in row["profiles"]
+            for name, r in p.items()
+            if r["min"] != r["max"]
+        )
+        version = f"{row['backend']} {row['backend_version']}"
+        table.add_row(
+            row["graph"],
+            row["precision"],
+            version + (f" ({row['provider']})" if row["provider"] else ""),
+            Path(row["file"]).name,
+            f"{row['size'] / 1024:.1f} KiB",
+            profile or ("static" if row["profiles"] else "dynamic (ONNX Runtime)"),
+        )
+    console.print(table)
 
 
 def main() -> None:

@@ -1,0 +1,153 @@
+"""`calibrate_bundle` end to end on a small trained model: gates met on the synthetic benchmark,
+variants written and hashed, calibration cached, refusals that write nothing."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from scan_deploy.calibration import calibrate as calibrate_module
+from scan_deploy.calibration.calibrate import CalibrationSettings, calibrate_bundle
+from scan_deploy.calibration.data import sample_split
+from scan_deploy.export.lint import lint_bundle
+
+from scan_deploy.bundle import GRAPHS, MANIFEST, load_bundle
+from scan_deploy.checkpoint import load_checkpoint
+from scan_deploy.errors import UserError
+from scan_deploy.precomp import load_split
+
+SAMPLES = 200
+
+
+@pytest.fixture
+def setup(trained, tmp_path):
+    """A private copy of the trained bundle, its checkpoint and the train/test splits."""
+    data, checkpoint, bundle = trained
+    shutil.copytree(bundle, tmp_path / "bundle")
+    splits = load_split(data, "train"), load_split(data, "test")
+    return load_bundle(tmp_path / "bundle"), load_checkpoint(checkpoint), *splits
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_variant_meets_its_target_and_is_recorded(setup, precision):
+    bundle, checkpoint, train, test = setup
+    report = calibrate_bundle(
+        bundle, checkpoint, train, test, CalibrationSettings(precision, samples=SAMPLES)
+    )
+    gate = report["gate"]
+    assert report["written"] and report["refused"] is None
+    assert gate["passed"] and gate["worst_delta_recall"] <= {"fp16": 0.3, "int8": 1.0}[precision]
+    assert gate["reference"]["t2i"]["r10"] > 8.0  # chance is 2.5: precision losses can show
+    errors = {(g["graph"], g["output"]): g for g in gate["graphs"]}
+    assert errors["scorer", "similarity"]["cosine"] > 0.999
+    assert errors["image_encoder", "regions"]["max_abs"] < {"fp16": 1e-2, "int8": 0.1}[precision]
+    reloaded = load_bundle(bundle.path)  # checks every variant file against its sha256
+    assert reloaded.precisions() == ["fp32", precision]
+    for name in GRAPHS:
+        assert reloaded.graph_path(name, precision).name == f"{name}.{precision}.onnx"
+    assert lint_bundle(reloaded) == []
+    variant = reloaded.manifest["variants"][precision]
+    assert variant["calibration"]["samples"] == SAMPLES
+    assert variant["gate"]["delta_recall"] == gate["delta_recall"]
+
+
+def test_int8_calibration_is_cached(setup, monkeypatch):
+    bundle, checkpoint, train, test = setup
+    settings = CalibrationSettings("int8", samples=SAMPLES)
+    calibrate_bundle(bundle, checkpoint, train, test, settings)
+    caches = sorted((bundle.path / "calibration").iterdir())
+    assert [c.name.split(".")[:2] for c in caches] == [
+        ["image_encoder", "max"],
+        ["scorer", "max"],
+        ["text_encoder", "max"],
+    ]
+    first = (bundle.path / "scorer.int8.onnx").read_bytes()
+
+    def no_feeds(*args, **kwargs):
+        raise AssertionError("calibration data read again despite the cache")
+
+    monkeypatch.setattr(calibrate_module, "image_feeds", no_feeds)
+    calibrate_bundle(load_bundle(bundle.path), checkpoint, train, test, settings)
+    assert sorted((bundle.path / "calibration").iterdir()) == caches
+    assert (bundle.path / "scorer.int8.onnx").read_bytes() == first
+    other_seed = CalibrationSettings("int8", samples=SAMPLES, seed=1)
+    with pytest.raises(AssertionError, match="read again"):
+        calibrate_bundle(load_bundle(bundle.path), checkpoint, train, test, other_seed)
+
+
+def test_missed_target_writes_nothing_unless_loss_accepted(setup, monkeypatch):
+    bundle, checkpoint, train, test = setup
+    test = sample_split(test, 100, seed=0)  # refusals need no large gate
+    before = (bundle.path / MANIFEST).read_bytes()
+    monkeypatch.setitem(calibrate_module.TARGETS, "int8", 0.0)
+    monkeypatch.setattr(calibrate_module, "choose_kept", _keep_nothing)
+    settings = CalibrationSettings("int8", samples=50)
+    report = calibrate_bundle(bundle, checkpoint, train, test, settings)
+    if report["gate"]["passed"]:
+        pytest.skip("INT8 happened to reproduce every rank exactly")
+    assert not report["written"] and "misses the 0.0 target" in report["refused"]
+    assert {b["graph"] for b in report["gate"]["blame"]} == set(GRAPHS)
+    assert (bundle.path / MANIFEST).read_bytes() == before
+    assert not list(bundle.path.glob("*.int8.onnx"))
+    accepted = CalibrationSettings("int8", samples=50, accept_loss=True)
+    report = calibrate_bundle(load_bundle(bundle.path), checkpoint, train, test, accepted)
+    assert report["written"]
+    manifest = json.loads((bundle.path / MANIFEST).read_text())
+    assert manifest["variants"]["int8"]["accepted_loss"] is True
+
+
+def test_variant_that_keeps_everything_is_refused(setup, monkeypatch):
+    bundle, checkpoint, train, test = setup
+    test = sample_split(test, 100, seed=0)
+    monkeypatch.setitem(calibrate_module.TARGETS, "int8", -1.0)  # nothing can meet it
+    settings = CalibrationSettings("int8", samples=50, accept_loss=True)
+    report = calibrate_bundle(bundle, checkpoint, train, test, settings)
+    assert len(report["kept_higher_precision"]) == 5  # every MatMul was moved back to float
+    assert not report["written"] and "would be FP32" in report["refused"]
+    assert "variants" not in load_bundle(bundle.path).manifest
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(UserError, match="--precision: got 'int4'"):
+        CalibrationSettings("int4")
+    with pytest.raises(UserError, match="--method: got 'mse'"):
+        CalibrationSettings("int8", method="mse")
+
+
+def _keep_nothing(units, build, measure, target):
+    from scan_deploy.calibration.search import Decision
+
+    return Decision(kept=[])
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "scan_deploy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_calibrate_command(trained, tmp_path):
+    data, checkpoint, bundle = trained
+    shutil.copytree(bundle, tmp_path / "bundle")
+    out = _cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "fp16",
+               "--samples", 50, "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)  # the checkpoint defaults to the bundle's source
+    assert report["written"] and report["gate"]["split_images"] == 400
+    table = _cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int8",
+                 "--checkpoint", checkpoint, "--samples", 50)  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "error vs the FP32 PyTorch reference" in table.stdout and "PASSED" in table.stdout
+    assert load_bundle(tmp_path / "bundle").precisions() == ["fp32", "fp16", "int8"]
+    bad = _cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int4")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: --precision: got 'int4', expected fp16 or int8"
+    ]
+    missing = _cli("calibrate", tmp_path / "bundle", "--data", data,
+                   "--checkpoint", tmp_path / "nothing")  # fmt: skip
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
