@@ -233,7 +233,8 @@ def similarity_matrix(
     num_images, num_regions, _ = regions.shape
     lengths = lengths.to(torch.long)
     order = torch.argsort(lengths, descending=True, stable=True)
-    out = torch.empty(num_images, words.shape[0], dtype=regions.dtype, device=regions.device)
+    dtype = torch.promote_types(regions.dtype, words.dtype)  # autocast mixes them
+    out = torch.empty(num_images, words.shape[0], dtype=dtype, device=regions.device)
     caption_chunk = max(1, min(words.shape[0], CAPTION_CHUNK))
     chunks = []
     for start in range(0, words.shape[0], caption_chunk):
@@ -244,7 +245,7 @@ def similarity_matrix(
     for first in range(0, num_images, step):
         images = ImageSide.prepare(regions[first : first + step], config)
         for idx, captions in chunks:
-            out[first : first + step, idx] = score_sides(images, captions, config)
+            out[first : first + step, idx] = score_sides(images, captions, config).to(dtype)
         if progress is not None:
             progress(images.regions.shape[0])
     return out
