@@ -34,7 +34,10 @@ demo: install
 	$(CLI) evaluate $(DEMO)/run/model_best --data $(DEMO)/data --split test
 	$(CLI) export $(DEMO)/run/model_best --out $(DEMO)/bundle
 	$(CLI) compare $(DEMO)/bundle $(DEMO)/run/model_best --data $(DEMO)/data --split test
+	$(CLI) calibrate $(DEMO)/bundle --data $(DEMO)/data --precision fp16
+	$(CLI) calibrate $(DEMO)/bundle --data $(DEMO)/data --precision int8
 	$(CLI) check $(DEMO)/bundle --target tensorrt
+	$(CLI) build-engine $(DEMO)/bundle --backend onnxruntime --precision int8
 
 clean:
 	rm -rf $(DEMO)
