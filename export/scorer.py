@@ -69,7 +69,7 @@ def _attention_logits(g: GraphBuilder, config: ModelConfig, logits: str, axis: i
     if kind == "softmax":
         if valid is not None:
             logits = g.op("Where", [valid, logits, g.const(np.float32(MASKED), "masked")])
-        return g.op("Mul", [g.op("Softmax", [logits], axis=axis), g.const(scale, "lambda")])
+        return g.op("Mul", [g.softmax(logits, axis, 4), g.const(scale, "lambda")])
     if kind.startswith("clipped"):
         logits = g.op("LeakyRelu", [logits], alpha=0.1)
     if kind.endswith("l2norm") or kind.endswith("l1norm"):
@@ -113,7 +113,7 @@ def _aggregate(g: GraphBuilder, config: ModelConfig, values: str, axis: int, val
 def _t2i(g: GraphBuilder, config: ModelConfig, logits: str, words: str, valid: str) -> str:
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
     scaled = _attention_logits(g, config, logits, 3, valid4)
-    attn = g.op("Softmax", [scaled], axis=1)  # over regions
+    attn = g.softmax(scaled, 1, 4)  # over regions
     numerator = g.reduce("ReduceSum", g.op("Mul", [attn, logits]), [1], 0)  # (N, M, T)
     n_r_mt = g.op(
         "Concat", [g.slice(g.op("Shape", [attn]), 0, 2), g.const(np.array([-1], np.int64))], axis=0
@@ -131,7 +131,7 @@ def _i2t(g: GraphBuilder, config: ModelConfig, logits: str, valid: str) -> str:
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
     scaled = _attention_logits(g, config, logits, 1, None)
     masked = g.op("Where", [valid4, scaled, g.const(np.float32(MASKED), "masked")])
-    attn = g.op("Softmax", [masked], axis=3)  # over the caption's words
+    attn = g.softmax(masked, 3, 4)  # over the caption's words
     numerator = g.reduce("ReduceSum", g.op("Mul", [attn, logits]), [3], 0)  # (N, R, M)
     shape = g.op("Shape", [attn])  # N, R, M, T
     by_caption = g.op("Transpose", [attn], perm=[2, 0, 1, 3])  # (M, N, R, T)
