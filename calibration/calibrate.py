@@ -43,6 +43,7 @@ from scan_deploy.bundle import GRAPHS, MANIFEST, Bundle, sha256_file
 from scan_deploy.checkpoint import Checkpoint
 from scan_deploy.errors import UserError
 from scan_deploy.evaluate import split_similarities
+from scan_deploy.jsonfile import json_safe
 from scan_deploy.metrics import recall_metrics
 from scan_deploy.precomp import PrecompSplit
 
@@ -119,9 +120,10 @@ def calibrate_bundle(
             "quantized_ops": list(int8.QUANTIZED_OPS) if settings.precision == "int8" else None,
         },
         "gate": gate,
-        "accepted_loss": not gate["passed"],
+        "accepted_loss": not gate["passed"] and settings.accept_loss,
+        "refused": _refusal(gate, decision, units, settings),
     }
-    record["refused"] = _refusal(gate, decision, units, settings)
+    record = json_safe(record)  # non-finite measurements are recorded as null
     written = record["refused"] is None
     if written:
         _write_variant(bundle, settings.precision, variant, record)
@@ -145,11 +147,9 @@ def _builder(
             }
 
         return build_fp16, fp16_units(fp32)
+    key = _cache_key(bundle, calibration_split, settings)
     caches = {
-        name: bundle.path
-        / "calibration"
-        / f"{name}.{settings.method}.{_cache_key(model, calibration_split, settings)}.json"
-        for name, model in fp32.items()
+        name: bundle.path / "calibration" / f"{name}.{settings.method}.{key}.json" for name in fp32
     }
     if not all(path.is_file() for path in caches.values()):
         sessions = {name: session(model, settings.threads) for name, model in fp32.items()}
@@ -178,12 +178,13 @@ def _builder(
     return build_int8, int8_units(fp32)
 
 
-def _cache_key(model: onnx.ModelProto, split: PrecompSplit, settings: CalibrationSettings) -> str:
-    """Graph bytes, the data file's identity, and the sample settings."""
+def _cache_key(bundle: Bundle, split: PrecompSplit, settings: CalibrationSettings) -> str:
+    """The FP32 graphs (the scorer is calibrated on the encoders' outputs), the data file's
+    identity, and the sample settings."""
     source = split.features_path
     stat = source.stat() if source is not None and source.exists() else None
     identity = {
-        "graph": hashlib.sha256(model.SerializeToString()).hexdigest(),
+        "graphs": {name: bundle.graph(name)["sha256"] for name in GRAPHS},
         "features": str(source.resolve()) if source else None,
         "size": stat.st_size if stat else None,
         "mtime_ns": stat.st_mtime_ns if stat else None,
@@ -233,7 +234,13 @@ def _suspects(gate: dict, decision) -> list[dict]:
 def _write_variant(
     bundle: Bundle, precision: str, graphs: dict[str, onnx.ModelProto], record: dict
 ) -> None:
-    """Graph files first (each atomically), then the manifest that names them."""
+    """The manifest first forgets the old variant, then the graph files are replaced (each
+    atomically), then the manifest names the new ones: a crash in between leaves a bundle that
+    loads (without this variant), never one whose hashes do not match."""
+    manifest = dict(bundle.manifest)
+    variants = {k: v for k, v in manifest.get("variants", {}).items() if k != precision}
+    if precision in manifest.get("variants", {}):
+        write_json(bundle.path / MANIFEST, {**manifest, "variants": variants})
     entries = {}
     for name, model in graphs.items():
         target = bundle.path / f"{name}.{precision}.onnx"
@@ -246,9 +253,5 @@ def _write_variant(
             "inputs": [describe_value(v) for v in model.graph.input],
             "outputs": [describe_value(v) for v in model.graph.output],
         }
-    manifest = dict(bundle.manifest)
-    manifest["variants"] = {
-        **manifest.get("variants", {}),
-        precision: {"graphs": entries, **record},
-    }
-    write_json(bundle.path / MANIFEST, manifest)
+    variants[precision] = {"graphs": entries, **record}
+    write_json(bundle.path / MANIFEST, {**manifest, "variants": variants})

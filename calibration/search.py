@@ -53,12 +53,31 @@ class Decision:
         ]
 
 
+# Operators that move or select values without arithmetic: keeping them in FP32 cannot win back
+# precision, so they follow their inputs and are not searched.
+DATA_MOVEMENT = frozenset(
+    [
+        "Cast",
+        "Concat",
+        "Identity",
+        "Reshape",
+        "Shape",
+        "Slice",
+        "Squeeze",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+    ]
+)
+
+
 def fp16_units(graphs: Graphs) -> list[Unit]:
     units = []
     for name, model in graphs.items():
         by_op: dict[str, list[str]] = {}
         for node in float_nodes(model):
-            by_op.setdefault(node.op_type, []).append(node.name)
+            if node.op_type not in DATA_MOVEMENT:
+                by_op.setdefault(node.op_type, []).append(node.name)
         units += [Unit(name, op, tuple(nodes)) for op, nodes in sorted(by_op.items())]
     return units
 

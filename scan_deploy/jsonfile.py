@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +26,15 @@ def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise input_error(path, None, f"expected a JSON object ({what})")
     return data
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (inf, nan: "did not produce finite numbers") as None,
+    so that it serializes as standard JSON rather than as `Infinity`/`NaN`."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

@@ -44,9 +44,16 @@ def test_units_ranked_by_recall_harm_then_error_until_target_met():
 
 
 def test_error_breaks_ties_in_recall_harm():
-    decision, _ = _search(target=-1.0)
-    assert [u.label for u in decision.kept] == ["ReduceLogSumExp", "Softmax", "MatMul"]
-    assert sorted([Measurement(0.0, 0.3), Measurement(0.0, 0.1)]) == [
-        Measurement(0.0, 0.1),
-        Measurement(0.0, 0.3),
-    ]
+    units = [Unit("scorer", op, (op,)) for op in ("Exp", "Div", "Mul")]
+    harm = {"Exp": 1.0, "Div": 1.0, "Mul": 0.0}
+    error = {"Exp": 0.1, "Div": 0.4, "Mul": 0.9}
+
+    def build(kept):
+        return {"low": [u.label for u in units if u not in kept]}
+
+    def measure(graphs):
+        low = graphs["low"]
+        return Measurement(sum(harm[x] for x in low), sum(error[x] for x in low))
+
+    decision = choose_kept(units, build, measure, target=0.5)
+    assert [u.label for u in decision.kept] == ["Div", "Exp"]  # equal ΔR@K: larger error first
