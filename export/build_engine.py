@@ -32,7 +32,9 @@ from scan_deploy.atomic import FILE_MODE, atomic_path, write_json
 from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle, sha256_file
 from scan_deploy.cuda_device import DeviceInfo
 from scan_deploy.engine_sidecar import (
+    BACKENDS,
     ENGINES_DIR,
+    EXECUTION_PROVIDERS,
     FORMAT_VERSION,
     engine_stem,
     sidecar_path,
@@ -40,8 +42,6 @@ from scan_deploy.engine_sidecar import (
 )
 from scan_deploy.errors import UserError
 
-BACKENDS = ("tensorrt", "onnxruntime")
-PROVIDERS = ("cpu", "cuda", "tensorrt")
 MIB = 1 << 20
 
 
@@ -66,11 +66,13 @@ class BuildOptions:
     def __post_init__(self) -> None:
         _one_of("--backend", self.backend, BACKENDS)
         _one_of("--precision", self.precision, PRECISIONS)
-        _one_of("--provider", self.provider, PROVIDERS)
+        _one_of("--provider", self.provider, tuple(EXECUTION_PROVIDERS))
         if not self.graphs:
             raise UserError(f"--graph: expected one or more of {', '.join(GRAPHS)}")
-        for graph in self.graphs:
+        for k, graph in enumerate(self.graphs):
             _one_of("--graph", graph, GRAPHS)
+            if graph in self.graphs[:k]:
+                raise UserError(f"--graph: {graph} is given twice")
         tensorrt_only = {
             "--timing-cache": self.timing_cache is not None,
             "--dla-core": self.dla_core is not None,

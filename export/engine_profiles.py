@@ -1,5 +1,7 @@
 """Optimization profiles for engine builds: from the manifest's shape ranges, or trtexec-style
-`--min-shapes/--opt-shapes/--max-shapes` options (`name:1x36x256,name2:4x7`).
+`--min-shapes/--opt-shapes/--max-shapes` options (`name:1x36x256,name2:4x7`). Inputs that share
+a symbolic dim (`tokens` and `lengths` share `batch`) keep it consistent: the size an option
+gives it applies to all of them, and two options giving it different sizes are refused.
 
 Pure Python (no TensorRT): the TensorRT builder (`scan_deploy.tensorrt_api`) and ONNX Runtime's
 TensorRT execution provider (`trt_profile_*_shapes`, the same syntax) both take these profiles.
@@ -113,9 +115,11 @@ def build_profiles(
     only_known: bool = False,
 ) -> list[Profile]:
     """One profile per repetition of the shape options (as trtexec counts them), or the
-    manifest's profile when none is given. Inputs an option leaves out keep the manifest's
-    shapes; an input given only in `--opt-shapes` gets min = max = opt (trtexec's rule).
-    `only_known` skips names this graph lacks (options shared by several graphs)."""
+    manifest's profile when none is given. An input given only in `--opt-shapes` gets
+    min = max = opt (trtexec's rule). The size an option gives a symbolic dim (`batch`) applies
+    to every input sharing that dim, as min, opt and max separately; inputs an option leaves out
+    otherwise keep the manifest's shapes. `only_known` skips names this graph lacks (options
+    shared by several graphs)."""
     counts = {len(x) for x in (min_shapes, opt_shapes, max_shapes) if x}
     if len(counts) > 1:
         raise UserError(
@@ -123,7 +127,7 @@ def build_profiles(
             f"(got {len(min_shapes)}, {len(opt_shapes)} and {len(max_shapes)})"
         )
     base = manifest_profile(inputs, shape_ranges)
-    fixed = {v["name"]: [isinstance(d, int) for d in v["shape"]] for v in inputs}
+    dims = {v["name"]: list(v["shape"]) for v in inputs}
     profiles = [base]
     if counts:
         n = counts.pop()
@@ -137,7 +141,7 @@ def build_profiles(
         ]
         if only_known:
             given = [[_known(d, base) for d in per_profile] for per_profile in given]
-        profiles = [_override(base, fixed, *(g[k] for g in given)) for k in range(n)]
+        profiles = [_override(base, dims, *(g[k] for g in given)) for k in range(n)]
     return [p.static() for p in profiles] if static else profiles
 
 
@@ -149,9 +153,12 @@ def _known(shapes: dict[str, Shape], base: Profile) -> dict[str, Shape]:
     return {name: shape for name, shape in shapes.items() if name in base.inputs}
 
 
+BOUNDS = ("opt", "min", "max")  # the order errors are reported in
+
+
 def _override(
     base: Profile,
-    fixed: dict[str, list[bool]],
+    dims: dict[str, list[int | str]],
     mins: dict[str, Shape],
     opts: dict[str, Shape],
     maxs: dict[str, Shape],
@@ -162,16 +169,61 @@ def _override(
             raise UserError(
                 f"{option}: unknown input {unknown[0]!r} (inputs: {', '.join(base.inputs)})"
             )
+    # The shapes the options set, per bound: an input given only in --opt-shapes sets all three.
+    explicit: dict[str, dict[str, Shape]] = {which: {} for which in BOUNDS}
+    for name in base.inputs:
+        if name in opts and name not in mins and name not in maxs:
+            for which in BOUNDS:
+                explicit[which][name] = opts[name]
+        else:
+            for which, shapes in (("opt", opts), ("min", mins), ("max", maxs)):
+                if name in shapes:
+                    explicit[which][name] = shapes[name]
+    sizes = {which: _symbolic_sizes(which, dims, explicit[which]) for which in BOUNDS}
     result = {}
     for name, default in base.inputs.items():
-        if name in opts and name not in mins and name not in maxs:
-            lo = hi = opts[name]
-        else:
-            lo, hi = mins.get(name, default.min), maxs.get(name, default.max)
-        shapes = InputRange(lo, opts.get(name, default.opt), hi)
-        _check_range(name, fixed[name], default.opt, shapes)
+        bounds = {
+            which: explicit[which][name]
+            if name in explicit[which]
+            else _with_sizes(getattr(default, which), dims[name], sizes[which])
+            for which in BOUNDS
+        }
+        shapes = InputRange(bounds["min"], bounds["opt"], bounds["max"])
+        _check_range(name, [isinstance(d, int) for d in dims[name]], default.opt, shapes)
         result[name] = shapes
     return Profile(result)
+
+
+def _symbolic_sizes(
+    which: str, dims: dict[str, list[int | str]], shapes: dict[str, Shape]
+) -> dict[str, tuple[int, str]]:
+    """Symbolic dim -> (size, the input that set it), from the shapes given for one bound;
+    refuses two inputs giving one dim different sizes."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, shape in shapes.items():
+        if len(shape) != len(dims[name]):
+            raise UserError(
+                f"--{which}-shapes: {name}: expected {len(dims[name])} dims, "
+                f"got {format_shape(shape)}"
+            )
+        for dim, size in zip(dims[name], shape, strict=True):
+            if isinstance(dim, int):
+                continue
+            first = sizes.setdefault(dim, (size, name))
+            if first[0] != size:
+                raise UserError(
+                    f"--{which}-shapes: symbolic dim {dim!r} is {first[0]} for {first[1]} "
+                    f"but {size} for {name} (inputs sharing a dim take the same size)"
+                )
+    return sizes
+
+
+def _with_sizes(shape: Shape, dims: list[int | str], sizes: dict[str, tuple[int, str]]) -> Shape:
+    """`shape` with each symbolic dim an option sized replaced by that size."""
+    return tuple(
+        sizes[dim][0] if isinstance(dim, str) and dim in sizes else size
+        for dim, size in zip(dims, shape, strict=True)
+    )
 
 
 def _check_range(name: str, fixed: list[bool], graph: Shape, shapes: InputRange) -> None:

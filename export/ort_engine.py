@@ -37,6 +37,7 @@ from scan_deploy.export.engine_profiles import Profile
 from scan_deploy.bundle import Bundle
 from scan_deploy.cuda_device import DeviceInfo, cpu_device, current_device
 from scan_deploy.engine_sidecar import (
+    EXECUTION_PROVIDERS,
     check_engine_file,
     check_sidecar,
     engine_stem,
@@ -46,11 +47,6 @@ from scan_deploy.engine_sidecar import (
 )
 from scan_deploy.errors import UserError
 
-EXECUTION_PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
 OPTIMIZATION_LEVELS = {
     "cpu": "ORT_ENABLE_ALL",
     "cuda": "ORT_ENABLE_EXTENDED",
@@ -63,6 +59,8 @@ OPTIMIZE_WITH = {
     "tensorrt": ["CPUExecutionProvider"],
 }
 TARGETS = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "trtep"}
+# TensorRT provider options holding paths, relative to `engines/` in the sidecar.
+CACHE_PATHS = ("trt_engine_cache_path", "trt_timing_cache_path")
 
 
 def check_provider(provider: str, available: list[str] | None = None) -> str:
@@ -185,7 +183,9 @@ def load_session(
     sidecar = read_sidecar(sidecar_path(path))
     provider = sidecar.get("provider")
     if provider not in EXECUTION_PROVIDERS:
-        raise UserError(f"{sidecar_path(path)}: provider: expected one of cpu, cuda, tensorrt")
+        raise UserError(
+            f"{sidecar_path(path)}: provider: expected one of {', '.join(EXECUTION_PROVIDERS)}"
+        )
     check_provider(provider)
     check_sidecar(
         sidecar,
@@ -197,17 +197,43 @@ def load_session(
         precision=precision,
     )
     check_engine_file(path, sidecar)
-    session = sidecar["build"]["session"]
+    level, chain = _session_settings(sidecar, sidecar_path(path))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.graph_optimization_level = getattr(
-        ort.GraphOptimizationLevel, session["graph_optimization_level"]
-    )
+    options.graph_optimization_level = level
     providers = []
-    for name, provider_options in session["providers"]:
+    for name, provider_options in chain:
         resolved = dict(provider_options)
-        for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        for key in CACHE_PATHS:
             if key in resolved:
                 resolved[key] = str(path.parent / resolved[key])
         providers.append((name, resolved))
     return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _session_settings(sidecar: dict[str, Any], path: Path) -> tuple[Any, list]:
+    """The sidecar's `build.session`: the optimization level and the provider list, checked
+    (a one-line UserError naming the sidecar and the field when malformed)."""
+    session = sidecar["build"].get("session")
+    if not isinstance(session, dict):
+        raise UserError(f"{path}: build.session: expected an object")
+    name = session.get("graph_optimization_level")
+    level = getattr(ort.GraphOptimizationLevel, name, None) if isinstance(name, str) else None
+    if not isinstance(level, ort.GraphOptimizationLevel):
+        raise UserError(
+            f"{path}: build.session.graph_optimization_level: got {name!r}, expected an "
+            "ort.GraphOptimizationLevel name"
+        )
+    providers = session.get("providers")
+    if not isinstance(providers, list) or not all(
+        isinstance(p, list)
+        and len(p) == 2
+        and isinstance(p[0], str)
+        and isinstance(p[1], dict)
+        and all(isinstance(p[1].get(key, ""), str) for key in CACHE_PATHS)
+        for p in providers
+    ):
+        raise UserError(
+            f"{path}: build.session.providers: expected a list of [name, options] pairs"
+        )
+    return level, providers

@@ -408,8 +408,12 @@ def calibrate(
 
 
 def precision_tables(report: dict, title: str):
-    """Element-wise errors per graph output, Recall@K with ΔR@K, what stayed in higher precision."""
+    """Element-wise errors per graph output, Recall@K with ΔR@K, what stayed in higher precision,
+    and on failure the blame. Non-finite measurements arrive as null and print as such."""
     from rich.console import Group
+
+    def number(value, spec: str) -> str:
+        return "not finite" if value is None else format(value, spec)
 
     gate = report["gate"]
     errors = Table(title=f"{title}: error vs the FP32 PyTorch reference")
@@ -419,14 +423,14 @@ def precision_tables(report: dict, title: str):
         errors.add_row(
             row["graph"],
             row["output"],
-            f"{row['max_abs']:.2e}",
-            f"{row['max_rel']:.2e}",
-            f"{row['cosine']:.6f}",
+            number(row["max_abs"], ".2e"),
+            number(row["max_rel"], ".2e"),
+            number(row["cosine"], ".6f"),
         )
     recall = Table(title=f"Recall@K on {gate['split_images']} images")
     for column in ("pipeline", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"):
         recall.add_column(column, justify="right")
-    metrics = ((d, k) for d in ("i2t", "t2i") for k in (1, 5, 10))
+    keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     for name, key in (
         ("pytorch fp32", "reference"),
         (f"onnxruntime {gate['precision']}", "variant"),
@@ -437,15 +441,15 @@ def precision_tables(report: dict, title: str):
             *(f"{m[d][f'r{k}']:.2f}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
             f"{m['rsum']:.2f}",
         )
-    recall.add_row("Δ", *(f"{gate['delta_recall'][f'{d}_r{k}']:+.2f}" for d, k in metrics), "")
-    verdict = "PASSED" if gate["passed"] else "FAILED"
+    recall.add_row("Δ", *(f"{gate['delta_recall'][k]:+.2f}" for k in keys), "")
     recall.caption = (
-        f"worst |ΔR@K| {gate['worst_delta_recall']:.2f} (target {gate['target_delta_recall']}): "
-        f"{verdict}; similarity max abs {gate['similarity_max_abs']:.2e}; "
-        f"{'written' if report['written'] else 'not written'}"
+        f"worst |ΔR@K| {number(gate['worst_delta_recall'], '.2f')} "
+        f"(target {gate['target_delta_recall']}): {'PASSED' if gate['passed'] else 'FAILED'}; "
+        f"similarity max abs {number(gate['similarity_max_abs'], '.2e')}; "
+        f"{'written' if report['written'] else 'not written: ' + report['refused']}"
     )
-    kept = report["kept_higher_precision"]
     lines = [errors, recall]
+    kept = report["kept_higher_precision"]
     if kept:
         lines.append(
             "kept in higher precision: "
@@ -454,11 +458,12 @@ def precision_tables(report: dict, title: str):
     for blame in gate["blame"]:
         lines.append(
             f"blame: {blame['graph']} alone in {gate['precision']}: "
-            f"worst |ΔR@K| {blame['worst_delta_recall']:.2f}"
+            f"worst |ΔR@K| {number(blame['worst_delta_recall'], '.2f')}"
         )
-    for op in gate.get("blame_ops", []):
+    for op in gate["suspect_ops"]:
         lines.append(
-            f"suspect op: {op['graph']}:{op['op']} (probe error {op['probe_similarity_error']:.2e})"
+            f"suspect op: {op['graph']}:{op['op']} alone in {gate['precision']}: worst |ΔR@K| "
+            f"{number(op['worst_delta_recall'], '.2f')} on the calibration sample"
         )
     return Group(*lines)
 
@@ -531,7 +536,7 @@ def build_engine_command(
         bool, typer.Option(help="Engine runs on any Ampere or newer GPU (AMPERE_PLUS).")
     ] = False,
     version_compatible: Annotated[
-        bool, typer.Option(help="Engine runs on later TensorRT versions (embeds a lean runtime).")
+        bool, typer.Option(help="Engine runs on later TensorRT (same major, or 10 -> 11).")
     ] = False,
     exclude_lean_runtime: Annotated[
         bool, typer.Option(help="With --version-compatible: do not embed the lean runtime.")
@@ -560,7 +565,7 @@ def build_engine_command(
         exclude_lean_runtime=exclude_lean_runtime,
     )
     loaded = load_bundle(bundle)
-    with console.status(f"building {backend} engines"):
+    with err_console.status(f"building {backend} engines"):  # stderr: --json keeps stdout
         rows = build_engines(loaded, options)
     if as_json:
         print(json.dumps(rows))

@@ -2,7 +2,8 @@
 or the host CPU (its model name).
 
 The GPU is queried through cuda-python (`cuda.bindings.runtime`, whose functions return
-`(cudaError_t, value...)` tuples) or, when only that is installed, pycuda; both are imported
+`(cudaError_t, value...)` tuples) or, when only that is installed, pycuda (whose failures raise
+`pycuda.driver.Error`); either way a failed query is a one-line UserError. Both are imported
 lazily, so importing this module needs neither torch, onnx nor a GPU.
 """
 
@@ -78,12 +79,21 @@ def _cuda_call(cudart, result: tuple, what: str):
 
 
 def _pycuda_device(driver, index: int | None) -> DeviceInfo:
-    driver.init()
-    if driver.Device.count() < 1:
-        raise UserError("no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)")
-    device = driver.Device(0 if index is None else index)
-    major, minor = device.compute_capability()
-    return DeviceInfo(device.name(), f"{major}.{minor}", int(device.total_memory()))
+    """Through pycuda's driver API, whose failures raise `pycuda.driver.Error`."""
+    try:
+        driver.init()
+        count = driver.Device.count()
+        if count < 1:
+            raise UserError("no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+        index = 0 if index is None else index
+        if not 0 <= index < count:
+            raise UserError(f"CUDA device {index} does not exist ({count} visible)")
+        device = driver.Device(index)
+        major, minor = device.compute_capability()
+        return DeviceInfo(device.name(), f"{major}.{minor}", int(device.total_memory()))
+    except driver.Error as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"CUDA driver (pycuda): {message}") from None
 
 
 def decode_name(raw: bytes | str) -> str:

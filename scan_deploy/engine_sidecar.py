@@ -4,7 +4,8 @@ that refuses an engine built for another backend version, device, graph or preci
 As jetson-inference and clip_trt do, an engine's file name is keyed by graph, precision,
 backend and its version, device (compute capability, or DLA core) and a short hash of the
 source graph (`scorer.fp16.trt10.3.0.sm87.gpu.0123456789ab.engine`), and the sidecar records the
-same facts in full. A stale engine is refused with the command that rebuilds it, never run.
+same facts in full. A stale engine is refused with the command that rebuilds it, never run,
+and a malformed sidecar (a missing field, a wrong type, an unknown graph) with a one-line error.
 
 Torch-free and onnx-free: the runtime uses this module on the device.
 """
@@ -16,7 +17,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from scan_deploy.bundle import Bundle, sha256_file
+from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle, sha256_file
 from scan_deploy.cuda_device import DeviceInfo
 from scan_deploy.errors import input_error
 from scan_deploy.jsonfile import read_json_object
@@ -24,21 +25,41 @@ from scan_deploy.jsonfile import read_json_object
 FORMAT_VERSION = 1
 ENGINES_DIR = "engines"
 BACKENDS = ("tensorrt", "onnxruntime")
-REQUIRED = (
-    "format_version",
-    "backend",
-    "backend_version",
-    "device",
-    "precision",
-    "graph",
-    "profiles",
-    "source",
-    "engine",
-    "vocab",
-    "build",
+# ONNX Runtime execution providers, by the `--provider` name build-engine takes.
+EXECUTION_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+# The fields every check reads (besides format_version), parents first: (dotted name, allowed
+# types, required).
+FIELDS: tuple[tuple[str, tuple[type, ...], bool], ...] = (
+    ("backend", (str,), True),
+    ("backend_version", (str,), True),
+    ("provider", (str, type(None)), False),
+    ("device", (dict,), True),
+    ("device.name", (str,), True),
+    ("device.compute_capability", (str, type(None)), False),
+    ("precision", (str,), True),
+    ("graph", (str,), True),
+    ("profiles", (list,), True),
+    ("source", (dict,), True),
+    ("source.sha256", (str,), True),
+    ("engine", (dict,), True),
+    ("engine.sha256", (str,), True),
+    ("vocab", (dict,), True),
+    ("vocab.words_sha256", (str,), True),
+    ("build", (dict,), True),
+    ("build.cli", (list,), False),
+    ("build.dla_core", (int, type(None)), False),
+    ("build.hardware_compatibility_level", (str, type(None)), False),
 )
 # Hardware-compatibility levels this project builds, and the oldest compute capability each runs on.
 HARDWARE_COMPAT_MIN_CC = {"AMPERE_PLUS": (8, 0)}
+# Version-compatible engines run on later TensorRT of the same major, and across majors only
+# where NVIDIA's support matrix says so (built major, running major): 10 -> 11. (8.6 -> 10 is
+# supported too, but build-engine needs TensorRT 10 or newer.)
+CROSS_MAJOR = {(10, 11)}
 
 
 def engine_stem(
@@ -67,10 +88,46 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
             "format_version",
             f"got {sidecar.get('format_version')!r}, expected {FORMAT_VERSION}",
         )
-    for key in REQUIRED:
-        if key not in sidecar:
-            raise input_error(path, key, "missing from the engine sidecar")
+    check_fields(sidecar, path)
     return sidecar
+
+
+def check_fields(sidecar: dict[str, Any], path: str | Path) -> None:
+    """Every field the checks read is present and of the right type, and names a known backend,
+    precision and graph (one-line UserErrors naming the sidecar and the field)."""
+    for name, types, required in FIELDS:
+        *parents, key = name.split(".")
+        holder = sidecar
+        for parent in parents:  # listed, and so checked to be objects, before their fields
+            holder = holder[parent]
+        if key not in holder:
+            if required:
+                raise input_error(path, name, "missing from the engine sidecar")
+            continue
+        value = holder[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join(_type_name(t) for t in types)
+            raise input_error(path, name, f"expected {expected}, got {_type_name(type(value))}")
+    for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS), ("graph", GRAPHS)):
+        if sidecar[name] not in allowed:
+            raise input_error(
+                path, name, f"got {sidecar[name]!r}, expected one of {', '.join(allowed)}"
+            )
+    if not all(isinstance(arg, str) for arg in sidecar["build"].get("cli", [])):
+        raise input_error(path, "build.cli", "expected a list of strings")
+    level = sidecar["build"].get("hardware_compatibility_level")
+    if level is not None and level not in HARDWARE_COMPAT_MIN_CC:
+        raise input_error(
+            path,
+            "build.hardware_compatibility_level",
+            f"got {level!r}, expected one of {', '.join(HARDWARE_COMPAT_MIN_CC)}",
+        )
+
+
+def _type_name(kind: type) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
+    names.update({bool: "a boolean", float: "a number", type(None): "null"})
+    return names.get(kind, kind.__name__)
 
 
 def rebuild_command(bundle_path: str | Path, sidecar: dict[str, Any]) -> str:
@@ -103,6 +160,7 @@ def check_sidecar(
     """Refuse (UserError, one line) an engine whose sidecar does not match the bundle, the
     running backend and its version, the device, or the requested precision."""
     path = Path(path)
+    check_fields(sidecar, sidecar_path(path))
     fix = f"rebuild it: {rebuild_command(bundle.path, sidecar)}"
     if sidecar["backend"] != backend:
         raise input_error(path, "backend", f"is a {sidecar['backend']} engine, not {backend}")
@@ -110,7 +168,14 @@ def check_sidecar(
         raise input_error(
             path, "precision", f"is a {sidecar['precision']} engine, {precision} was requested"
         )
-    expected = bundle.graph(sidecar["graph"], sidecar["precision"])
+    try:
+        expected = bundle.graph(sidecar["graph"], sidecar["precision"])
+    except KeyError:
+        raise input_error(
+            sidecar_path(path),
+            "graph",
+            f"{sidecar['graph']!r} is not a {sidecar['precision']} graph of {bundle.path}",
+        ) from None
     if sidecar["source"]["sha256"] != expected["sha256"]:
         raise input_error(
             path,
@@ -158,14 +223,13 @@ def _check_version(path: Path, sidecar: dict[str, Any], running: str, fix: str) 
     if built == running:
         return
     build = sidecar["build"]
-    # A version-compatible TensorRT engine that embeds its lean runtime runs on the same or a
-    # later TensorRT (TensorRT "Version Compatibility": 10 -> 11, 11.0 -> 11.x).
-    if (
-        build.get("version_compatible")
-        and not build.get("exclude_lean_runtime")
-        and version_tuple(running) >= version_tuple(built)
-    ):
-        return
+    # A version-compatible TensorRT engine that embeds its lean runtime runs on a later TensorRT
+    # of the same major (11.0 -> 11.x) or, across majors, only 10 -> 11 (TensorRT's support
+    # matrix: "No other combination across major versions is supported").
+    if build.get("version_compatible") and not build.get("exclude_lean_runtime"):
+        old, new = version_tuple(built), version_tuple(running)
+        if old and new and (new >= old if old[0] == new[0] else (old[0], new[0]) in CROSS_MAJOR):
+            return
     raise input_error(
         path,
         "backend_version",

@@ -1,11 +1,13 @@
 """build-engine: option checks, the TensorRT build plan (TensorRT 10 vs 11, DLA, compatibility),
 engine names, the missing-TensorRT path, and the command line. TensorRT itself is not run."""
 
+import io
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from scan_deploy.export.build_engine import (
     BuildOptions,
     build_engines,
@@ -158,6 +160,7 @@ def test_engine_names_carry_version_device_target_and_graph_hash(tmp_path):
         ({"backend": "tflite"}, r"--backend: got 'tflite', expected one of tensorrt, onnxruntime"),
         ({"precision": "bf16"}, r"--precision: got 'bf16'"),
         ({"graphs": ("decoder",)}, r"--graph: got 'decoder', expected one of image_encoder"),
+        ({"graphs": ("scorer", "text_encoder", "scorer")}, r"^--graph: scorer is given twice$"),
         ({"provider": "cuda"}, r"--provider: applies to --backend onnxruntime"),
         ({"provider": "rocm", "backend": "onnxruntime"}, r"--provider: got 'rocm'"),
         ({"backend": "onnxruntime", "dla_core": 0}, r"--dla-core: applies to --backend tensorrt"),
@@ -234,6 +237,10 @@ def _main(monkeypatch, capsys, *args):
         (["--precision", "fp16"], "the bundle has no fp16 graphs (run: scan-deploy calibrate"),
         ([], "TensorRT is not installed"),
         (["--backend", "onnxruntime", "--provider", "cuda"], "pip install onnxruntime-gpu"),
+        (
+            ["--backend", "onnxruntime", "--graph", "scorer", "--graph", "scorer"],
+            "--graph: scorer is given twice",
+        ),
     ],
 )
 def test_cli_user_mistakes_exit_2_with_one_line(tiny, monkeypatch, capsys, args, message):
@@ -263,3 +270,28 @@ def test_cli_builds_onnxruntime_engines(tmp_path):
     for text in ("image_encoder", "text_encoder", "scorer", "dynamic (ONNX Runtime)"):
         assert text in table.stdout
     assert len(list((bundle / "engines").glob("*.fp16.*.onnx"))) == 3
+
+
+def test_cli_spinner_goes_to_stderr_so_json_stdout_stays_clean(tmp_path, monkeypatch):
+    bundle = make_bundle(tmp_path / "bundle")
+    terminals = {name: io.StringIO() for name in ("console", "err_console")}
+    for name, file in terminals.items():  # terminals, so the spinner does draw
+        monkeypatch.setattr(cli, name, Console(file=file, force_terminal=True))
+    args = ["build-engine", str(bundle), "--backend", "onnxruntime", "--graph", "scorer", "--json"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["graph"] == "scorer"
+    assert terminals["console"].getvalue() == ""
+    assert terminals["err_console"].getvalue() != ""
+
+
+def test_backends_and_providers_are_defined_once():
+    from scan_deploy.export import build_engine, ort_engine
+
+    from scan_deploy import engine_sidecar
+
+    assert build_engine.BACKENDS is engine_sidecar.BACKENDS
+    assert ort_engine.EXECUTION_PROVIDERS is engine_sidecar.EXECUTION_PROVIDERS
+    assert not hasattr(build_engine, "PROVIDERS")
+    with pytest.raises(UserError, match="--provider: got 'rocm', expected one of cpu, cuda, tens"):
+        BuildOptions(backend="onnxruntime", provider="rocm")

@@ -73,10 +73,36 @@ def test_no_options_gives_the_manifest_profile():
     assert profile == manifest_profile(TEXT, RANGES)
 
 
-def test_options_override_only_the_inputs_they_name():
-    (profile,) = build_profiles(TEXT, RANGES, ["tokens:2x3"], [], ["tokens:16x20"])
-    assert profile.inputs["tokens"] == InputRange((2, 3), (8, 12), (16, 20))
-    assert profile.inputs["lengths"] == InputRange((1,), (8,), (16,))
+def test_options_override_the_inputs_they_name_and_the_dims_they_share():
+    (profile,) = build_profiles(TEXT, RANGES, ["tokens:2x3"], [], ["tokens:20x20"])
+    assert profile.inputs["tokens"] == InputRange((2, 3), (8, 12), (20, 20))
+    # lengths shares "batch" with tokens: min and max follow, opt keeps the manifest's
+    assert profile.inputs["lengths"] == InputRange((2,), (8,), (20,))
+
+
+def test_an_overridden_symbolic_dim_applies_to_every_input_sharing_it():
+    (profile,) = build_profiles(TEXT, RANGES, [], ["tokens:4x9"], [])
+    assert profile.inputs["tokens"] == InputRange((4, 9), (4, 9), (4, 9))
+    assert profile.inputs["lengths"] == InputRange((4,), (4,), (4,))
+    (profile,) = build_profiles(SCORER, RANGES, [], ["words:3x5x256"], [])
+    assert profile.inputs["lengths"] == InputRange((3,), (3,), (3,))  # "captions"
+    # "images" is another dim (taking the same manifest range): regions keeps its shapes
+    assert profile.inputs["regions"] == InputRange((1, 36, 256), (8, 36, 256), (16, 36, 256))
+    (profile,) = build_profiles(SCORER, RANGES, [], ["words:3x5x256"], [], static=True)
+    assert profile.trtexec("min") == "regions:8x36x256,words:3x5x256,lengths:3"
+
+
+@pytest.mark.parametrize(
+    ("mins", "opts", "maxs", "message"),
+    [
+        ([], ["tokens:4x9,lengths:5"], [], r"--opt-shapes: symbolic dim 'batch' is 4 for tokens "),
+        (["lengths:2"], ["tokens:4x9"], [], r"--min-shapes: symbolic dim 'batch' is 4 for tokens"),
+    ],
+)
+def test_inputs_sharing_a_dim_must_agree_on_its_size(mins, opts, maxs, message):
+    with pytest.raises(UserError, match=message) as info:
+        build_profiles(TEXT, RANGES, mins, opts, maxs)
+    assert "\n" not in str(info.value)
 
 
 def test_opt_only_sets_min_and_max_like_trtexec():

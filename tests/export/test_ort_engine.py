@@ -119,6 +119,36 @@ def test_loader_refuses_a_stale_or_tampered_engine(built):
         engine.write_bytes(data)
 
 
+@pytest.mark.parametrize(
+    ("session", "message"),
+    [
+        (None, r"build.session: expected an object"),
+        (
+            {"graph_optimization_level": "ORT_FASTEST", "providers": []},
+            r"build.session.graph_optimization_level: got 'ORT_FASTEST'",
+        ),
+        (
+            {"graph_optimization_level": "ORT_DISABLE_ALL", "providers": ["CPUExecutionProvider"]},
+            r"build.session.providers: expected a list of \[name, options\] pairs",
+        ),
+    ],
+)
+def test_loader_refuses_a_malformed_session_in_one_line(built, session, message):
+    bundle, rows = built
+    path = rows["image_encoder"]["file"]
+    sidecar_file = Path(path).with_suffix(".json")
+    original = sidecar_file.read_text()
+    try:
+        sidecar = json.loads(original)
+        sidecar["build"]["session"] = session
+        sidecar_file.write_text(json.dumps(sidecar))
+        with pytest.raises(UserError, match=message) as info:
+            load_session(path, bundle)
+        assert str(info.value).startswith(f"{sidecar_file}: ") and "\n" not in str(info.value)
+    finally:
+        sidecar_file.write_text(original)
+
+
 def test_unavailable_provider_names_onnxruntime_gpu():
     with pytest.raises(UserError) as info:
         check_provider("cuda", ["CPUExecutionProvider"])

@@ -60,3 +60,47 @@ def test_cpu_model_name(tmp_path):
     assert cpu_model_name(cpuinfo) == "AMD EPYC 9654 96-Core Processor"
     cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 62.50\n")  # aarch64 has no model name
     assert cpu_model_name(cpuinfo) == cpu_model_name(tmp_path / "missing") != ""
+
+
+class PycudaError(Exception):
+    """Stands in for `pycuda.driver.Error`."""
+
+
+def _pycuda(count=1, init_error=None):
+    def init():
+        if init_error:
+            raise PycudaError(init_error)
+
+    class Device:
+        def __init__(self, index):
+            if not 0 <= index < count:
+                raise PycudaError("cuDeviceGet failed: invalid device ordinal")
+
+        @staticmethod
+        def count():
+            return count
+
+        def name(self):
+            return "Orin"
+
+        def compute_capability(self):
+            return 8, 7
+
+        def total_memory(self):
+            return 1 << 34
+
+    return SimpleNamespace(Error=PycudaError, init=init, Device=Device)
+
+
+def test_pycuda_failures_are_one_line_user_errors():
+    assert cuda_device._pycuda_device(_pycuda(), None) == DeviceInfo("Orin", "8.7", 1 << 34)
+    with pytest.raises(UserError, match=r"^CUDA device 3 does not exist \(1 visible\)$"):
+        cuda_device._pycuda_device(_pycuda(), 3)
+    with pytest.raises(UserError, match="no CUDA device is visible"):
+        cuda_device._pycuda_device(_pycuda(count=0), None)
+    failing = _pycuda(init_error="cuInit failed:\nno CUDA-capable device is detected")
+    with pytest.raises(UserError) as info:
+        cuda_device._pycuda_device(failing, None)
+    assert str(info.value) == (
+        "CUDA driver (pycuda): cuInit failed: no CUDA-capable device is detected"
+    )

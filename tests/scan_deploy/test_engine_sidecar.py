@@ -140,6 +140,14 @@ def test_version_compatible_engines_run_on_later_tensorrt_only(tmp_path):
     _check(tmp_path, sidecar, version="11.4.1")
     with pytest.raises(UserError, match="built with tensorrt 10.3.0, running 10.2.0"):
         _check(tmp_path, sidecar, version="10.2.0")
+    # across majors only 10 -> 11 is supported (TensorRT 11.4.1 support matrix)
+    with pytest.raises(UserError, match="built with tensorrt 10.3.0, running 12.0.0"):
+        _check(tmp_path, sidecar, version="12.0.0")
+    eleven = {**sidecar, "backend_version": "11.1.0"}
+    _check(tmp_path, eleven, version="11.4.1")
+    for running in ("12.0.0", "11.0.0", "10.16.1"):
+        with pytest.raises(UserError, match=f"built with tensorrt 11.1.0, running {running}"):
+            _check(tmp_path, eleven, version=running)
     # without the embedded lean runtime, only the building version can load it here
     with pytest.raises(UserError, match="running 10.16.1"):
         _check(tmp_path, _sidecar(version_compatible=True, exclude_lean_runtime=True), "10.16.1")
@@ -186,6 +194,47 @@ def test_read_sidecar_checks_version_and_fields(tmp_path):
         read_sidecar(path)
     with pytest.raises(UserError, match="file not found, expected an engine sidecar"):
         read_sidecar(tmp_path / "none.json")
+
+
+def test_unknown_graph_is_a_one_line_error_naming_the_sidecar(tmp_path):
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({**_sidecar(), "graph": "decoder"}))
+    with pytest.raises(UserError, match=r"e.json: graph: got 'decoder', expected one of image_"):
+        read_sidecar(path)
+    # a known graph this bundle lacks (the test bundle has only the scorer)
+    with pytest.raises(UserError) as info:
+        _check(tmp_path, {**_sidecar(), "graph": "text_encoder"})
+    assert str(info.value).startswith(f"{tmp_path / 'e.json'}: graph: 'text_encoder' is not a ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"device": "Orin"}, r"device: expected an object, got a string"),
+        ({"backend_version": 10}, r"backend_version: expected a string, got an integer"),
+        ({"backend": "tflite"}, r"backend: got 'tflite', expected one of tensorrt, onnxruntime"),
+        ({"precision": "bf16"}, r"precision: got 'bf16', expected one of fp32"),
+        ({"source": {"file": "scorer.fp16.onnx"}}, r"source.sha256: missing from the engine"),
+        ({"engine": {"sha256": None}}, r"engine.sha256: expected a string, got null"),
+        ({"vocab": []}, r"vocab: expected an object, got a list"),
+        ({"build": {"cli": "--dla-core 0"}}, r"build.cli: expected a list, got a string"),
+        ({"build": {"cli": ["--dla-core", 0]}}, r"build.cli: expected a list of strings"),
+        ({"build": {"dla_core": True}}, r"build.dla_core: expected an integer or null, got a b"),
+        (
+            {"build": {"hardware_compatibility_level": "TURING"}},
+            r"build.hardware_compatibility_level: got 'TURING', expected one of AMPERE_PLUS",
+        ),
+        ({"provider": ["cpu"]}, r"provider: expected a string or null, got a list"),
+    ],
+)
+def test_malformed_sidecars_are_one_line_errors(tmp_path, change, message):
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({**_sidecar(), **change}))
+    for check in (lambda: read_sidecar(path), lambda: _check(tmp_path, {**_sidecar(), **change})):
+        with pytest.raises(UserError, match=message) as info:
+            check()
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
 
 
 def test_engine_modules_need_neither_torch_nor_onnx_nor_tensorrt():
