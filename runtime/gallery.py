@@ -1,0 +1,825 @@
+"""The gallery: the scorer's precomputed per-item tensors, sharded `.npy` files, memory-mapped.
+
+`scan-deploy index` encodes every image (or caption) once and writes a gallery with
+`GalleryWriter`; `scan-deploy query` opens it with `open_gallery`, shortlists with the pooled
+global embeddings and re-ranks the shortlist with the exact scorer, reading only the rows it needs.
+
+On-disk layout (one folder, written to a hidden temp folder beside it and renamed on success)::
+
+    GALLERY/
+      manifest.json   format_version, kind, dtype, count, shard_size, quantization,
+                      bundle identity (path, sha256 of the three FP32 graphs, the vocabulary's
+                      words_sha256, embed_size, cross_attn), ids/texts files with sha256,
+                      shards: [{count, offset, files: {array: {file, sha256, shape, dtype}}}]
+      ids.json        JSON list of the item ids (strings, unique), in gallery order
+      texts.json      JSON list of the item texts (only when texts were given)
+      shard-00000/
+        regions.npy   one .npy file per stored array; the first axis is the shard's items
+
+Arrays per kind (n = items in the shard, D = embed_size, R = regions, T = the shard's longest
+caption; every caption of a shard is zero-padded to T, so T varies from shard to shard):
+
+    kind "images"   regions (n, R, D)   region_gram (n, R, R)   global (n, D)
+    kind "captions" words (n, T, D)     caption_gram (n, T, T)  global (n, D)   lengths (n,) int64
+
+Words and Gram entries beyond a caption's length are stored as zeros. Storage dtype (`dtype`):
+`regions`, `words` and the Grams are stored as float32 (`fp32`), float16 (`fp16`) or int8
+(`int8`: symmetric per-row quantization, `x ≈ q * scale[..., None]` with `q` int8 in [-127, 127]
+and `scale = max|row| / 127` stored as float32 in `{name}_scale.npy` of shape (n, R) or (n, T);
+an all-zero row has scale 0). `global` stays float32 in every dtype, so the shortlist is as exact
+as the encoders (it costs D floats per item, ~1/R of the regions); `lengths` is int64.
+
+Worst-case round-trip error per element (tests/runtime/test_gallery.py measures it): fp32 exact;
+fp16 ≤ 2⁻¹¹ ≈ 4.9e-4 of |x| (normal range; larger values than 65504 are refused);
+int8 ≤ max|row| / 254 (half a quantization step).
+
+Reading memory-maps every file (`np.load(mmap_mode="r")`); `Shard.block`/`Gallery.rows` copy and
+dequantize only the requested rows. `open_gallery` checks the manifest against the files (every
+file present, the .npy header's shape and dtype as recorded, the file size the header implies,
+and with `verify=True` each file's sha256) and fails with a one-line UserError naming the file.
+
+numpy and the standard library only: the runtime imports this module on devices without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scan_deploy.atomic import atomic_dir, write_json
+from scan_deploy.bundle import GRAPHS, Bundle, sha256_file
+from scan_deploy.errors import input_error
+from scan_deploy.jsonfile import read_json_object
+
+FORMAT_VERSION = 1
+KINDS = ("images", "captions")
+DTYPES = ("fp32", "fp16", "int8")
+MANIFEST = "manifest.json"
+IDS = "ids.json"
+TEXTS = "texts.json"
+SCALE_SUFFIX = "_scale"
+QUANTIZATION = "symmetric-per-row"
+
+# The axes of one item of each array (after the leading item axis).
+ITEM_AXES: dict[str, dict[str, tuple[str, ...]]] = {
+    "images": {"regions": ("R", "D"), "region_gram": ("R", "R"), "global": ("D",)},
+    "captions": {
+        "words": ("T", "D"),
+        "lengths": (),
+        "caption_gram": ("T", "T"),
+        "global": ("D",),
+    },
+}
+GRAMS = {"images": "region_gram", "captions": "caption_gram"}
+EMBEDDINGS = {"images": "regions", "captions": "words"}
+# Arrays stored in the gallery dtype; `global` is always float32 and `lengths` int64.
+QUANTIZED = ("regions", "region_gram", "words", "caption_gram")
+_STORAGE = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+_FIXED = {"global": np.dtype(np.float32), "lengths": np.dtype(np.int64)}
+_FP16_MAX = float(np.finfo(np.float16).max)
+_FIX = "re-run scan-deploy index"
+
+
+class _Aborted(Exception):
+    """Thrown into the temp-folder context to discard a gallery that will not be finished."""
+
+
+def stored_arrays(kind: str, dtype: str) -> dict[str, np.dtype]:
+    """The files of one shard of a `kind`/`dtype` gallery: stored array name → numpy dtype."""
+    stored = {}
+    for name in ITEM_AXES[kind]:
+        if name in QUANTIZED:
+            stored[name] = _STORAGE[dtype]
+            if dtype == "int8":
+                stored[name + SCALE_SUFFIX] = np.dtype(np.float32)
+        else:
+            stored[name] = _FIXED[name]
+    return stored
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: `x` (..., K) float32 → (q int8 (..., K), scale float32 (...))."""
+    amax = np.abs(x).max(axis=-1)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+class GalleryWriter:
+    """Write a gallery batch by batch; nothing appears at `path` until `close()` succeeds.
+
+    Batches are converted to the storage dtype as they arrive and buffered until a shard of
+    `shard_size` items is complete, so memory holds at most one shard (stored form) plus a batch.
+    An error inside `add` or `close`, or leaving a `with` block by an exception, discards the
+    temp folder; leaving the `with` block normally closes the writer.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        kind: str,
+        bundle: Bundle,
+        dtype: str = "fp16",
+        shard_size: int = 4096,
+        force: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if kind not in KINDS:
+            raise input_error(None, "kind", f"got {kind!r}, expected one of {', '.join(KINDS)}")
+        if dtype not in DTYPES:
+            raise input_error(None, "dtype", f"got {dtype!r}, expected one of {', '.join(DTYPES)}")
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise input_error(None, "shard_size", f"got {shard_size!r}, expected an integer ≥ 1")
+        _check_target(self.path, force)
+        self.kind = kind
+        self.dtype = dtype
+        self.shard_size = shard_size
+        self.embed_size = int(bundle.config.embed_size)
+        self.bundle_identity = bundle_identity(bundle)
+        self.manifest: dict[str, Any] | None = None
+        self._count = 0
+        self._ids: list[str] = []
+        self._seen: set[str] = set()
+        self._texts: list[str] | None = None
+        self._regions: int | None = None  # R, fixed by the first images batch
+        self._pending: list[dict[str, np.ndarray]] = []  # stored-form batches not yet in a shard
+        self._pending_count = 0
+        self._shards: list[dict[str, Any]] = []
+        self._state = "open"
+        self._context = atomic_dir(self.path)
+        self._tmp = self._context.__enter__()
+
+    def __enter__(self) -> GalleryWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.close()
+
+    @property
+    def count(self) -> int:
+        """Items added so far."""
+        return self._count
+
+    def add(
+        self, arrays: dict[str, np.ndarray], ids: list[str], texts: list[str] | None = None
+    ) -> None:
+        """Add a batch: `arrays` keyed as in ITEM_AXES[kind] (float32; `lengths` integer; the Gram
+        is computed from the embeddings when left out), one id per item, optionally one text."""
+        self._require_open()
+        try:
+            batch = self._validate(arrays, ids, texts)
+            if not ids:
+                return
+            self._pending.append(self._to_storage(batch))
+            self._pending_count += len(ids)
+            self._ids.extend(ids)
+            self._seen.update(ids)
+            if texts is not None:
+                self._texts = self._texts if self._texts is not None else []
+                self._texts.extend(texts)
+            self._count += len(ids)
+            while self._pending_count >= self.shard_size:
+                self._write_shard(self.shard_size)
+        except BaseException:
+            self.abort()
+            raise
+
+    def close(self) -> dict[str, Any]:
+        """Write the last shard, the ids/texts and manifest.json, and rename the folder into place;
+        returns the manifest."""
+        self._require_open()
+        try:
+            if self._count == 0:
+                raise input_error(self.path, "count", "no items were added, expected at least one")
+            if self._pending_count:
+                self._write_shard(self._pending_count)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "kind": self.kind,
+                "dtype": self.dtype,
+                "count": self._count,
+                "shard_size": self.shard_size,
+                "quantization": QUANTIZATION if self.dtype == "int8" else None,
+                "bundle": self.bundle_identity,
+                "ids": _write_list(self._tmp, IDS, self._ids),
+                "texts": None
+                if self._texts is None
+                else _write_list(self._tmp, TEXTS, self._texts),
+                "shards": self._shards,
+            }
+            write_json(self._tmp / MANIFEST, manifest)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
+        self._context.__exit__(None, None, None)  # rename into place (cleans up if that fails)
+        self.manifest = manifest
+        return manifest
+
+    def abort(self) -> None:
+        """Discard everything written so far (idempotent)."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._pending = []
+        aborted = _Aborted()
+        self._context.__exit__(_Aborted, aborted, None)
+
+    # -- internals --
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"{self.path}: the gallery writer is {self._state}")
+
+    def _validate(
+        self, arrays: dict[str, np.ndarray], ids: list[str], texts: list[str] | None
+    ) -> dict[str, np.ndarray]:
+        where = self.path
+        if not isinstance(ids, list | tuple) or not all(isinstance(i, str) and i for i in ids):
+            raise input_error(where, "ids", "expected a list of non-empty strings")
+        n = len(ids)
+        fresh: set[str] = set()
+        for item_id in ids:
+            if item_id in self._seen or item_id in fresh:
+                raise input_error(where, "ids", f"duplicate id {item_id!r}, expected unique ids")
+            fresh.add(item_id)
+        if texts is not None:
+            if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+                raise input_error(where, "texts", "expected a list of strings or None")
+            if len(texts) != n:
+                raise input_error(where, "texts", f"got {len(texts)} texts for {n} ids")
+        if self._count and (texts is None) != (self._texts is None):
+            state = "had texts" if self._texts is not None else "had no texts"
+            raise input_error(where, "texts", f"earlier batches {state}, expected the same")
+        if not isinstance(arrays, dict):
+            raise input_error(where, "arrays", "expected a dict of arrays")
+        axes = ITEM_AXES[self.kind]
+        gram = GRAMS[self.kind]
+        unknown = sorted(set(arrays) - set(axes))
+        missing = [name for name in axes if name not in arrays and name != gram]
+        if unknown or missing:
+            bad = unknown[0] if unknown else missing[0]
+            problem = "unknown" if unknown else "missing"
+            raise input_error(
+                where,
+                f"arrays.{bad}",
+                f"{problem} array, a gallery of {self.kind} expects {', '.join(axes)} "
+                f"({gram} is computed when left out)",
+            )
+        batch = {name: np.asarray(value) for name, value in arrays.items()}
+        sizes = {"D": self.embed_size}
+        if self.kind == "images":
+            regions = batch["regions"]
+            if regions.ndim == 3:
+                sizes["R"] = self._regions if self._regions is not None else regions.shape[1]
+        else:
+            words = batch["words"]
+            if words.ndim == 3:
+                sizes["T"] = words.shape[1]
+        for name, value in batch.items():
+            expected = (n, *(sizes.get(a, a) for a in axes[name]))
+            ok = value.ndim == len(expected) and all(
+                isinstance(e, str) or e == s for e, s in zip(expected, value.shape, strict=True)
+            )
+            if not ok:
+                shown = ", ".join(
+                    f"{a}={e}" if isinstance(e, int) else str(e)
+                    for a, e in zip(("n", *axes[name]), expected, strict=True)
+                )
+                raise input_error(
+                    where, f"arrays.{name}", f"got shape {value.shape}, expected ({shown})"
+                )
+            if name == "lengths":
+                if not np.issubdtype(value.dtype, np.integer):
+                    raise input_error(
+                        where, "arrays.lengths", f"got dtype {value.dtype}, expected integers"
+                    )
+            elif not np.issubdtype(value.dtype, np.floating):
+                raise input_error(
+                    where, f"arrays.{name}", f"got dtype {value.dtype}, expected float32"
+                )
+        if self.kind == "images" and n and sizes["R"] < 1:
+            raise input_error(where, "arrays.regions", "expected at least one region")
+        if self.kind == "captions" and n:
+            lengths = batch["lengths"].astype(np.int64)
+            bad = np.flatnonzero((lengths < 1) | (lengths > sizes["T"]))
+            if bad.size:
+                j = int(bad[0])
+                raise input_error(
+                    where,
+                    "arrays.lengths",
+                    f"item {j} (id {ids[j]!r}) has length {int(lengths[j])}, "
+                    f"expected 1..{sizes['T']} (the words' padded length)",
+                )
+        out = {}
+        for name, value in batch.items():
+            out[name] = value.astype(np.int64 if name == "lengths" else np.float32, copy=False)
+        if self.kind == "captions" and n:
+            out = _mask_captions(out)
+        for name, value in out.items():
+            if name == "lengths" or not n:
+                continue
+            finite = np.isfinite(value.reshape(n, -1)).all(axis=1)
+            if not finite.all():
+                j = int(np.argmin(finite))
+                raise input_error(
+                    where, f"arrays.{name}", f"item {j} (id {ids[j]!r}) has NaN or Inf values"
+                )
+        if self.kind == "images" and n:
+            self._regions = sizes["R"]
+        return out
+
+    def _to_storage(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        embeddings = batch[EMBEDDINGS[self.kind]]
+        gram = GRAMS[self.kind]
+        if gram not in batch:
+            batch[gram] = np.matmul(embeddings, np.swapaxes(embeddings, 1, 2))
+        stored = {}
+        for name, value in batch.items():
+            if name not in QUANTIZED or self.dtype == "fp32":
+                stored[name] = value
+            elif self.dtype == "fp16":
+                peak = float(np.abs(value).max()) if value.size else 0.0
+                if peak > _FP16_MAX:
+                    raise input_error(
+                        self.path,
+                        f"arrays.{name}",
+                        f"has values up to {peak:.4g}, beyond the float16 range "
+                        f"(±{_FP16_MAX:.0f}); expected dtype fp32 or int8",
+                    )
+                stored[name] = value.astype(np.float16)
+            else:
+                stored[name], stored[name + SCALE_SUFFIX] = quantize_int8(value)
+        return stored
+
+    def _write_shard(self, size: int) -> None:
+        """Write the first `size` pending items as the next shard."""
+        parts: list[dict[str, np.ndarray]] = []
+        taken = 0
+        while taken < size:
+            part = self._pending[0]
+            n = len(next(iter(part.values())))
+            need = size - taken
+            if n <= need:
+                parts.append(self._pending.pop(0))
+                taken += n
+            else:
+                parts.append({k: v[:need] for k, v in part.items()})
+                self._pending[0] = {k: v[need:] for k, v in part.items()}
+                taken += need
+        self._pending_count -= size
+        if self.kind == "captions":
+            longest = max(int(p["lengths"].max()) for p in parts)
+            parts = [_fit_captions(p, longest) for p in parts]
+        index = len(self._shards)
+        folder = f"shard-{index:05d}"
+        (self._tmp / folder).mkdir()
+        files = {}
+        for name, expected in stored_arrays(self.kind, self.dtype).items():
+            array = np.concatenate([p[name] for p in parts])
+            if array.dtype != expected:  # an internal invariant, not a user error
+                raise RuntimeError(f"{name}: stored {array.dtype}, expected {expected}")
+            rel = f"{folder}/{name}.npy"
+            np.save(self._tmp / rel, np.ascontiguousarray(array), allow_pickle=False)
+            files[name] = {
+                "file": rel,
+                "sha256": sha256_file(self._tmp / rel),
+                "shape": list(array.shape),
+                "dtype": array.dtype.name,
+            }
+        offset = sum(s["count"] for s in self._shards)
+        self._shards.append({"count": size, "offset": offset, "files": files})
+
+
+def bundle_identity(bundle: Bundle) -> dict[str, Any]:
+    """What a gallery records about the bundle it was encoded with."""
+    return {
+        "path": str(Path(bundle.path).absolute()),
+        "graphs": {name: bundle.manifest["graphs"][name]["sha256"] for name in GRAPHS},
+        "vocab": {"words_sha256": bundle.manifest["vocab"]["words_sha256"]},
+        "embed_size": int(bundle.config.embed_size),
+        "cross_attn": bundle.config.cross_attn,
+    }
+
+
+def _check_target(path: Path, force: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise input_error(path, None, "exists and is not a folder, expected a gallery folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise input_error(path, None, "not empty (pass --force to overwrite)")
+        if not (path / MANIFEST).is_file():
+            raise input_error(
+                path, None, f"not a gallery folder (no {MANIFEST}); refusing to overwrite it"
+            )
+
+
+def _mask_captions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zero the words (and Gram rows/columns) beyond each caption's length."""
+    lengths = batch["lengths"]
+    t = batch["words"].shape[1]
+    valid = np.arange(t)[None, :] < lengths[:, None]  # (n, T)
+    out = dict(batch)
+    out["words"] = np.where(valid[:, :, None], batch["words"], np.float32(0))
+    if "caption_gram" in batch:
+        both = valid[:, :, None] & valid[:, None, :]
+        out["caption_gram"] = np.where(both, batch["caption_gram"], np.float32(0))
+    return out
+
+
+def _fit_captions(part: dict[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
+    """Crop or zero-pad the word axes of a stored captions batch to `t` words."""
+    word_axes = {"words": (1,), "caption_gram": (1, 2)}
+    out = {}
+    for name, value in part.items():
+        base = name.removesuffix(SCALE_SUFFIX)
+        axes = word_axes.get(base, ())[:1] if name != base else word_axes.get(base, ())
+        for axis in axes:
+            value = _fit_axis(value, axis, t)
+        out[name] = value
+    return out
+
+
+def _fit_axis(value: np.ndarray, axis: int, size: int) -> np.ndarray:
+    have = value.shape[axis]
+    if have >= size:
+        return value[(slice(None),) * axis + (slice(0, size),)]
+    pad = [(0, 0)] * value.ndim
+    pad[axis] = (0, size - have)
+    return np.pad(value, pad)
+
+
+def _write_list(folder: Path, name: str, items: list[str]) -> dict[str, Any]:
+    (folder / name).write_text(json.dumps(items, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"file": name, "sha256": sha256_file(folder / name), "count": len(items)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard: `count` items starting at global item `offset`; its arrays stay on disk."""
+
+    index: int
+    count: int
+    offset: int = 0
+    root: Path = field(default=Path("."), repr=False)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    dtype: str = "fp32"
+
+    def path(self, name: str) -> Path:
+        return self.root / self._entry(name)["file"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The recorded shape of a stored array (e.g. `words` → (count, T, D))."""
+        return tuple(self._entry(name)["shape"])
+
+    def load(self, name: str) -> np.ndarray:
+        """The raw stored array (int8 / float16 / float32 / int64), memory-mapped read-only."""
+        return np.load(self.path(name), mmap_mode="r", allow_pickle=False)
+
+    def block(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop (local to the shard) as a new float32 array, dequantized; `lengths`
+        as int64. Only those rows are read."""
+        if not 0 <= start <= stop <= self.count:
+            raise IndexError(
+                f"rows {start}:{stop} out of range for shard {self.index} of {self.count} items"
+            )
+        return self._read(name, slice(start, stop))
+
+    def take(self, name: str, indices: np.ndarray) -> np.ndarray:
+        """Rows at local `indices` (any order), like `block`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.count):
+            raise IndexError(f"row indices out of range for shard {self.index} of {self.count}")
+        return self._read(name, indices)
+
+    def _read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        raw = self.load(name)[rows]
+        if name == "lengths":
+            return np.array(raw, dtype=np.int64)
+        scale_name = name + SCALE_SUFFIX
+        if raw.dtype == np.int8 and scale_name in self.files:
+            return dequantize_int8(raw, self.load(scale_name)[rows])
+        return np.array(raw, dtype=np.float32)
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        if name not in self.files:
+            raise KeyError(
+                f"shard {self.index} has no array {name!r} (has {', '.join(self.files)})"
+            )
+        return self.files[name]
+
+
+@dataclass(eq=False)
+class Gallery:
+    """An opened, validated gallery."""
+
+    path: Path
+    kind: str
+    dtype: str
+    count: int
+    manifest: dict[str, Any]
+    shards: list[Shard]
+    ids: list[str]
+    texts: list[str] | None
+
+    @property
+    def embed_size(self) -> int:
+        return int(self.manifest["bundle"]["embed_size"])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.array([s.offset for s in self.shards], dtype=np.int64)
+
+    def check_bundle(self, bundle: Bundle) -> None:
+        """Refuse (one-line UserError) a bundle other than the one the gallery was encoded with."""
+        where = self.path / MANIFEST
+        recorded = self.manifest["bundle"]
+        actual = bundle_identity(bundle)
+        if recorded["embed_size"] != actual["embed_size"]:
+            raise input_error(
+                where,
+                "bundle.embed_size",
+                f"gallery built with another bundle (embed_size {recorded['embed_size']}, the "
+                f"bundle at {bundle.path} has {actual['embed_size']}): {_FIX}",
+            )
+        for name in GRAPHS:
+            mine, theirs = recorded["graphs"].get(name), actual["graphs"][name]
+            if mine != theirs:
+                raise input_error(
+                    where,
+                    f"bundle.graphs.{name}",
+                    f"gallery built with another bundle ({name} sha256 {str(mine)[:12]}…, the "
+                    f"bundle at {bundle.path} has {theirs[:12]}…): {_FIX}",
+                )
+        mine = recorded["vocab"].get("words_sha256")
+        theirs = actual["vocab"]["words_sha256"]
+        if mine != theirs:
+            raise input_error(
+                where,
+                "bundle.vocab.words_sha256",
+                f"gallery built with another bundle (vocabulary {str(mine)[:12]}…, the bundle at "
+                f"{bundle.path} has {theirs[:12]}…): {_FIX}",
+            )
+
+    def global_embeddings(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, float32 (n, D)) per shard, in gallery order."""
+        for shard in self.shards:
+            yield shard.offset, shard.block("global", 0, shard.count)
+
+    def rows(self, name: str, indices: np.ndarray) -> np.ndarray:
+        """Rows of `name` at global item `indices` (any order, repeats allowed, across shards), as
+        float32 (dequantized; `lengths` int64). Caption arrays are zero-padded to the longest
+        padded length T among the shards the indices touch."""
+        if name not in ITEM_AXES[self.kind]:
+            names = ", ".join(ITEM_AXES[self.kind])
+            raise KeyError(f"a gallery of {self.kind} has no array {name!r} (has {names})")
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.count):
+            raise IndexError(f"item indices out of range 0..{self.count - 1}")
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        touched = np.unique(which) if idx.size else np.arange(len(self.shards))
+        shapes = [self.shards[int(s)].shape(name)[1:] for s in touched]
+        item_shape = tuple(max(dims) for dims in zip(*shapes, strict=True)) if shapes[0] else ()
+        out_dtype = np.int64 if name == "lengths" else np.float32
+        out = np.zeros((idx.size, *item_shape), dtype=out_dtype)
+        for s in touched if idx.size else ():
+            shard = self.shards[int(s)]
+            sel = np.flatnonzero(which == s)
+            local = idx[sel] - shard.offset
+            order = np.argsort(local, kind="stable")  # read the memory map front to back
+            values = shard.take(name, local[order])
+            region = tuple(slice(0, k) for k in values.shape[1:])
+            out[(sel[order], *region)] = values
+        return out
+
+
+def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
+    """Open and validate a gallery folder (with `verify`, also every file's sha256)."""
+    path = Path(path)
+    where = path / MANIFEST
+    manifest = read_json_object(where, "the manifest of a gallery folder (scan-deploy index)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise input_error(
+            where,
+            "format_version",
+            f"got {manifest.get('format_version')!r}, expected {FORMAT_VERSION}",
+        )
+    kind = _choice(manifest, "kind", KINDS, where)
+    dtype = _choice(manifest, "dtype", DTYPES, where)
+    count = _field(manifest, "count", int, where)
+    bundle = _field(manifest, "bundle", dict, where)
+    embed_size = _field(bundle, "embed_size", int, where, "bundle.")
+    _field(bundle, "graphs", dict, where, "bundle.")
+    _field(bundle, "vocab", dict, where, "bundle.")
+    entries = _field(manifest, "shards", list, where)
+    if count < 1:
+        raise input_error(where, "count", f"got {count}, expected at least one item")
+    expected_files = stored_arrays(kind, dtype)
+    shards = []
+    offset = 0
+    sizes: dict[str, int] = {"D": embed_size}
+    for i, entry in enumerate(entries):
+        label = f"shards[{i}]"
+        if not isinstance(entry, dict):
+            raise input_error(where, label, "expected an object")
+        n = _field(entry, "count", int, where, f"{label}.")
+        if n < 1:
+            raise input_error(where, f"{label}.count", f"got {n}, expected at least one item")
+        if entry.get("offset", offset) != offset:
+            raise input_error(
+                where, f"{label}.offset", f"got {entry.get('offset')!r}, expected {offset}"
+            )
+        files = _field(entry, "files", dict, where, f"{label}.")
+        if set(files) != set(expected_files):
+            raise input_error(
+                where,
+                f"{label}.files",
+                f"has {', '.join(sorted(files))}, a gallery of {kind} ({dtype}) expects "
+                f"{', '.join(sorted(expected_files))}",
+            )
+        if kind == "captions":
+            sizes.pop("T", None)
+        for name, want_dtype in expected_files.items():
+            record = files[name]
+            field_name = f"{label}.files.{name}"
+            shape = _check_record(record, where, field_name)
+            expected = _expected_shape(kind, name, n, shape, sizes)
+            if shape != expected or np.dtype(record["dtype"]) != want_dtype:
+                shown = ", ".join(map(str, expected))
+                raise input_error(
+                    where,
+                    field_name,
+                    f"records shape {tuple(shape)} {record['dtype']}, expected ({shown}) "
+                    f"{want_dtype.name}",
+                )
+            _check_npy(path / record["file"], record, field_name, verify)
+        shards.append(Shard(i, n, offset, path, files, dtype))
+        offset += n
+    if offset != count:
+        raise input_error(where, "shards", f"hold {offset} items, the manifest count is {count}")
+    ids = _read_list(path, manifest, "ids", count, where, required=True)
+    texts = _read_list(path, manifest, "texts", count, where, required=False)
+    if len(set(ids)) != len(ids):
+        raise input_error(path / IDS, None, "has duplicate ids, expected unique ids")
+    return Gallery(path, kind, dtype, count, manifest, shards, ids, texts)
+
+
+def _field(obj: dict, key: str, kind: type, where: Path, prefix: str = "") -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = {int: "an integer", dict: "an object", list: "a list", str: "a string"}
+        raise input_error(where, prefix + key, f"got {value!r}, expected {names[kind]}")
+    return value
+
+
+def _choice(obj: dict, key: str, allowed: tuple[str, ...], where: Path) -> str:
+    value = obj.get(key)
+    if value not in allowed:
+        raise input_error(where, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+    return value
+
+
+def _check_record(record: Any, where: Path, field_name: str) -> list[int]:
+    ok = (
+        isinstance(record, dict)
+        and isinstance(record.get("file"), str)
+        and isinstance(record.get("sha256"), str)
+        and isinstance(record.get("dtype"), str)
+        and isinstance(record.get("shape"), list)
+        and all(isinstance(d, int) and not isinstance(d, bool) for d in record["shape"])
+    )
+    if ok:
+        try:
+            np.dtype(record["dtype"])
+        except TypeError:
+            ok = False
+    if not ok:
+        raise input_error(where, field_name, "expected {file, sha256, shape, dtype}")
+    return list(record["shape"])
+
+
+def _expected_shape(
+    kind: str, name: str, n: int, shape: list[int], sizes: dict[str, int]
+) -> list[int]:
+    """The shape `name` must have; R (images, whole gallery) and T (captions, per shard) are
+    taken from the first array that has them."""
+    base = name.removesuffix(SCALE_SUFFIX)
+    axes = ITEM_AXES[kind][base]
+    if name != base:
+        axes = axes[:1]
+    for axis, size in zip(axes, shape[1:], strict=False):
+        sizes.setdefault(axis, size)
+    return [n, *(sizes.get(a, a) for a in axes)]
+
+
+def _check_npy(file: Path, record: dict[str, Any], field_name: str, verify: bool) -> None:
+    if not file.is_file():
+        raise input_error(file, None, f"missing (named by {MANIFEST} {field_name})")
+    expected = f"{tuple(record['shape'])} {np.dtype(record['dtype']).name}"
+    try:
+        with open(file, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            data_offset = handle.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise input_error(
+            file, "format", f"not a readable .npy file ({exc}), expected {expected}: {_FIX}"
+        ) from None
+    if list(shape) != record["shape"] or dtype != np.dtype(record["dtype"]) or fortran:
+        raise input_error(
+            file,
+            "shape",
+            f"is {tuple(shape)} {dtype.name}{' (Fortran order)' if fortran else ''}, "
+            f"the manifest expects {expected}: {_FIX}",
+        )
+    size = os.path.getsize(file)
+    needed = data_offset + math.prod(shape) * dtype.itemsize
+    if size != needed:
+        problem = "truncated" if size < needed else "has trailing bytes"
+        raise input_error(
+            file, "size", f"{problem}: {size} bytes, a {expected} array needs {needed}: {_FIX}"
+        )
+    if verify:
+        actual = sha256_file(file)
+        if actual != record["sha256"]:
+            raise input_error(
+                file,
+                "sha256",
+                f"is {actual[:12]}…, the manifest expects {record['sha256'][:12]}… "
+                f"(file changed or corrupted: {_FIX})",
+            )
+
+
+def _read_list(
+    root: Path, manifest: dict, key: str, count: int, where: Path, required: bool
+) -> list[str] | None:
+    entry = manifest.get(key)
+    if entry is None and not required:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise input_error(where, key, "expected {file, sha256, count}")
+    file = root / entry["file"]
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise input_error(file, None, f"missing (named by {MANIFEST} {key})") from None
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != entry.get("sha256"):
+        raise input_error(
+            file,
+            "sha256",
+            f"is {actual[:12]}…, the manifest expects {str(entry.get('sha256'))[:12]}… "
+            f"(file changed or corrupted: {_FIX})",
+        )
+    try:
+        items = json.loads(raw)
+    except ValueError as exc:
+        raise input_error(file, None, f"invalid JSON ({exc})") from None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise input_error(file, None, "expected a JSON list of strings")
+    if len(items) != count:
+        raise input_error(file, None, f"has {len(items)} entries, the manifest count is {count}")
+    return items
+
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "KINDS",
+    "Gallery",
+    "GalleryWriter",
+    "Shard",
+    "open_gallery",
+]
