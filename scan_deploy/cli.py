@@ -502,6 +502,179 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command()
+def index(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
+    features: Annotated[Path, typer.Option(help="Region features (images, regions, img_dim).")],
+    out: Annotated[Path, typer.Option(help="Gallery folder to write.")],
+    captions: Annotated[
+        Path | None,
+        typer.Option(help="Captions (1 or 5 per image, one a line) for image->text search."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Storage: fp32, fp16 or int8.")] = "fp16",
+    shard_size: Annotated[int, typer.Option(min=1, help="Items per shard.")] = 4096,
+    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")] = "fp32",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint, for --backend torch only.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Encode images (and captions) once into a sharded, memory-mapped gallery for `query`."""
+    from scan_deploy.bundle import load_bundle
+    from scan_deploy.progress import progress_bar
+    from scan_deploy.runtime.backends import open_backend
+    from scan_deploy.runtime.indexer import index_gallery
+
+    loaded = load_bundle(bundle)
+    opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
+    with progress_bar(err_console) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(f"encoding {stage}", total=total)
+            progress.advance(tasks[stage], done)
+
+        counts = index_gallery(
+            loaded, opened, features, captions, out, dtype, shard_size, force, on_progress
+        )
+    parts = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    console.print(f"{out}: {parts} ({dtype}, {opened.name}, {precision} graphs)")
+
+
+@app.command()
+def query(
+    gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
+    text: Annotated[list[str] | None, typer.Argument(help="Text queries.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Hits per query.")] = 10,
+    queries_file: Annotated[
+        Path | None, typer.Option(help="More text queries, one a line.")
+    ] = None,
+    image_features: Annotated[
+        Path | None, typer.Option(help="Image queries: region features (.npy) -> captions.")
+    ] = None,
+    shortlist: Annotated[
+        int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle (default: the one the gallery was indexed with).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")] = "fp32",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint, for --backend torch only.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per query.")] = False,
+) -> None:
+    """Text->image (texts) and image->text (--image-features) search, all queries batched."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from scan_deploy.precomp import load_files
+    from scan_deploy.runtime.retriever import Retriever
+
+    texts = list(text or [])
+    if queries_file is not None:
+        texts += [line.strip() for line in _read_lines(queries_file) if line.strip()]
+    if not texts and image_features is None:
+        raise UserError("no query: give texts, --queries-file or --image-features")
+    retriever = Retriever.open(
+        bundle, gallery, backend, precision, threads=threads, checkpoint=checkpoint
+    )
+    results: list[tuple[str, list]] = []
+    if texts:
+        results += list(zip(texts, retriever.search_text(texts, k, shortlist), strict=True))
+    if image_features is not None:
+        images = load_files(image_features, None).images
+        hits = retriever.search_image(np.asarray(images), k, shortlist)
+        results += [(f"{image_features.name}[{i}]", h) for i, h in enumerate(hits)]
+    for name, hits in results:
+        if as_json:
+            print(json.dumps({"query": name, "hits": [asdict(h) for h in hits]}))
+            continue
+        table = Table(title=f"{name!r}")
+        for column in ("rank", "id", "score", "text"):
+            table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+        for rank, hit in enumerate(hits, start=1):
+            table.add_row(str(rank), hit.id, f"{hit.score:.4f}", hit.text or "")
+        console.print(table)
+
+
+@app.command()
+def bench(
+    gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
+    batch: Annotated[
+        list[int] | None, typer.Option(help="Queries per call (repeat; default 1, 8, 32).")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Hits per query.")] = 10,
+    shortlist: Annotated[
+        int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")
+    ] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per batch size.")] = 3,
+    iterations: Annotated[int, typer.Option(min=1, help="Timed calls per batch size.")] = 20,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle (default: the one the gallery was indexed with).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")] = "fp32",
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint, for --backend torch only.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Text->image search latency (p50/p95/p99), queries/s and pairs/s per batch size, and the
+    shortlist's top-k agreement with exhaustive SCAN."""
+    from scan_deploy.runtime.bench import run_bench
+    from scan_deploy.runtime.retriever import Retriever
+
+    batches = batch or [1, 8, 32]
+    if min(batches) < 1:
+        raise UserError(f"--batch: expected sizes >= 1, got {batches}")
+    retriever = Retriever.open(
+        bundle, gallery, backend, precision, threads=threads, checkpoint=checkpoint
+    )
+    with err_console.status("benchmarking"):
+        report = run_bench(retriever, batches, k, shortlist, warmup, iterations)
+    if as_json:
+        print(json.dumps(report))
+        return
+    title = (
+        f"{gallery}: {report['gallery']['items']} images ({report['gallery']['dtype']}), "
+        f"{report['backend']}, {report['precision']} graphs, k={k}"
+        + (f", shortlist {shortlist}" if shortlist else ", exhaustive")
+    )
+    table = Table(title=title)
+    for column in ("batch", "p50 ms", "p95 ms", "p99 ms", "mean ms", "queries/s", "pairs/s"):
+        table.add_column(column, justify="right")
+    for row in report["batches"]:
+        table.add_row(
+            str(row["batch"]),
+            *(f"{row[key]:.2f}" for key in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")),
+            f"{row['qps']:.1f}",
+            f"{row['pairs_per_s']:,.0f}",
+        )
+    if "agreement" in report:
+        agreement = report["agreement"]
+        top_k, top_1 = agreement["top_k_agreement"], agreement["top_1_agreement"]
+        table.caption = (
+            f"shortlist vs exhaustive on {agreement['queries']} queries: "
+            f"top-{k} agreement {100 * top_k:.1f}%, top-1 {100 * top_1:.1f}%"
+        )
+    console.print(table)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read queries ({exc})") from None
+
+
 @app.command("build-engine")
 def build_engine_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
@@ -594,11 +767,16 @@ def build_engine_command(
 
 def main() -> None:
     """Entry point: user mistakes print one line and exit 2, never a traceback."""
+    import logging
+
     import click
 
     from scan_deploy.allocator import keep_freed_memory
 
     keep_freed_memory()
+    warnings = logging.StreamHandler()  # the runtime's documented warnings, one line each
+    warnings.setFormatter(logging.Formatter("warning: %(message)s"))
+    logging.getLogger("scan_deploy").addHandler(warnings)
     try:
         code = app(standalone_mode=False)
     except UserError as exc:

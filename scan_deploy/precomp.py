@@ -28,7 +28,7 @@ class PrecompSplit:
 
     images: np.ndarray  # (N, R, F) float32, memory-mapped
     captions: list[str]
-    captions_per_image: int  # 5 or 1
+    captions_per_image: int  # 5 or 1 (0: features read without captions)
     features_path: Path | None = None  # where `images` was read from, for error messages
 
     @property
@@ -64,12 +64,22 @@ def load_split(data_dir: str | Path, split: str, *, check_finite: bool = True) -
     """Read and validate one split; the features stay memory-mapped."""
     ims_path, caps_path = split_paths(data_dir, split)
     _require_files(Path(data_dir), split, ims_path, caps_path)
-    images = _open_features(ims_path)
+    return load_files(ims_path, caps_path, check_finite=check_finite)
+
+
+def load_files(
+    ims_path: Path, caps_path: Path | None, *, check_finite: bool = True
+) -> PrecompSplit:
+    """Features (memory-mapped) and, unless `caps_path` is None, their captions, from any two
+    files in the precomp format (without captions: an empty caption list, 0 per image)."""
+    images = _open_features(Path(ims_path))
     if check_finite:
-        _check_finite(images, ims_path)
-    captions = _read_captions(caps_path)
-    per_image = _captions_per_image(len(captions), images.shape[0], caps_path, ims_path)
-    return PrecompSplit(images, captions, per_image, ims_path)
+        _check_finite(images, Path(ims_path))
+    if caps_path is None:
+        return PrecompSplit(images, [], 0, Path(ims_path))
+    captions = _read_captions(Path(caps_path))
+    per_image = _captions_per_image(len(captions), images.shape[0], Path(caps_path), Path(ims_path))
+    return PrecompSplit(images, captions, per_image, Path(ims_path))
 
 
 def find_vocab(data_dir: str | Path) -> Path:

@@ -206,3 +206,83 @@ def load_engine(path: str | Path, bundle: Bundle, precision: str | None = None) 
     if engine is None:
         raise UserError(f"{path}: TensorRT could not deserialize the engine (its log says why)")
     return engine
+
+
+# --- Running engines (the runtime's TensorRT runner, `scan_deploy.runtime.backends`) ---------
+# TensorRT 10.x and 11.x: `ICudaEngine.num_io_tensors/get_tensor_name/get_tensor_mode/
+# get_tensor_dtype/num_optimization_profiles/get_tensor_profile_shape/create_execution_context`,
+# `trt.nptype`, `IExecutionContext.set_optimization_profile_async/set_input_shape/
+# get_tensor_shape/set_tensor_address/execute_async_v3` (no binding indices: gone since 10.0).
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EngineTensor:
+    """One I/O tensor of an engine: its name, direction and numpy dtype name."""
+
+    name: str
+    is_input: bool
+    dtype: str
+
+
+def engine_tensors(engine: Any) -> list[EngineTensor]:
+    """The engine's I/O tensors, in the engine's order."""
+    import numpy as np
+
+    trt = import_tensorrt()
+    tensors = []
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+        tensors.append(EngineTensor(name, is_input, dtype))
+    return tensors
+
+
+def engine_profiles(engine: Any, inputs: list[str]) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """(min, opt, max) shapes of every input, per optimization profile."""
+    return [
+        {
+            name: tuple(
+                tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(name, k)
+            )
+            for name in inputs
+        }
+        for k in range(engine.num_optimization_profiles)
+    ]
+
+
+def create_execution_context(engine: Any, path: str | Path = "engine") -> Any:
+    context = engine.create_execution_context()
+    if context is None:
+        raise UserError(
+            f"{path}: TensorRT could not create an execution context (out of GPU memory?)"
+        )
+    return context
+
+
+def set_optimization_profile(context: Any, index: int, stream_handle: int) -> None:
+    if not context.set_optimization_profile_async(index, stream_handle):
+        raise UserError(f"TensorRT refused to switch to optimization profile {index}")
+
+
+def set_input_shape(context: Any, name: str, shape: Shape) -> None:
+    if not context.set_input_shape(name, tuple(int(d) for d in shape)):
+        raise UserError(f"TensorRT refused the shape {tuple(shape)} of input {name!r}")
+
+
+def tensor_shape(context: Any, name: str) -> Shape:
+    """The shape of an I/O tensor under the input shapes set (-1 where unknown)."""
+    return tuple(int(d) for d in context.get_tensor_shape(name))
+
+
+def set_tensor_address(context: Any, name: str, address: int) -> None:
+    if not context.set_tensor_address(name, int(address)):
+        raise UserError(f"TensorRT refused the device address of tensor {name!r}")
+
+
+def execute_async(context: Any, stream_handle: int) -> None:
+    """Enqueue the engine on the stream (`execute_async_v3`)."""
+    if not context.execute_async_v3(stream_handle):
+        raise UserError("TensorRT could not enqueue the engine (its log above says why)")

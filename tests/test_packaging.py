@@ -32,6 +32,7 @@ def test_wheel_maps_top_level_folders_into_scan_deploy(tmp_path):
         "scan_deploy/export",
         "scan_deploy/calibration",
         "scan_deploy/runtime",
+        "scan_deploy/runtime/backends",
     ):
         assert f"{package}/__init__.py" in names
     assert not any(n.startswith(("export/", "runtime/", "calibration/", "tests/")) for n in names)

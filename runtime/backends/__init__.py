@@ -1,0 +1,7 @@
+"""Inference backends behind one small interface (Polygraphy's runners): `open_backend(bundle,
+"onnxruntime" | "tensorrt" | "torch", precision)` -> a `Backend` whose `runner(graph)` runs one
+graph on numpy arrays. Each backend's library is imported when it is opened."""
+
+from scan_deploy.runtime.backends.base import BACKENDS, Backend, Runner, open_backend
+
+__all__ = ["BACKENDS", "Backend", "Runner", "open_backend"]

@@ -1,0 +1,200 @@
+"""One small interface for every inference backend, as Polygraphy's runners have.
+
+A `Backend` opens the bundle's graphs (or the engines built from them) for one precision; its
+`runner(graph)` runs one of the three graphs (`image_encoder`, `text_encoder`, `scorer`):
+`run(feeds)` takes numpy arrays by input name and returns the graph's outputs in the manifest's
+order, as float32 / int64 numpy arrays. The same feeds give the same outputs on every backend,
+up to the precision's error.
+
+    backend = open_backend(load_bundle("bundle"), "onnxruntime", "fp32")
+    regions, region_gram, pooled = backend.runner("image_encoder").run({"features": features})
+
+Backends live one per module, each importing its library lazily (`onnxruntime`, `tensorrt` with
+cuda-python or pycuda, `torch`), so `import scan_deploy.runtime.backends` needs numpy only and
+the runtime never imports torch or onnx unless the torch backend is asked for.
+
+Feeds are checked against the manifest before any backend sees them (`prepare_feeds`): every
+input present, of the graph's rank, fixed dims as exported and symbolic dims (`batch`,
+`words`, ...) of one size across the inputs sharing them; arrays are cast to the input's dtype.
+Names the graph does not take are ignored, so one dict of arrays can feed the scorer of either
+attention direction (it takes `region_gram` for t2i, `caption_gram` for i2t).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle
+from scan_deploy.engine_sidecar import ENGINES_DIR, read_sidecar
+from scan_deploy.errors import UserError
+
+LOG = logging.getLogger("scan_deploy.runtime")
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+
+class Runner(Protocol):
+    """Runs one graph. `inputs`/`outputs` are the manifest's entries (name, dtype, shape)."""
+
+    graph: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs in the manifest's order (float32 / int64 numpy arrays)."""
+        ...
+
+
+class Backend(Protocol):
+    name: str  # "onnxruntime (CUDAExecutionProvider)", "tensorrt 10.3.0", "torch cuda"
+    precision: str
+
+    def runner(self, graph: str) -> Runner:
+        """The runner of `graph`, created on first use and then reused."""
+        ...
+
+
+def open_backend(
+    bundle: Bundle,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    *,
+    threads: int = 0,
+    providers: Sequence[str] | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+) -> Backend:
+    """Open `bundle` on `backend` at `precision`.
+
+    - onnxruntime: `providers` (cpu, cuda, tensorrt; most preferred first, default: every one
+      this onnxruntime has, TensorRT before CUDA before CPU) and `threads`
+      (intra_op_num_threads, 0 = onnxruntime's default; the other backends ignore it);
+    - tensorrt: the engines `scan-deploy build-engine --backend tensorrt` wrote under
+      `BUNDLE/engines/`, checked against their sidecars;
+    - torch: the PyTorch reference from `checkpoint` (the one the bundle was exported from) on
+      `device` (default cuda when available, else cpu).
+    `providers`, `checkpoint` and `device` given to a backend they do not apply to are refused
+    (one-line UserError).
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"backend: got {backend!r}, expected one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision: got {precision!r}, expected one of {', '.join(PRECISIONS)}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise UserError(f"threads: expected an integer >= 0, got {threads!r}")
+    if threads and backend != "onnxruntime":
+        LOG.info("threads: applies to the onnxruntime backend, ignored by %s", backend)
+    for option, given, applies_to in (
+        ("providers", providers is not None, "onnxruntime"),
+        ("checkpoint", checkpoint is not None, "torch"),
+        ("device", device is not None, "torch"),
+    ):
+        if given and backend != applies_to:
+            raise UserError(f"{option}: applies to the {applies_to} backend, not {backend}")
+    if backend == "torch":
+        from scan_deploy.runtime.backends.torch_backend import TorchBackend
+
+        return TorchBackend(bundle, precision, checkpoint, device)
+    bundle.graph(GRAPHS[0], precision)  # a missing variant: UserError naming `calibrate`
+    if backend == "onnxruntime":
+        from scan_deploy.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, precision, threads=threads, providers=providers)
+    from scan_deploy.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend(bundle, precision)
+
+
+def check_graph(graph: str) -> None:
+    if graph not in GRAPHS:
+        raise UserError(f"graph: got {graph!r}, expected one of {', '.join(GRAPHS)}")
+
+
+def prepare_feeds(
+    graph: str,
+    inputs: list[dict[str, Any]],
+    feeds: Mapping[str, Any],
+    dtypes: Mapping[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """The graph's inputs, in the manifest's order, as C-contiguous arrays of the input's dtype
+    (`dtypes` overrides the manifest's, e.g. with an engine's own I/O types); a one-line
+    UserError names the first input that is missing or of the wrong shape."""
+    result: dict[str, np.ndarray] = {}
+    sizes: dict[str, tuple[str, int]] = {}  # symbolic dim -> (first input with it, size)
+    for value in inputs:
+        name = value["name"]
+        if name not in feeds:
+            expected = ", ".join(v["name"] for v in inputs)
+            raise UserError(f"{graph}: input {name!r} is missing (the graph takes {expected})")
+        dtype = np.dtype((dtypes or {}).get(name, value["dtype"]))
+        array = np.ascontiguousarray(feeds[name], dtype=dtype)
+        dims = value["shape"]
+        if array.ndim != len(dims):
+            raise UserError(
+                f"{graph}: input {name!r} has shape {array.shape}, expected "
+                f"{len(dims)} dims ({', '.join(str(d) for d in dims)})"
+            )
+        for axis, (dim, size) in enumerate(zip(dims, array.shape, strict=True)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise UserError(
+                        f"{graph}: input {name!r} has shape {array.shape}, dim {axis} must be {dim}"
+                    )
+            elif dim in sizes and sizes[dim][1] != size:
+                first, expected_size = sizes[dim]
+                raise UserError(
+                    f"{graph}: input {name!r} has {dim}={size} (dim {axis}), "
+                    f"input {first!r} has {dim}={expected_size}"
+                )
+            else:
+                sizes.setdefault(dim, (name, size))
+        result[name] = array
+    return result
+
+
+def as_output(array: Any) -> np.ndarray:
+    """Outputs leave every runner as float32 (float16 engines included) or int64."""
+    array = np.asarray(array)
+    if array.dtype.kind == "f" and array.dtype != np.float32:
+        return array.astype(np.float32)
+    if array.dtype.kind in "iu" and array.dtype != np.int64:
+        return array.astype(np.int64)
+    return array
+
+
+def find_engines(
+    bundle: Bundle, backend: str, graph: str, precision: str, provider: str | None = None
+) -> list[tuple[Path, dict[str, Any]]]:
+    """The artifacts `scan-deploy build-engine` wrote under `BUNDLE/engines/` for this backend,
+    graph, precision (and ONNX Runtime provider), newest first, with their sidecars. Only
+    their sidecars are read here: whether one fits the running backend and device is for
+    the loader to check. An unreadable sidecar is skipped with a warning."""
+    folder = bundle.path / ENGINES_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob("*.json"):
+        try:
+            sidecar = read_sidecar(path)
+        except UserError as exc:
+            LOG.warning("ignoring %s", exc)
+            continue
+        if (sidecar["backend"], sidecar["graph"], sidecar["precision"]) != (
+            backend,
+            graph,
+            precision,
+        ):
+            continue
+        if provider is not None and sidecar.get("provider") != provider:
+            continue
+        name = sidecar["engine"].get("file")
+        if not isinstance(name, str) or Path(name).name != name:
+            name = path.with_suffix(".engine" if backend == "tensorrt" else ".onnx").name
+        engine = folder / name
+        found.append((engine, sidecar, path.stat().st_mtime))
+    found.sort(key=lambda item: (-item[2], item[0].name))
+    return [(engine, sidecar) for engine, sidecar, _ in found]

@@ -1,0 +1,160 @@
+"""The ONNX Runtime backend: one `InferenceSession` per graph.
+
+Execution providers, most preferred first: TensorRT, CUDA, then the CPU, among those this
+onnxruntime has (`onnxruntime.get_available_providers()`), or among the `providers` asked for
+(cpu, cuda, tensorrt). The CPU provider always ends the list: ONNX Runtime places on it the
+nodes the others do not take. A provider asked for but missing is a logged warning, not an
+error, and the backend's name says which provider leads (`onnxruntime (CPUExecutionProvider)`).
+
+Each graph's session comes, when there is one, from an artifact `scan-deploy build-engine
+--backend onnxruntime --provider P` wrote under `BUNDLE/engines/` for the graph, the precision
+and the leading provider: `scan_deploy.export.ort_engine.load_session` checks its sidecar
+(bundle graph hash, vocabulary, onnxruntime version, device, file hash) and creates the
+session with the settings recorded there (importing neither torch nor onnx). A stale artifact
+is skipped with a warning, and the session is created from the bundle's graph instead.
+
+`InferenceSession.run` is thread-safe, so one runner serves several threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scan_deploy.runtime.backends.base import (
+    LOG,
+    as_output,
+    check_graph,
+    find_engines,
+    prepare_feeds,
+)
+
+from scan_deploy.bundle import Bundle
+from scan_deploy.engine_sidecar import EXECUTION_PROVIDERS
+from scan_deploy.errors import UserError
+
+INSTALL_HINT = (
+    "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu "
+    "(CUDA and TensorRT execution providers)"
+)
+# Most preferred first.
+PROVIDER_ORDER = ("tensorrt", "cuda", "cpu")
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return onnxruntime
+
+
+def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """The providers (short names, most preferred first) a session is created with: those
+    requested (default: all of `PROVIDER_ORDER`) that `available` has, then the CPU. A provider
+    requested but unavailable is logged as a warning; an unknown name is a UserError."""
+    if requested is not None:
+        if isinstance(requested, str):
+            requested = [requested]
+        for name in requested:
+            if name not in EXECUTION_PROVIDERS:
+                raise UserError(
+                    f"providers: got {name!r}, expected one of {', '.join(PROVIDER_ORDER)}"
+                )
+    wanted = list(dict.fromkeys(PROVIDER_ORDER if requested is None else requested))
+    chosen = [p for p in wanted if EXECUTION_PROVIDERS[p] in available]
+    missing = [EXECUTION_PROVIDERS[p] for p in wanted if p not in chosen]
+    if "cpu" not in chosen:
+        chosen.append("cpu")
+    if missing:
+        LOG.log(
+            logging.WARNING if requested is not None else logging.INFO,
+            "onnxruntime has no %s (it has %s): using %s",
+            ", ".join(missing),
+            ", ".join(available),
+            EXECUTION_PROVIDERS[chosen[0]],
+        )
+    return chosen
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, graph: str, entry: dict[str, Any], session: Any, source: Path) -> None:
+        self.graph = graph
+        self.inputs: list[dict[str, Any]] = entry["inputs"]
+        self.outputs: list[dict[str, Any]] = entry["outputs"]
+        self.session = session
+        self.source = source  # the model file the session runs
+        self._output_names = [value["name"] for value in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = prepare_feeds(self.graph, self.inputs, feeds)
+        return [as_output(x) for x in self.session.run(self._output_names, arrays)]
+
+
+class OnnxRuntimeBackend:
+    def __init__(
+        self,
+        bundle: Bundle,
+        precision: str = "fp32",
+        *,
+        threads: int = 0,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.ort = import_onnxruntime()
+        self.bundle = bundle
+        self.precision = precision
+        self.threads = threads
+        self.providers = choose_providers(providers, self.ort.get_available_providers())
+        self.name = f"onnxruntime ({EXECUTION_PROVIDERS[self.providers[0]]})"
+        self._runners: dict[str, OnnxRuntimeRunner] = {}
+        self._lock = threading.Lock()
+
+    def runner(self, graph: str) -> OnnxRuntimeRunner:
+        check_graph(graph)
+        with self._lock:
+            if graph not in self._runners:
+                self._runners[graph] = self._open(graph)
+            return self._runners[graph]
+
+    def _open(self, graph: str) -> OnnxRuntimeRunner:
+        entry = self.bundle.graph(graph, self.precision)
+        session, source = self._artifact_session(graph)
+        if session is None:
+            source = self.bundle.path / entry["file"]
+            options = self.ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            names = [EXECUTION_PROVIDERS[p] for p in self.providers]
+            session = self.ort.InferenceSession(str(source), options, providers=names)
+        leading = EXECUTION_PROVIDERS[self.providers[0]]
+        if session.get_providers()[:1] != [leading]:
+            LOG.warning(
+                "%s: onnxruntime could not use %s, it runs on %s",
+                source,
+                leading,
+                ", ".join(session.get_providers()),
+            )
+        return OnnxRuntimeRunner(graph, entry, session, source)
+
+    def _artifact_session(self, graph: str) -> tuple[Any, Path | None]:
+        """A session on a build-engine artifact for this graph, precision and leading provider,
+        or (None, None) when there is none that fits."""
+        candidates = find_engines(
+            self.bundle, "onnxruntime", graph, self.precision, provider=self.providers[0]
+        )
+        if not candidates:
+            return None, None
+        from scan_deploy.export.ort_engine import load_session
+
+        for path, _ in candidates:
+            try:
+                session = load_session(path, self.bundle, self.precision, self.threads)
+            except UserError as exc:
+                LOG.warning("ignoring an onnxruntime artifact: %s", exc)
+                continue
+            LOG.info("%s: using the onnxruntime artifact %s", graph, path.name)
+            return session, path
+        return None, None

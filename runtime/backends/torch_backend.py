@@ -1,0 +1,181 @@
+"""The PyTorch backend: the reference model, answering exactly what each graph outputs.
+
+For checking the other backends against the model a bundle was exported from (and for running
+where only PyTorch is installed). It needs the checkpoint (`checkpoint=`: a scan-deploy
+checkpoint folder, or an original SCAN `.pth.tar`, read with the bundle's vocabulary) whose
+config and vocabulary must equal the bundle's. torch is imported when this backend is opened,
+never by `import scan_deploy.runtime`.
+
+The runners compute the graphs' outputs as `scan_deploy.export.verify.reference_outputs` does:
+- image_encoder: regions = img_enc(features), region_gram(regions), pooled_embedding(regions);
+- text_encoder: words = txt_enc(tokens, lengths), caption_gram(words),
+  pooled_embedding(words, lengths);
+- scorer: score_block(regions, words, lengths, config, gram) with the Gram the graph takes
+  (`region_gram` for t2i, `caption_gram` for i2t).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scan_deploy.runtime.backends.base import as_output, check_graph, prepare_feeds
+
+from scan_deploy.bundle import MANIFEST, Bundle
+from scan_deploy.errors import UserError
+
+INSTALL_HINT = "the torch backend needs PyTorch: pip install 'scan-deploy[reference]'"
+_FP32_LOCK = threading.Lock()
+
+
+def import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return torch
+
+
+def check_checkpoint(bundle: Bundle, config: Any, vocab: Any, source: str | Path) -> None:
+    """The checkpoint's config and vocabulary are the bundle's (one-line UserError otherwise)."""
+    ours, theirs = bundle.config.to_dict(), config.to_dict()
+    differing = [k for k in ours if ours[k] != theirs.get(k)]
+    if differing:
+        details = ", ".join(f"{k} {theirs.get(k)!r} (bundle: {ours[k]!r})" for k in differing)
+        raise UserError(
+            f"{source}: not the checkpoint of {bundle.path / MANIFEST}: its config has {details}"
+        )
+    if vocab != bundle.vocab:
+        raise UserError(
+            f"{source}: not the checkpoint of {bundle.path / MANIFEST}: its vocabulary "
+            f"({len(vocab)} words, sha256 {vocab.sha256()[:12]}…) differs from the bundle's "
+            f"({len(bundle.vocab)} words, sha256 {bundle.vocab.sha256()[:12]}…)"
+        )
+
+
+class TorchRunner:
+    def __init__(self, graph: str, entry: Mapping[str, Any], backend: TorchBackend) -> None:
+        self.graph = graph
+        self.inputs: list[dict[str, Any]] = entry["inputs"]
+        self.outputs: list[dict[str, Any]] = entry["outputs"]
+        self._backend = backend
+        self._names = [value["name"] for value in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = prepare_feeds(self.graph, self.inputs, feeds)
+        torch = self._backend.torch
+        device = self._backend.device
+        tensors = {name: torch.from_numpy(array).to(device) for name, array in arrays.items()}
+        with torch.inference_mode(), self._backend.fp32():
+            results = self._backend.compute(self.graph, tensors)
+        missing = [name for name in self._names if name not in results]
+        if missing:  # the manifest names an output the reference does not compute
+            raise UserError(f"{self.graph}: the torch backend has no output {missing[0]!r}")
+        return [as_output(results[name].detach().cpu().numpy()) for name in self._names]
+
+
+class TorchBackend:
+    def __init__(
+        self,
+        bundle: Bundle,
+        precision: str = "fp32",
+        checkpoint: str | Path | None = None,
+        device: str | None = None,
+    ) -> None:
+        if precision != "fp32":
+            raise UserError(
+                f"precision: the torch backend runs the fp32 reference, not {precision} "
+                "(run fp16/int8 graphs on onnxruntime or tensorrt)"
+            )
+        if checkpoint is None:
+            raise UserError(
+                "the torch backend needs the checkpoint the bundle was exported from "
+                "(pass checkpoint=, on the command line --checkpoint)"
+            )
+        self.torch = torch = import_torch()
+        try:
+            from scan_deploy import scoring
+            from scan_deploy.checkpoint import load_checkpoint
+        except ImportError as exc:  # safetensors
+            raise UserError(f"{INSTALL_HINT} ({exc.name} is missing)") from None
+        self._scoring = scoring
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise UserError(f"device: got {device!r}, expected cpu, cuda or cuda:N") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device}: this PyTorch sees no CUDA device")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise UserError(
+                f"device {device}: this PyTorch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+        loaded = load_checkpoint(checkpoint, bundle.path / bundle.manifest["vocab"]["file"])
+        check_checkpoint(bundle, loaded.config, loaded.vocab, checkpoint)
+        self.bundle = bundle
+        self.precision = precision
+        self.config = loaded.config
+        self.model = loaded.model.eval().to(self.device)
+        self.name = f"torch {self.device}"
+        self._runners: dict[str, TorchRunner] = {}
+        self._lock = threading.Lock()
+
+    def runner(self, graph: str) -> TorchRunner:
+        check_graph(graph)
+        with self._lock:
+            if graph not in self._runners:
+                self._runners[graph] = TorchRunner(graph, self.bundle.graph(graph), self)
+            return self._runners[graph]
+
+    @contextmanager
+    def fp32(self) -> Iterator[None]:
+        """On CUDA, cuDNN's RNNs in IEEE fp32 for the duration: PyTorch lets them use TF32 by
+        default (`torch.backends.cudnn.rnn.fp32_precision == "tf32"`, 10-bit mantissas), which
+        would take the reference GRU outside the export's 1e-5 tolerance. The setting is
+        process-wide, so it is changed and restored under a lock (CUDA runs are serialized)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        cudnn = self.torch.backends.cudnn
+        rnn = getattr(cudnn, "rnn", None)
+        # PyTorch >= 2.9 sets TF32 per operation; older versions have the one cuDNN flag.
+        holder, name, value = (
+            (rnn, "fp32_precision", "ieee")
+            if hasattr(rnn, "fp32_precision")
+            else (cudnn, "allow_tf32", False)
+        )
+        with _FP32_LOCK:
+            saved = getattr(holder, name)
+            setattr(holder, name, value)
+            try:
+                yield
+            finally:
+                setattr(holder, name, saved)
+
+    def compute(self, graph: str, x: dict[str, Any]) -> dict[str, Any]:
+        """The outputs of `graph` by name, from its inputs by name (torch tensors)."""
+        scoring, model = self._scoring, self.model
+        if graph == "image_encoder":
+            regions = model.img_enc(x["features"])
+            return {
+                "regions": regions,
+                "region_gram": scoring.region_gram(regions),
+                "global": scoring.pooled_embedding(regions),
+            }
+        if graph == "text_encoder":
+            words = model.txt_enc(x["tokens"], x["lengths"])
+            return {
+                "words": words,
+                "caption_gram": scoring.caption_gram(words),
+                "global": scoring.pooled_embedding(words, x["lengths"]),
+            }
+        gram = x.get("region_gram" if self.config.cross_attn == "t2i" else "caption_gram")
+        similarity = scoring.score_block(
+            x["regions"], x["words"], x["lengths"], self.config, gram=gram
+        )
+        return {"similarity": similarity}

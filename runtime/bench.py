@@ -1,0 +1,93 @@
+"""`scan-deploy bench`: latency and throughput of text→image search, as trtexec summarizes an
+engine: warm-up, then per batch size the p50/p95/p99 latency of one `search_text` call, queries
+per second and (image, query) pairs scored per second; with a shortlist, its top-k agreement with
+exhaustive SCAN on the same queries.
+
+Queries are the gallery's own texts (the first caption of each indexed image), drawn with a seed;
+a gallery indexed without captions is benchmarked on seeded random word sequences from the
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from scan_deploy.runtime.retriever import Retriever
+
+AGREEMENT_QUERIES = 50
+
+
+def bench_queries(retriever: Retriever, count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    texts = retriever.galleries["images"].texts
+    if texts:
+        return [texts[i] for i in rng.integers(0, len(texts), count)]
+    words = [w for w in retriever.bundle.vocab.word2idx if not w.startswith("<")]
+    return [" ".join(rng.choice(words, 8)) for _ in range(count)]
+
+
+def run_bench(
+    retriever: Retriever,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    k: int = 10,
+    shortlist: int | None = None,
+    warmup: int = 3,
+    iterations: int = 20,
+    seed: int = 0,
+) -> dict:
+    gallery = retriever.gallery_for("text", k, shortlist)
+    rows = []
+    for batch in batch_sizes:
+        queries = bench_queries(retriever, batch * (warmup + iterations), seed)
+        for i in range(warmup):
+            retriever.search_text(queries[i * batch : (i + 1) * batch], k, shortlist)
+        seconds = []
+        for i in range(warmup, warmup + iterations):
+            start = time.perf_counter()
+            retriever.search_text(queries[i * batch : (i + 1) * batch], k, shortlist)
+            seconds.append(time.perf_counter() - start)
+        ms = np.array(seconds) * 1e3
+        rows.append(
+            {
+                "batch": batch,
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p95_ms": float(np.percentile(ms, 95)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "mean_ms": float(ms.mean()),
+                "qps": float(batch / np.mean(seconds)),
+                "pairs_per_s": float(batch * gallery.count / np.mean(seconds)),
+            }
+        )
+    report = {
+        "backend": retriever.backend.name,
+        "precision": retriever.backend.precision,
+        "gallery": {"items": gallery.count, "dtype": gallery.dtype},
+        "k": k,
+        "shortlist": shortlist,
+        "warmup": warmup,
+        "iterations": iterations,
+        "batches": rows,
+    }
+    if shortlist is not None:
+        report["agreement"] = shortlist_agreement(retriever, k, shortlist, seed)
+    return report
+
+
+def shortlist_agreement(retriever: Retriever, k: int, shortlist: int, seed: int = 0) -> dict:
+    """Mean fraction of exhaustive SCAN's top k that the shortlisted search also returns, and
+    how often its top 1 agrees."""
+    queries = bench_queries(retriever, AGREEMENT_QUERIES, seed + 1)
+    exact = retriever.search_text(queries, k)
+    fast = retriever.search_text(queries, k, shortlist)
+    overlap = [
+        len({h.index for h in a} & {h.index for h in b}) / k
+        for a, b in zip(exact, fast, strict=True)
+    ]
+    top1 = [a[0].index == b[0].index for a, b in zip(exact, fast, strict=True)]
+    return {
+        "queries": len(queries),
+        "top_k_agreement": float(np.mean(overlap)),
+        "top_1_agreement": float(np.mean(top1)),
+    }

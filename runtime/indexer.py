@@ -1,0 +1,87 @@
+"""`scan-deploy index`: encode region features (and optionally captions) once into a gallery
+folder: `images/` for text→image search and `captions/` for image→text search (DESIGN.md §3).
+
+Image ids are the row numbers of the features file; caption ids are `image:k` (the k-th caption
+of that image, 5 or 1 per image as in the precomp format), so a hit names its ground truth. The
+whole folder is written beside the target and renamed when both galleries are complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scan_deploy.runtime.gallery import GalleryWriter
+
+from scan_deploy.atomic import atomic_dir
+from scan_deploy.batching import pad_tokens
+from scan_deploy.bundle import Bundle
+from scan_deploy.errors import UserError, input_error
+from scan_deploy.precomp import check_feature_dim, load_files
+
+IMAGE_BATCH = 32
+CAPTION_BATCH = 64
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def index_gallery(
+    bundle: Bundle,
+    backend,
+    features_path: Path,
+    captions_path: Path | None,
+    out: Path,
+    dtype: str = "fp16",
+    shard_size: int = 4096,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, int]:
+    """Write the gallery folder `out`; returns the number of items per kind."""
+    report = progress or (lambda stage, done, total: None)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: not empty (pass --force to overwrite)")
+    data = load_files(features_path, captions_path)  # checks NaN/Inf in bounded chunks
+    expected = bundle.manifest["shape_ranges"]["regions"]["opt"]
+    if data.num_regions != expected:
+        message = f"expected {expected} regions per image (the bundle's), got {data.num_regions}"
+        raise input_error(features_path, "shape", message)
+    check_feature_dim(data, bundle.config.img_dim, bundle.path / "manifest.json")
+    features, captions, per_image = data.images, data.captions, data.captions_per_image
+    counts = {"images": len(features)}
+    with atomic_dir(out) as tmp:
+        with GalleryWriter(tmp / "images", "images", bundle, dtype, shard_size) as writer:
+            runner = backend.runner("image_encoder")
+            for start in range(0, len(features), IMAGE_BATCH):
+                batch = np.asarray(features[start : start + IMAGE_BATCH], np.float32)
+                regions, region_gram, pooled = runner.run({"features": batch})
+                ids = [str(i) for i in ids_range(start, batch)]
+                texts = (
+                    [captions[i * per_image] for i in ids_range(start, batch)] if captions else None
+                )
+                writer.add(
+                    {"regions": regions, "region_gram": region_gram, "global": pooled}, ids, texts
+                )
+                report("images", len(batch), len(features))
+        if captions:
+            counts["captions"] = len(captions)
+            writer = GalleryWriter(tmp / "captions", "captions", bundle, dtype, shard_size)
+            _index_captions(writer, bundle, backend, captions, per_image, report)
+    return counts
+
+
+def ids_range(start: int, batch: np.ndarray) -> range:
+    return range(start, start + len(batch))
+
+
+def _index_captions(writer, bundle, backend, captions, per_image, report) -> None:
+    runner = backend.runner("text_encoder")
+    with writer:
+        for start in range(0, len(captions), CAPTION_BATCH):
+            chunk = captions[start : start + CAPTION_BATCH]
+            tokens, lengths = pad_tokens([bundle.vocab.encode(c) for c in chunk])
+            words, caption_gram, pooled = runner.run({"tokens": tokens, "lengths": lengths})
+            arrays = {"words": words, "lengths": lengths, "caption_gram": caption_gram}
+            ids = [f"{j // per_image}:{j % per_image}" for j in range(start, start + len(chunk))]
+            writer.add({**arrays, "global": pooled}, ids, chunk)
+            report("captions", len(chunk), len(captions))

@@ -1,0 +1,191 @@
+"""The retriever apps embed: a bundle, a gallery made by `scan-deploy index`, one backend.
+
+    retriever = Retriever.open("bundle", "gallery", backend="onnxruntime", precision="fp16")
+    hits = retriever.search_text(["a man riding a bike"], k=10)          # images for each text
+    hits = retriever.search_image(region_features, k=10, shortlist=1000) # captions for each image
+
+A gallery folder holds `images/` (searched by text) and, when `index` was given captions,
+`captions/` (searched by image). Queries are batched: captions sorted by length and scored 64 at
+a time against each gallery block, images 32 at a time. Concurrent callers are safe: each graph's
+runner is used under its own lock (TensorRT execution contexts are not re-entrant), so threads
+interleave at graph granularity.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.gallery import Gallery, open_gallery
+from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
+
+from scan_deploy.batching import pad_tokens
+from scan_deploy.bundle import GRAPHS, Bundle, load_bundle
+from scan_deploy.errors import UserError, input_error
+
+LOG = logging.getLogger("scan_deploy.runtime")
+TEXT_BATCH = 64
+IMAGE_BATCH = 32
+KINDS_BY_QUERY = {"text": "images", "image": "captions"}
+
+
+class _Locked:
+    """A runner used under a lock."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.lock = runner, threading.Lock()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self.lock:
+            return self.runner.run(feeds)
+
+
+class Retriever:
+    def __init__(self, bundle: Bundle, galleries: dict[str, Gallery], backend) -> None:
+        self.bundle, self.galleries, self.backend = bundle, galleries, backend
+        self._runners = {name: _Locked(backend.runner(name)) for name in GRAPHS}
+
+    @classmethod
+    def open(
+        cls,
+        bundle: str | Path | Bundle | None,
+        gallery: str | Path,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        *,
+        threads: int = 0,
+        providers: Sequence[str] | None = None,
+        checkpoint: str | Path | None = None,
+        verify: bool = True,
+    ) -> Retriever:
+        """`bundle` None: the bundle the gallery was indexed with (its recorded path)."""
+        galleries = open_galleries(gallery, verify)
+        if not isinstance(bundle, Bundle):
+            if bundle is None:
+                bundle = next(iter(galleries.values())).manifest["bundle"]["path"]
+            bundle = load_bundle(bundle)
+        for part in galleries.values():
+            part.check_bundle(bundle)
+        opened = open_backend(
+            bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
+        )
+        return cls(bundle, galleries, opened)
+
+    def encode_text(self, texts: Sequence[str]) -> Queries:
+        """Caption-side scorer inputs of `texts`, padded to their longest (in input order)."""
+        return self._encode_tokens([self._tokens(text) for text in texts])
+
+    def _encode_tokens(self, token_lists: list[list[int]]) -> Queries:
+        tokens, lengths = pad_tokens(token_lists)
+        words, caption_gram, pooled = self._runners["text_encoder"].run(
+            {"tokens": tokens, "lengths": lengths}
+        )
+        return Queries(
+            {"words": words, "lengths": lengths, "caption_gram": caption_gram, "global": pooled}
+        )
+
+    def encode_images(self, features: np.ndarray) -> Queries:
+        """Image-side scorer inputs of region features (images, regions, img_dim)."""
+        features = self._check_features(features)
+        outputs = [
+            self._runners["image_encoder"].run({"features": features[start : start + IMAGE_BATCH]})
+            for start in range(0, len(features), IMAGE_BATCH)
+        ]
+        regions, region_gram, pooled = (
+            np.concatenate(parts) for parts in zip(*outputs, strict=True)
+        )
+        return Queries({"regions": regions, "region_gram": region_gram, "global": pooled})
+
+    def search_text(
+        self, texts: Sequence[str], k: int = 10, shortlist: int | None = None
+    ) -> list[list[Hit]]:
+        """The k best gallery images for each text, best first."""
+        if not texts:
+            return []
+        gallery = self.gallery_for("text", k, shortlist)
+        token_lists = [self._tokens(text) for text in texts]
+        order = np.argsort([-len(t) for t in token_lists], kind="stable")
+        results: list[list[Hit]] = [[] for _ in texts]
+        for start in range(0, len(order), TEXT_BATCH):
+            chunk = order[start : start + TEXT_BATCH]
+            queries = self._encode_tokens([token_lists[i] for i in chunk])
+            for i, hits in zip(chunk, self._search(queries, gallery, k, shortlist), strict=True):
+                results[i] = hits
+        return results
+
+    def search_image(
+        self, features: np.ndarray, k: int = 10, shortlist: int | None = None
+    ) -> list[list[Hit]]:
+        """The k best gallery captions for each image's region features, best first."""
+        gallery = self.gallery_for("image", k, shortlist)
+        features = self._check_features(features)
+        results: list[list[Hit]] = []
+        for start in range(0, len(features), IMAGE_BATCH):
+            queries = self.encode_images(features[start : start + IMAGE_BATCH])
+            results += self._search(queries, gallery, k, shortlist)
+        return results
+
+    def _search(self, queries: Queries, gallery: Gallery, k: int, size: int | None):
+        scorer, cross_attn = self._runners["scorer"], self.bundle.config.cross_attn
+        if size is None or size >= gallery.count:
+            scores, indices = exhaustive(scorer, queries, gallery, k, cross_attn)
+        else:
+            scores, indices = reranked(scorer, queries, gallery, k, size, cross_attn)
+        texts = gallery.texts
+        return [
+            [
+                Hit(int(i), gallery.ids[i], float(s), texts[i] if texts is not None else None)
+                for s, i in zip(row_scores, row_indices, strict=True)
+            ]
+            for row_scores, row_indices in zip(scores, indices, strict=True)
+        ]
+
+    def gallery_for(self, query: str, k: int, shortlist: int | None) -> Gallery:
+        kind = KINDS_BY_QUERY[query]
+        if kind not in self.galleries:
+            raise UserError(
+                f"the gallery has no {kind}: {query} queries need `scan-deploy index` "
+                + ("--captions" if kind == "captions" else "--features")
+            )
+        gallery = self.galleries[kind]
+        if not 1 <= k <= gallery.count:
+            raise input_error(None, "-k", f"expected 1..{gallery.count} (gallery size), got {k}")
+        if shortlist is not None and not k <= shortlist:
+            raise input_error(None, "--shortlist", f"expected at least k = {k}, got {shortlist}")
+        return gallery
+
+    def _tokens(self, text: str) -> list[int]:
+        if not text.strip():
+            raise input_error(None, "query", "empty query: expected some words")
+        tokens = self.bundle.vocab.encode(text)
+        unknown = self.bundle.vocab(self.bundle.vocab.UNK)
+        if all(t == unknown for t in tokens[1:-1]):
+            LOG.warning("query %r: no word is in the vocabulary; answering anyway", text)
+        return tokens
+
+    def _check_features(self, features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float32)
+        regions = self.bundle.manifest["shape_ranges"]["regions"]
+        expected = (regions["opt"], self.bundle.config.img_dim)
+        if features.ndim != 3 or features.shape[1:] != expected:
+            raise input_error(
+                None,
+                "image features",
+                f"expected (images, {expected[0]}, {expected[1]}), got {features.shape}",
+            )
+        if not np.isfinite(features).all():
+            raise input_error(None, "image features", "contain NaN or Inf")
+        return features
+
+
+def open_galleries(path: str | Path, verify: bool = True) -> dict[str, Gallery]:
+    """The `images/` and `captions/` galleries of an index folder."""
+    path = Path(path)
+    found = {kind: path / kind for kind in ("images", "captions") if (path / kind).is_dir()}
+    if not found:
+        raise input_error(path, None, "not a gallery folder (expected images/ or captions/)")
+    return {kind: open_gallery(folder, verify) for kind, folder in found.items()}

@@ -1,0 +1,137 @@
+"""Scoring queries against a gallery: exhaustive exact SCAN, or a pooled-embedding shortlist
+re-ranked by the exact scorer, with a streaming top-k so memory stays bounded by one block.
+
+The scorer graph computes similarity(image, caption) for either search direction: text queries
+are the caption side against gallery images; image queries are the image side against gallery
+captions. Blocks of gallery items are read (and dequantized) from the memory-mapped shards one at
+a time, scored against every query of a batch in one scorer call, and merged into each query's
+top k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scan_deploy.runtime.gallery import Gallery
+
+GALLERY_BLOCK = 256  # gallery items per scorer call
+
+
+@dataclass(frozen=True)
+class Hit:
+    index: int  # position in the gallery
+    id: str
+    score: float
+    text: str | None
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Encoded queries: the scorer's inputs for the query side, plus the pooled embeddings.
+    Text queries hold `words`, `lengths`, `caption_gram`; image queries `regions`,
+    `region_gram`. `global` (queries, D) drives the shortlist."""
+
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def count(self) -> int:
+        return int(self.arrays["global"].shape[0])
+
+    def take(self, rows: np.ndarray) -> Queries:
+        return Queries({name: value[rows] for name, value in self.arrays.items()})
+
+
+class TopK:
+    """The k best (score, index) of each query over blocks seen so far."""
+
+    def __init__(self, queries: int, k: int) -> None:
+        self.k = k
+        self.scores = np.full((queries, 0), -np.inf, np.float32)
+        self.indices = np.zeros((queries, 0), np.int64)
+
+    def update(self, scores: np.ndarray, indices: np.ndarray) -> None:
+        """`scores` (queries, b) for the gallery items `indices` (b,) or (queries, b)."""
+        indices = np.broadcast_to(indices, scores.shape)
+        merged = np.concatenate([self.scores, scores], axis=1)
+        merged_indices = np.concatenate([self.indices, indices], axis=1)
+        keep = min(self.k, merged.shape[1])
+        best = np.argpartition(-merged, keep - 1, axis=1)[:, :keep]
+        self.scores = np.take_along_axis(merged, best, axis=1)
+        self.indices = np.take_along_axis(merged_indices, best, axis=1)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices), each (queries, k), best first (ties by lower index)."""
+        order = np.lexsort((self.indices, -self.scores), axis=1)
+        return (
+            np.take_along_axis(self.scores, order, axis=1),
+            np.take_along_axis(self.indices, order, axis=1),
+        )
+
+
+def scorer_feeds(queries: Queries, items: dict[str, np.ndarray], cross_attn: str) -> dict:
+    """The scorer's inputs for queries × gallery items: the image side comes from whichever of
+    the two holds `regions`."""
+    images, captions = (items, queries.arrays) if "regions" in items else (queries.arrays, items)
+    feeds = {"regions": images["regions"], "words": captions["words"]}
+    feeds["lengths"] = captions["lengths"]
+    if cross_attn == "t2i":
+        feeds["region_gram"] = images["region_gram"]
+    else:
+        feeds["caption_gram"] = captions["caption_gram"]
+    return feeds
+
+
+def score(scorer, queries: Queries, items: dict[str, np.ndarray], cross_attn: str) -> np.ndarray:
+    """(queries, items) similarities of one block."""
+    similarity = scorer.run(scorer_feeds(queries, items, cross_attn))[0]
+    return similarity.T if "regions" in items else similarity
+
+
+def exhaustive(
+    scorer, queries: Queries, gallery: Gallery, k: int, cross_attn: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact SCAN scores of every query against every gallery item, streamed block by block."""
+    top = TopK(queries.count, k)
+    names = _item_arrays(gallery)
+    for shard in gallery.shards:
+        for start in range(0, shard.count, GALLERY_BLOCK):
+            stop = min(start + GALLERY_BLOCK, shard.count)
+            items = {name: shard.block(name, start, stop) for name in names}
+            top.update(
+                score(scorer, queries, items, cross_attn), shard.offset + np.arange(start, stop)
+            )
+    return top.result()
+
+
+def shortlist(queries: Queries, gallery: Gallery, size: int) -> np.ndarray:
+    """(queries, size) gallery indices with the largest pooled-embedding inner products."""
+    top = TopK(queries.count, size)
+    for offset, embeddings in gallery.global_embeddings():
+        top.update(queries.arrays["global"] @ embeddings.T, offset + np.arange(len(embeddings)))
+    return top.result()[1]
+
+
+def reranked(
+    scorer, queries: Queries, gallery: Gallery, k: int, size: int, cross_attn: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shortlist `size` candidates per query, then exact SCAN on those only."""
+    candidates = shortlist(queries, gallery, size)
+    keep = min(k, candidates.shape[1])
+    scores = np.empty((queries.count, keep), np.float32)
+    indices = np.empty((queries.count, keep), np.int64)
+    names = _item_arrays(gallery)
+    for q in range(queries.count):
+        one, top = queries.take(np.array([q])), TopK(1, keep)
+        for start in range(0, candidates.shape[1], GALLERY_BLOCK):
+            chosen = candidates[q, start : start + GALLERY_BLOCK]
+            items = {name: gallery.rows(name, chosen) for name in names}
+            top.update(score(scorer, one, items, cross_attn), chosen)
+        (scores[q],), (indices[q],) = top.result()
+    return scores, indices
+
+
+def _item_arrays(gallery: Gallery) -> tuple[str, ...]:
+    if gallery.kind == "images":
+        return ("regions", "region_gram")
+    return ("words", "lengths", "caption_gram")

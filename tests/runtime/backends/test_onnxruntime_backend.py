@@ -1,0 +1,165 @@
+"""The ONNX Runtime backend on the CPU: the runners reproduce the bundle's graphs run directly,
+provider choice and fallback, threads, build-engine artifacts (used when they validate, skipped
+with a warning when stale), precision variants, and concurrent runs."""
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.backends.onnxruntime_backend import choose_providers
+
+from scan_deploy.bundle import GRAPHS, load_bundle
+from scan_deploy.errors import UserError
+
+from .conftest import copy_bundle, encoder_inputs, run_pipeline
+
+ort = pytest.importorskip("onnxruntime")
+
+ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def direct_pipeline(bundle, features, tokens, lengths, precision="fp32"):
+    """The bundle's graphs in plain CPU sessions, chained as the runtime chains them."""
+    sessions = {
+        g: ort.InferenceSession(
+            str(bundle.graph_path(g, precision)), providers=["CPUExecutionProvider"]
+        )
+        for g in GRAPHS
+    }
+    image = sessions["image_encoder"].run(None, {"features": features})
+    text = sessions["text_encoder"].run(None, {"tokens": tokens, "lengths": lengths})
+    scorer = sessions["scorer"].run(
+        None,
+        {"regions": image[0], "region_gram": image[1], "words": text[0], "lengths": lengths},
+    )
+    return {"image_encoder": image, "text_encoder": text, "scorer": scorer}
+
+
+def assert_same(actual, expected, atol=1e-6):
+    for graph in GRAPHS:
+        assert len(actual[graph]) == len(expected[graph])
+        for got, want in zip(actual[graph], expected[graph], strict=True):
+            assert got.dtype == np.float32 and got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+
+
+def test_runners_equal_the_fp32_graphs_run_directly(tiny):
+    backend = open_backend(tiny.bundle)
+    assert backend.name == "onnxruntime (CPUExecutionProvider)"
+    assert backend.precision == "fp32"
+    inputs = encoder_inputs(tiny.bundle)
+    actual = run_pipeline(backend, *inputs)
+    assert_same(actual, direct_pipeline(tiny.bundle, *inputs))
+    names = [[v["name"] for v in backend.runner(g).outputs] for g in GRAPHS]
+    assert names == [
+        ["regions", "region_gram", "global"],
+        ["words", "caption_gram", "global"],
+        ["similarity"],
+    ]
+    assert actual["scorer"][0].shape == (6, 6)
+    assert backend.runner("scorer") is backend.runner("scorer")  # one session per graph
+
+
+def test_choose_providers_prefers_tensorrt_then_cuda_then_cpu(caplog):
+    caplog.set_level(logging.INFO, "scan_deploy.runtime")
+    assert choose_providers(None, ALL) == ["tensorrt", "cuda", "cpu"]
+    assert choose_providers(["cuda"], ALL) == ["cuda", "cpu"]
+    assert choose_providers(["cpu", "cuda"], ALL) == ["cpu", "cuda"]
+    assert choose_providers("tensorrt", ALL) == ["tensorrt", "cpu"]
+    assert not caplog.records
+    assert choose_providers(None, ALL[1:]) == ["cuda", "cpu"]
+    assert choose_providers(None, ["CPUExecutionProvider"]) == ["cpu"]
+    first, second = caplog.records  # the default falling back is news, not a warning
+    assert (first.levelno, second.levelno) == (logging.INFO, logging.INFO)
+    assert second.getMessage() == (
+        "onnxruntime has no TensorrtExecutionProvider, CUDAExecutionProvider "
+        "(it has CPUExecutionProvider): using CPUExecutionProvider"
+    )
+    with pytest.raises(UserError, match=r"providers: got 'rocm', expected one of tensorrt"):
+        choose_providers(["rocm"], ALL)
+
+
+def test_requested_cuda_falls_back_to_cpu_with_a_warning(tiny, caplog):
+    caplog.set_level(logging.WARNING, "scan_deploy.runtime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    backend = open_backend(tiny.bundle, providers=["cuda"])
+    assert backend.name == "onnxruntime (CPUExecutionProvider)"
+    (record,) = [r for r in caplog.records if r.name == "scan_deploy.runtime"]
+    assert record.levelno == logging.WARNING
+    assert "CUDAExecutionProvider" in record.getMessage()
+    assert "using CPUExecutionProvider" in record.getMessage()
+    runner = backend.runner("image_encoder")
+    assert runner.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_threads_set_intra_op_threads(tiny):
+    backend = open_backend(tiny.bundle, threads=1)
+    session = backend.runner("text_encoder").session
+    assert session.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(UserError, match="threads: expected an integer >= 0"):
+        open_backend(tiny.bundle, threads=-1)
+
+
+def test_build_engine_artifact_used_when_it_validates(tiny, tmp_path, caplog):
+    from scan_deploy.export.build_engine import BuildOptions, build_engines
+
+    path = copy_bundle(tiny.bundle, tmp_path / "bundle")
+    bundle = load_bundle(path)
+    rows = build_engines(bundle, BuildOptions(backend="onnxruntime", provider="cpu"))
+    files = {row["graph"]: row["file"] for row in rows}
+    backend = open_backend(bundle, threads=1)
+    inputs = encoder_inputs(bundle)
+    for graph in GRAPHS:
+        runner = backend.runner(graph)
+        assert str(runner.source) == files[graph]
+        assert runner.session.get_session_options().intra_op_num_threads == 1
+    assert_same(run_pipeline(backend, *inputs), direct_pipeline(bundle, *inputs), atol=1e-5)
+
+    # A changed artifact fails its sidecar check: skipped with a warning, the graph runs instead.
+    with open(files["scorer"], "ab") as handle:
+        handle.write(b"\0")
+    caplog.set_level(logging.WARNING, "scan_deploy.runtime")
+    runner = open_backend(bundle).runner("scorer")
+    assert runner.source == bundle.graph_path("scorer")
+    (record,) = [r for r in caplog.records if r.name == "scan_deploy.runtime"]
+    assert "ignoring an onnxruntime artifact" in record.getMessage()
+    assert "sha256" in record.getMessage()
+
+
+def test_precision_variants_and_a_missing_one(tiny, tmp_path):
+    from ...export.tiny_bundle import add_variant
+
+    path = copy_bundle(tiny.bundle, tmp_path / "bundle")
+    add_variant(path, "fp16")
+    bundle = load_bundle(path)
+    backend = open_backend(bundle, precision="fp16")
+    assert backend.precision == "fp16"
+    assert backend.runner("scorer").source.name == "scorer.fp16.onnx"
+    inputs = encoder_inputs(bundle)
+    assert_same(run_pipeline(backend, *inputs), direct_pipeline(bundle, *inputs, "fp16"))
+    with pytest.raises(UserError, match=r"no int8 graphs \(run: scan-deploy calibrate"):
+        open_backend(bundle, precision="int8")
+
+
+def test_a_runner_serves_threads_concurrently(tiny):
+    runner = open_backend(tiny.bundle).runner("text_encoder")
+    batches = [encoder_inputs(tiny.bundle, batch=3 + k, seed=k) for k in range(4)]
+    expected = [runner.run({"tokens": t, "lengths": n}) for _, t, n in batches]
+    results = [None] * len(batches)
+
+    def work(k):
+        _, tokens, lengths = batches[k]
+        for _ in range(5):
+            results[k] = runner.run({"tokens": tokens, "lengths": lengths})
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, want in zip(results, expected, strict=True):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)

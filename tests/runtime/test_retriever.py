@@ -1,0 +1,194 @@
+"""The runtime end to end with the ONNX Runtime backend on a small trained model: index the
+test split, query it, and get what the deployed pipeline ranks first; every error path."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from scan_deploy.export.compare import ort_similarities
+from scan_deploy.export.verify import session
+from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.indexer import index_gallery
+from scan_deploy.runtime.retriever import Retriever
+
+from scan_deploy.bundle import GRAPHS, load_bundle
+from scan_deploy.errors import UserError
+from scan_deploy.precomp import load_split
+
+
+@pytest.fixture(scope="module")
+def indexed(trained, tmp_path_factory):
+    """(bundle, test split, fp32 gallery folder, the ORT pipeline's similarity matrix)."""
+    data, _, bundle_path = trained
+    bundle = load_bundle(bundle_path)
+    out = tmp_path_factory.mktemp("gallery") / "g"
+    split = load_split(data, "test")
+    index_gallery(bundle, open_backend(bundle), data / "test_ims.npy", data / "test_caps.txt",
+                  out, dtype="fp32", shard_size=150)  # fmt: skip
+    sessions = {name: session(str(bundle.graph_path(name))) for name in GRAPHS}
+    return bundle, split, out, ort_similarities(bundle, sessions, split)
+
+
+def test_text_search_returns_the_pipelines_ranking(indexed):
+    bundle, split, gallery, sims = indexed
+    retriever = Retriever.open(bundle, gallery)
+    queries = list(range(0, split.num_captions, 37))
+    hits = retriever.search_text([split.captions[j] for j in queries], k=5)
+    for j, row in zip(queries, hits, strict=True):
+        expected = np.argsort(-sims[:, j], kind="stable")[:5]
+        assert [h.index for h in row] == expected.tolist()
+        np.testing.assert_allclose([h.score for h in row], sims[expected, j], atol=1e-5)
+        assert [h.id for h in row] == [str(i) for i in expected]
+    found = [j // 5 in [h.index for h in row] for j, row in zip(queries, hits, strict=True)]
+    assert np.mean(found) > 4 * 5 / 400  # the ground truth is in the top 5 far above chance
+
+
+def test_image_search_returns_the_pipelines_ranking(indexed):
+    bundle, split, gallery, sims = indexed
+    retriever = Retriever(bundle, Retriever.open(bundle, gallery).galleries, open_backend(bundle))
+    images = [0, 57, 399]
+    hits = retriever.search_image(np.asarray(split.images[images]), k=8)
+    for i, row in zip(images, hits, strict=True):
+        expected = np.argsort(-sims[i], kind="stable")[:8]
+        assert [h.index for h in row] == expected.tolist()
+        assert all(h.id == f"{h.index // 5}:{h.index % 5}" for h in row)
+        assert row[0].text == split.captions[row[0].index]
+
+
+def test_shortlist_of_the_whole_gallery_is_exhaustive_and_smaller_ones_rerank(indexed):
+    bundle, split, gallery, _ = indexed
+    retriever = Retriever.open(bundle, gallery)
+    texts = split.captions[:40]
+    exact = retriever.search_text(texts, k=5)
+    assert retriever.search_text(texts, k=5, shortlist=400) == exact
+    short = retriever.search_text(texts, k=5, shortlist=50)
+    for a, b in zip(exact, short, strict=True):  # re-ranked with the exact scorer
+        for hit in b:
+            match = [h for h in a if h.index == hit.index]
+            assert not match or abs(match[0].score - hit.score) < 1e-6
+
+
+def test_concurrent_callers_get_the_same_answers(indexed):
+    bundle, split, gallery, _ = indexed
+    retriever = Retriever.open(bundle, gallery)
+    texts = split.captions[:24]
+    expected = retriever.search_text(texts, k=3)
+    results, errors = {}, []
+
+    def worker(n):
+        try:
+            results[n] = retriever.search_text(texts, k=3)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(r == expected for r in results.values())
+
+
+def test_bad_queries_are_one_line_errors(indexed, caplog):
+    bundle, split, gallery, _ = indexed
+    retriever = Retriever.open(bundle, gallery)
+    with pytest.raises(UserError, match="empty query"):
+        retriever.search_text(["  "])
+    with pytest.raises(UserError, match=r"-k: expected 1\.\.400"):
+        retriever.search_text(["a dog"], k=0)
+    with pytest.raises(UserError, match=r"-k: expected 1\.\.400"):
+        retriever.search_text(["a dog"], k=401)
+    with pytest.raises(UserError, match="--shortlist: expected at least k"):
+        retriever.search_text(["a dog"], k=10, shortlist=5)
+    with pytest.raises(UserError, match=r"expected \(images, 8, 32\)"):
+        retriever.search_image(np.zeros((1, 8, 31), np.float32))
+    with pytest.raises(UserError, match="NaN or Inf"):
+        retriever.search_image(np.full((1, 8, 32), np.nan, np.float32))
+    assert len(retriever.search_text(["qwerty zxcvb"], k=2)[0]) == 2  # OOV only: answered
+    assert "no word is in the vocabulary" in caplog.text
+
+
+def test_a_gallery_from_another_bundle_is_refused(indexed, tmp_path):
+    bundle, _, gallery, _ = indexed
+    import shutil
+
+    shutil.copytree(bundle.path, tmp_path / "other")
+    manifest = (tmp_path / "other" / "manifest.json").read_text()
+    digest = load_bundle(tmp_path / "other").manifest["graphs"]["scorer"]["sha256"]
+    (tmp_path / "other" / "manifest.json").write_text(manifest.replace(digest, "0" * 64))
+    with pytest.raises(UserError):  # the bundle itself no longer matches its scorer file
+        Retriever.open(tmp_path / "other", gallery)
+
+
+def test_runtime_does_not_import_torch(indexed):
+    bundle, split, gallery, _ = indexed
+    code = (
+        "import sys\n"
+        "from scan_deploy.runtime.retriever import Retriever\n"
+        f"r = Retriever.open({str(bundle.path)!r}, {str(gallery)!r})\n"
+        f"assert r.search_text([{split.captions[0]!r}], k=1)[0][0].index == 0 or True\n"
+        "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, sorted(sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "scan_deploy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_index_query_bench_commands(trained, tmp_path):
+    data, _, bundle = trained
+    out = tmp_path / "g"
+    files = ("--features", data / "test_ims.npy", "--captions", data / "test_caps.txt")
+    done = _cli("index", bundle, *files, "--out", out, "--dtype", "int8", "--shard-size", 100)
+    assert done.returncode == 0, done.stderr
+    assert "400 images, 2000 captions (int8" in done.stdout
+    caption = (data / "test_caps.txt").read_text().splitlines()[10]
+    done = _cli("query", out, caption, "-k", 3, "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["query"] == caption and len(answer["hits"]) == 3
+    np.save(tmp_path / "q.npy", np.load(data / "test_ims.npy")[:2])
+    done = _cli("query", out, "--image-features", tmp_path / "q.npy", "-k", 2, "--json")
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [len(line["hits"]) for line in lines] == [2, 2]
+    done = _cli("bench", out, "--batch", 1, "--batch", 4, "--iterations", 2, "--warmup", 0,
+                "--shortlist", 50, "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [row["batch"] for row in report["batches"]] == [1, 4]
+    assert 0.0 <= report["agreement"]["top_k_agreement"] <= 1.0
+    table = _cli("query", out, caption, "-k", 2)
+    assert table.returncode == 0 and "rank" in table.stdout
+
+
+def test_runtime_commands_fail_in_one_line(trained, tmp_path):
+    data, _, bundle = trained
+    out = tmp_path / "g"
+    assert _cli("index", bundle, "--features", data / "test_ims.npy", "--out", out).returncode == 0
+    cases = [
+        ("query", tmp_path, "a dog"),  # not a gallery
+        ("query", out),  # no query at all
+        ("query", out, "--image-features", tmp_path / "q.npy"),  # image queries, no captions
+        ("index", bundle, "--features", data / "test_caps.txt", "--out", tmp_path / "x"),
+        ("index", bundle, "--features", data / "test_ims.npy", "--out", out),  # not empty
+        ("bench", out, "--batch", 0),
+    ]
+    np.save(tmp_path / "q.npy", np.load(data / "test_ims.npy")[:1])
+    for args in cases:
+        done = _cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+    shard = next((out / "images").glob("shard-*/regions.npy"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    done = _cli("query", out, "a dog")
+    assert done.returncode == 2 and "regions.npy" in done.stderr
