@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from scan_deploy.calibration.data import Feed, FeedReader
+from scan_deploy.export.graph_builder import with_oldest_ir_version
 
 METHODS = {
     "max": CalibrationMethod.MinMax,
@@ -79,6 +80,6 @@ def quantize(
                 extra_options=dict(TENSORRT_OPTIONS),
                 calibration_cache_path=cache,
             )
-            return onnx.load(str(output))
+            return with_oldest_ir_version(onnx.load(str(output)))
     finally:
         quant_logger.setLevel(level)

@@ -94,7 +94,15 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.producer_name = "scan-deploy"
-        return model
+        return with_oldest_ir_version(model)
+
+
+def with_oldest_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Stamp the oldest IR version the model's opsets allow (opset 17: IR 8). `make_model` writes
+    the installed onnx's newest IR (14 with onnx 1.2x), which older readers refuse: ONNX Runtime
+    1.30 stops at IR 13, TensorRT 10's parser (onnx 1.16) at IR 10."""
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return model
 
 
 def value_info(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:

@@ -42,6 +42,7 @@ TENSORRT_OPS = frozenset(
     Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
     Transpose Trilu Unsqueeze Upsample Where Xor""".split()  # noqa: SIM905
 )
+MAX_IR_VERSION = 10  # onnx 1.16, the onnx-tensorrt of TensorRT 10.x (JetPack 6: 10.3)
 QUANTIZED_OPS_REFUSED = frozenset({"DynamicQuantizeLinear", "QLinearMatMul", "MatMulInteger"})
 # DLA layer table (TensorRT 10 "DLA Supported Layers and Restrictions") as ONNX operators.
 DLA_OPS = frozenset(
@@ -79,6 +80,17 @@ def lint_model(model: onnx.ModelProto, graph: str, dla: bool = False) -> list[Fi
         }
     )
     findings = []
+    if model.ir_version > MAX_IR_VERSION:
+        findings.append(
+            Finding(
+                graph,
+                "model",
+                "ir_version",
+                "error",
+                f"IR version {model.ir_version}: TensorRT 10's ONNX parser (onnx 1.16) reads IR "
+                f"<= {MAX_IR_VERSION}; re-export with this version of scan-deploy",
+            )
+        )
     for index, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{index}"
 

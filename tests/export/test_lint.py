@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from scan_deploy.export.graph_builder import with_oldest_ir_version
 from scan_deploy.export.lint import lint_bundle, lint_model
 from scan_deploy.export.writer import ShapeRanges, export_bundle
 
@@ -20,7 +21,8 @@ def _model(nodes, initializers=(), inputs=None, opset=17):
     inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return with_oldest_ir_version(model)
 
 
 def _errors(model, dla=False):
@@ -29,7 +31,15 @@ def _errors(model, dla=False):
 
 def test_clean_graph_has_no_findings():
     model = _model([helper.make_node("Relu", ["x"], ["y"])])
+    assert model.ir_version == 8  # opset 17
     assert lint_model(model, "g") == []
+
+
+def test_ir_version_newer_than_tensorrt_10_reads():
+    model = _model([helper.make_node("Relu", ["x"], ["y"])])
+    model.ir_version = 14  # what onnx 1.2x's make_model writes
+    ((op, text),) = _errors(model)
+    assert op == "ir_version" and "IR version 14" in text and "<= 10" in text
 
 
 @pytest.mark.parametrize(
