@@ -69,7 +69,10 @@ class TorchRunner:
         arrays = prepare_feeds(self.graph, self.inputs, feeds)
         torch = self._backend.torch
         device = self._backend.device
-        tensors = {name: torch.from_numpy(array).to(device) for name, array in arrays.items()}
+        tensors = {  # memory-mapped inputs are read-only: torch needs its own copy of those
+            name: torch.from_numpy(array if array.flags.writeable else array.copy()).to(device)
+            for name, array in arrays.items()
+        }
         with torch.inference_mode(), self._backend.fp32():
             results = self._backend.compute(self.graph, tensors)
         missing = [name for name in self._names if name not in results]
