@@ -586,9 +586,11 @@ class Gallery:
             )
 
     def global_embeddings(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(offset, float32 (n, D)) per shard, in gallery order."""
+        """(offset, float32 (n, D)) per shard, in gallery order: the read-only memory maps
+        themselves (`global` is float32 in every dtype), so a shortlist's inner products read
+        the file pages without a copy (bench_query: 427 -> 110 ms over 484K images)."""
         for shard in self.shards:
-            yield shard.offset, shard.block("global", 0, shard.count)
+            yield shard.offset, shard.load("global")
 
     def rows(self, name: str, indices: np.ndarray) -> np.ndarray:
         """Rows of `name` at global item `indices` (any order, repeats allowed, across shards), as
