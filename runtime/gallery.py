@@ -488,6 +488,7 @@ class Shard:
     root: Path = field(default=Path("."), repr=False)
     files: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
     dtype: str = "fp32"
+    headers: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     def path(self, name: str) -> Path:
         return self.root / self._entry(name)["file"]
@@ -517,13 +518,55 @@ class Shard:
         return self._read(name, indices)
 
     def _read(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
-        raw = self.load(name)[rows]
+        raw = self._raw(name, rows)
         if name == "lengths":
             return np.array(raw, dtype=np.int64)
         scale_name = name + SCALE_SUFFIX
         if raw.dtype == np.int8 and scale_name in self.files:
-            return dequantize_int8(raw, self.load(scale_name)[rows])
+            return dequantize_int8(raw, self._raw(scale_name, rows))
         return np.array(raw, dtype=np.float32)
+
+    def _raw(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        """A block from the memory map; scattered rows (re-ranking) by positioned reads."""
+        return self.load(name)[rows] if isinstance(rows, slice) else self._pread(name, rows)
+
+    def _pread(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Scattered rows by positioned reads, runs of consecutive rows in one call. A re-rank
+        touches ~100 shards per block: `np.load` per array and shard (header parsing, path
+        resolution, a new memory map) was 75% of `Gallery.rows`; the header is read once."""
+        header, shape, dtype = self._layout(name)
+        out = np.empty((len(rows), *shape[1:]), dtype)
+        if not len(rows):
+            return out
+        row_bytes = out[0].nbytes
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        starts = [*np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1), len(rows)]
+        descriptor = os.open(self.path(name), os.O_RDONLY)
+        try:
+            for first, stop in zip(starts[:-1], starts[1:], strict=True):
+                wanted = (stop - first) * row_bytes
+                offset = header + int(rows[first]) * row_bytes
+                if os.preadv(descriptor, [flat[first:stop]], offset) != wanted:
+                    raise input_error(self.path(name), None, "truncated (re-run scan-deploy index)")
+        finally:
+            os.close(descriptor)
+        return out
+
+    def _layout(self, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
+        """(data offset, shape, dtype) of a C-ordered .npy file, read once per shard and array."""
+        if name not in self.headers:
+            with open(self.path(name), "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran_order, dtype = read(handle)
+                if fortran_order:
+                    raise input_error(self.path(name), None, "Fortran-ordered .npy: not ours")
+                self.headers[name] = (handle.tell(), shape, dtype)
+        return self.headers[name]
 
     def _entry(self, name: str) -> dict[str, Any]:
         if name not in self.files:
