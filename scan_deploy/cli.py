@@ -28,6 +28,17 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 
+# Options several commands share, declared once.
+Threads = Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")]
+Backend = Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")]
+GraphPrecision = Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")]
+TorchCheckpoint = Annotated[Path | None, typer.Option(help="Checkpoint, for --backend torch only.")]
+GalleryBundle = Annotated[
+    Path | None, typer.Option(help="Bundle (default: the one the gallery was indexed with).")
+]
+Shortlist = Annotated[int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")]
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"scan-deploy {__version__}")
@@ -298,7 +309,7 @@ def compare(
     vocab: Annotated[
         Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
     ] = None,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
+    threads: Threads = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """ONNX Runtime vs PyTorch on real data: per-graph errors and Recall@K of both pipelines.
@@ -367,7 +378,7 @@ def calibrate(
     vocab: Annotated[
         Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
     ] = None,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
+    threads: Threads = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """FP16 or INT8 (Q/DQ) graphs from calibration data, gated against the FP32 PyTorch reference:
@@ -377,7 +388,7 @@ def calibrate(
     from scan_deploy.calibration.calibrate import CalibrationSettings, calibrate_bundle
     from scan_deploy.checkpoint import load_checkpoint
     from scan_deploy.precomp import check_feature_dim, load_split
-    from scan_deploy.progress import progress_bar
+    from scan_deploy.progress import progress_bar, stage_bars
 
     settings = CalibrationSettings(precision, method, samples, seed, split, accept_loss, threads)
     loaded = load_bundle(bundle)
@@ -389,15 +400,8 @@ def calibrate(
     for data_split in (calibration_split, evaluation_split):
         check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
     with progress_bar(err_console, transient=True) as progress:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.advance(tasks[stage], done)
-
         report = calibrate_bundle(
-            loaded, ckpt, calibration_split, evaluation_split, settings, on_progress
+            loaded, ckpt, calibration_split, evaluation_split, settings, stage_bars(progress)
         )
     if as_json:
         print(json.dumps(report))
@@ -513,30 +517,22 @@ def index(
     ] = None,
     dtype: Annotated[str, typer.Option(help="Storage: fp32, fp16 or int8.")] = "fp16",
     shard_size: Annotated[int, typer.Option(min=1, help="Items per shard.")] = 4096,
-    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")] = "fp32",
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint, for --backend torch only.")
-    ] = None,
+    backend: Backend = "onnxruntime",
+    precision: GraphPrecision = "fp32",
+    threads: Threads = 0,
+    checkpoint: TorchCheckpoint = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Encode images (and captions) once into a sharded, memory-mapped gallery for `query`."""
     from scan_deploy.bundle import load_bundle
-    from scan_deploy.progress import progress_bar
+    from scan_deploy.progress import progress_bar, stage_bars
     from scan_deploy.runtime.backends import open_backend
     from scan_deploy.runtime.indexer import index_gallery
 
     loaded = load_bundle(bundle)
     opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
     with progress_bar(err_console) as progress:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(f"encoding {stage}", total=total)
-            progress.advance(tasks[stage], done)
-
+        on_progress = stage_bars(progress, "encoding ")
         counts = index_gallery(
             loaded, opened, features, captions, out, dtype, shard_size, force, on_progress
         )
@@ -555,18 +551,12 @@ def query(
     image_features: Annotated[
         Path | None, typer.Option(help="Image queries: region features (.npy) -> captions.")
     ] = None,
-    shortlist: Annotated[
-        int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")
-    ] = None,
-    bundle: Annotated[
-        Path | None, typer.Option(help="Bundle (default: the one the gallery was indexed with).")
-    ] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")] = "fp32",
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint, for --backend torch only.")
-    ] = None,
+    shortlist: Shortlist = None,
+    bundle: GalleryBundle = None,
+    backend: Backend = "onnxruntime",
+    precision: GraphPrecision = "fp32",
+    threads: Threads = 0,
+    checkpoint: TorchCheckpoint = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per query.")] = False,
 ) -> None:
     """Text->image (texts) and image->text (--image-features) search, all queries batched."""
@@ -611,20 +601,14 @@ def bench(
         list[int] | None, typer.Option(help="Queries per call (repeat; default 1, 8, 32).")
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Hits per query.")] = 10,
-    shortlist: Annotated[
-        int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")
-    ] = None,
+    shortlist: Shortlist = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per batch size.")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="Timed calls per batch size.")] = 20,
-    bundle: Annotated[
-        Path | None, typer.Option(help="Bundle (default: the one the gallery was indexed with).")
-    ] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")] = "fp32",
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")] = 0,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint, for --backend torch only.")
-    ] = None,
+    bundle: GalleryBundle = None,
+    backend: Backend = "onnxruntime",
+    precision: GraphPrecision = "fp32",
+    threads: Threads = 0,
+    checkpoint: TorchCheckpoint = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Text->image search latency (p50/p95/p99), queries/s and pairs/s per batch size, and the

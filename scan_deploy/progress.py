@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import (
@@ -41,3 +42,15 @@ def progress_bar(console: Console, transient: bool = False) -> Progress:
         console=console,
         transient=transient,
     )
+
+
+def stage_bars(progress: Progress, prefix: str = "") -> Callable[[str, int, int], None]:
+    """A `(stage, done, total)` callback that keeps one bar per stage of `progress`."""
+    tasks: dict[str, int] = {}
+
+    def advance(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(prefix + stage, total=total)
+        progress.advance(tasks[stage], done)
+
+    return advance
