@@ -249,7 +249,24 @@ class Stream:
         _quietly(self.close)
 
 
-class DeviceBuffer:
+class _Growable:
+    """What both buffer kinds share: `capacity` bytes, reallocated by `resize`."""
+
+    capacity: int
+
+    def resize(self, nbytes: int) -> None:
+        raise NotImplementedError
+
+    def ensure(self, nbytes: int) -> bool:
+        """Grow to hold `nbytes` (by `grown_capacity`); True when it was reallocated."""
+        capacity = grown_capacity(self.capacity, nbytes)
+        if capacity == self.capacity:
+            return False
+        self.resize(capacity)
+        return True
+
+
+class DeviceBuffer(_Growable):
     """Linear device memory of `capacity` bytes at `ptr` (0 while empty)."""
 
     def __init__(self, nbytes: int = 0) -> None:
@@ -266,14 +283,6 @@ class DeviceBuffer:
         if nbytes > 0:
             self.ptr, self._token = self._api.malloc(nbytes)
             self.capacity = nbytes
-
-    def ensure(self, nbytes: int) -> bool:
-        """Grow to hold `nbytes` (by `grown_capacity`); True when it was reallocated."""
-        capacity = grown_capacity(self.capacity, nbytes)
-        if capacity == self.capacity:
-            return False
-        self.resize(capacity)
-        return True
 
     def copy_in(self, host: np.ndarray, stream: Stream) -> None:
         """Host -> device: the bytes of `host` (C-contiguous; page-locked for the copy to be
@@ -306,7 +315,7 @@ class DeviceBuffer:
         _quietly(self.close)
 
 
-class PinnedBuffer:
+class PinnedBuffer(_Growable):
     """Page-locked host memory of `capacity` bytes; `array` is its uint8 numpy view."""
 
     def __init__(self, nbytes: int = 0) -> None:
@@ -323,13 +332,6 @@ class PinnedBuffer:
         if nbytes > 0:
             self.array, self._token = self._api.malloc_host(nbytes)
             self.capacity = nbytes
-
-    def ensure(self, nbytes: int) -> bool:
-        capacity = grown_capacity(self.capacity, nbytes)
-        if capacity == self.capacity:
-            return False
-        self.resize(capacity)
-        return True
 
     def view(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A C-contiguous `shape`/`dtype` array on the start of this buffer (valid until the

@@ -3,8 +3,6 @@ variants written and hashed, calibration cached, refusals that write nothing."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from scan_deploy.calibration import calibrate as calibrate_module
@@ -16,6 +14,7 @@ from scan_deploy.bundle import GRAPHS, MANIFEST, load_bundle
 from scan_deploy.checkpoint import load_checkpoint
 from scan_deploy.errors import UserError
 from scan_deploy.precomp import load_split
+from tests.cli_runner import run_cli
 
 SAMPLES = 200
 
@@ -142,33 +141,24 @@ def _keep_nothing(units, build, measure, target):
     return Decision(kept=[])
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "scan_deploy", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_calibrate_command(trained, tmp_path):
     data, checkpoint, bundle = trained
     shutil.copytree(bundle, tmp_path / "bundle")
-    out = _cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "fp16",
+    out = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "fp16",
                "--samples", 50, "--json")  # fmt: skip
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)  # the checkpoint defaults to the bundle's source
     assert report["written"] and report["gate"]["split_images"] == 400
-    table = _cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int8",
+    table = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int8",
                  "--checkpoint", checkpoint, "--samples", 50)  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "error vs the FP32 PyTorch reference" in table.stdout and "PASSED" in table.stdout
     assert load_bundle(tmp_path / "bundle").precisions() == ["fp32", "fp16", "int8"]
-    bad = _cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int4")
+    bad = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int4")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "error: --precision: got 'int4', expected fp16 or int8"
     ]
-    missing = _cli("calibrate", tmp_path / "bundle", "--data", data,
+    missing = run_cli("calibrate", tmp_path / "bundle", "--data", data,
                    "--checkpoint", tmp_path / "nothing")  # fmt: skip
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1

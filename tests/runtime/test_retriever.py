@@ -19,6 +19,7 @@ from scan_deploy.bundle import GRAPHS, load_bundle
 from scan_deploy.checkpoint import load_checkpoint
 from scan_deploy.errors import UserError
 from scan_deploy.precomp import load_split
+from tests.cli_runner import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -135,45 +136,38 @@ def test_runtime_does_not_import_torch(indexed):
     assert done.returncode == 0, done.stderr
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "scan_deploy", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_index_query_bench_commands(trained, tmp_path):
     data, _, bundle = trained
     out = tmp_path / "g"
     files = ("--features", data / "test_ims.npy", "--captions", data / "test_caps.txt")
-    done = _cli("index", bundle, *files, "--out", out, "--dtype", "int8", "--shard-size", 100)
+    done = run_cli("index", bundle, *files, "--out", out, "--dtype", "int8", "--shard-size", 100)
     assert done.returncode == 0, done.stderr
     assert "400 images, 2000 captions (int8" in done.stdout
     caption = (data / "test_caps.txt").read_text().splitlines()[10]
-    done = _cli("query", out, caption, "-k", 3, "--json")
+    done = run_cli("query", out, caption, "-k", 3, "--json")
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["query"] == caption and len(answer["hits"]) == 3
     np.save(tmp_path / "q.npy", np.load(data / "test_ims.npy")[:2])
-    done = _cli("query", out, "--image-features", tmp_path / "q.npy", "-k", 2, "--json")
+    done = run_cli("query", out, "--image-features", tmp_path / "q.npy", "-k", 2, "--json")
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [len(line["hits"]) for line in lines] == [2, 2]
-    done = _cli("bench", out, "--batch", 1, "--batch", 4, "--iterations", 2, "--warmup", 0,
+    done = run_cli("bench", out, "--batch", 1, "--batch", 4, "--iterations", 2, "--warmup", 0,
                 "--shortlist", 50, "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert [row["batch"] for row in report["batches"]] == [1, 4]
     assert 0.0 <= report["agreement"]["top_k_agreement"] <= 1.0
-    table = _cli("query", out, caption, "-k", 2)
+    table = run_cli("query", out, caption, "-k", 2)
     assert table.returncode == 0 and "rank" in table.stdout
 
 
 def test_runtime_commands_fail_in_one_line(trained, tmp_path):
     data, _, bundle = trained
     out = tmp_path / "g"
-    assert _cli("index", bundle, "--features", data / "test_ims.npy", "--out", out).returncode == 0
+    assert (
+        run_cli("index", bundle, "--features", data / "test_ims.npy", "--out", out).returncode == 0
+    )
     cases = [
         ("query", tmp_path, "a dog"),  # not a gallery
         ("query", out),  # no query at all
@@ -184,10 +178,10 @@ def test_runtime_commands_fail_in_one_line(trained, tmp_path):
     ]
     np.save(tmp_path / "q.npy", np.load(data / "test_ims.npy")[:1])
     for args in cases:
-        done = _cli(*args)
+        done = run_cli(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
     shard = next((out / "images").glob("shard-*/regions.npy"))
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated
-    done = _cli("query", out, "a dog")
+    done = run_cli("query", out, "a dog")
     assert done.returncode == 2 and "regions.npy" in done.stderr

@@ -1,23 +1,12 @@
 """The command line end to end on a tiny synthetic set, and its handling of user mistakes."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from scan_deploy import __version__
-
-
-def run(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "scan_deploy", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
+from tests.cli_runner import run_cli as run
 
 
 @pytest.fixture(scope="module")
