@@ -34,11 +34,13 @@ fp16 ≤ 2⁻¹¹ ≈ 4.9e-4 of |x| (normal range; larger values than 65504 are 
 int8 ≤ max|row| / 254 (half a quantization step).
 
 Reading memory-maps every file (`np.load(mmap_mode="r")`); `Shard.block`/`Gallery.rows` copy and
-dequantize only the requested rows. `open_gallery` checks the manifest against the files (every
-file present, the .npy header's shape and dtype as recorded, the file size the header implies,
-and with `verify=True` each file's sha256) and fails with a one-line UserError naming the file.
+dequantize (`runtime/dequantize.py`) only the requested rows. `open_gallery` checks the manifest
+against the files (every file present, the .npy header's shape and dtype as recorded, the file
+size the header implies, and with `verify=True` each file's sha256) and fails with a one-line
+UserError naming the file.
 
-numpy and the standard library only: the runtime imports this module on devices without torch.
+numpy and the standard library only (onnxruntime, when installed, speeds up the float16 cast):
+the runtime imports this module on devices without torch.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scan_deploy.runtime.dequantize import to_float32
 
 from scan_deploy.atomic import atomic_dir, write_json
 from scan_deploy.bundle import GRAPHS, Bundle, sha256_file
@@ -112,10 +115,6 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     safe = np.where(scale > 0, scale, np.float32(1))
     q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
     return q, scale
-
-
-def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,9 +521,8 @@ class Shard:
         if name == "lengths":
             return np.array(raw, dtype=np.int64)
         scale_name = name + SCALE_SUFFIX
-        if raw.dtype == np.int8 and scale_name in self.files:
-            return dequantize_int8(raw, self._raw(scale_name, rows))
-        return np.array(raw, dtype=np.float32)
+        scale = self._raw(scale_name, rows) if scale_name in self.files else None
+        return to_float32(raw, scale)
 
     def _raw(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
         """A block from the memory map; scattered rows (re-ranking) by positioned reads."""

@@ -1,0 +1,66 @@
+"""Stored float16 / int8 to float32: bit-identical to numpy's cast, through ONNX Runtime's Cast
+when it is installed and through numpy without it, for every shape the gallery stores."""
+
+import numpy as np
+import pytest
+from scan_deploy.runtime import dequantize
+from scan_deploy.runtime.dequantize import to_float32
+
+
+def float16_block(shape) -> np.ndarray:
+    """Normal, subnormal, zero, signed zero, ±inf and the largest finite float16 values."""
+    values = np.random.default_rng(0).standard_normal(shape).astype(np.float16)
+    special = np.array([0.0, -0.0, 6e-8, -6e-8, 65504, -65504, np.inf, -np.inf], np.float16)
+    flat = values.reshape(-1)
+    flat[: special.size] = special[: flat.size]
+    return values
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 4, 4), (1, 1, 1), (0, 5, 8), (7,)])
+def test_float16_is_bit_identical_to_numpy(shape):
+    raw = float16_block(shape)
+    got = to_float32(raw)
+    assert got.dtype == np.float32 and got.shape == raw.shape
+    np.testing.assert_array_equal(got.view(np.uint32), raw.astype(np.float32).view(np.uint32))
+
+
+def test_float16_uses_onnxruntime_when_installed():
+    assert dequantize._cast_session() is not None
+
+
+def test_float16_falls_back_to_numpy_without_onnxruntime(monkeypatch):
+    monkeypatch.setattr(dequantize, "_cast_session", lambda: None)
+    raw = float16_block((3, 5, 8))
+    np.testing.assert_array_equal(to_float32(raw), raw.astype(np.float32))
+
+
+def test_float16_slices_of_a_memory_map_are_read(tmp_path):
+    """Blocks come from memory maps (read-only, maybe not contiguous after a row selection)."""
+    raw = float16_block((6, 5, 8))
+    np.save(tmp_path / "a.npy", raw)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    np.testing.assert_array_equal(to_float32(mapped[1:4]), raw[1:4].astype(np.float32))
+    np.testing.assert_array_equal(to_float32(mapped[:, ::2]), raw[:, ::2].astype(np.float32))
+
+
+def test_int8_is_values_times_row_scale():
+    rng = np.random.default_rng(1)
+    q = rng.integers(-127, 128, (4, 5, 8)).astype(np.int8)
+    scale = rng.random((4, 5)).astype(np.float32)
+    scale[0, 0] = 0  # an all-zero row
+    got = to_float32(q, scale)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, q.astype(np.float32) * scale[..., None])
+    assert not got[0, 0].any()
+
+
+def test_int8_without_scale_is_refused():
+    with pytest.raises(ValueError, match="per-row scale"):
+        to_float32(np.zeros((2, 3), np.int8))
+
+
+def test_float32_is_copied():
+    raw = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got = to_float32(raw)
+    np.testing.assert_array_equal(got, raw)
+    assert not np.shares_memory(got, raw)
