@@ -66,6 +66,7 @@ def run_bench(
         "gallery": {"items": gallery.count, "dtype": gallery.dtype},
         "k": k,
         "shortlist": shortlist,
+        "shortlist_engine": retriever.shortlist_engine,
         "warmup": warmup,
         "iterations": iterations,
         "batches": rows,

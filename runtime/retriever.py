@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.gallery import Gallery, open_gallery
+from scan_deploy.runtime.inner_product import resolve_engine
 from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
 
 from scan_deploy.batching import pad_tokens
@@ -45,8 +46,15 @@ class _Locked:
 
 
 class Retriever:
-    def __init__(self, bundle: Bundle, galleries: dict[str, Gallery], backend) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        galleries: dict[str, Gallery],
+        backend,
+        shortlist_engine: str = "auto",
+    ) -> None:
         self.bundle, self.galleries, self.backend = bundle, galleries, backend
+        self.shortlist_engine = resolve_engine(shortlist_engine)
         self._runners = {name: _Locked(backend.runner(name)) for name in GRAPHS}
 
     @classmethod
@@ -61,8 +69,10 @@ class Retriever:
         providers: Sequence[str] | None = None,
         checkpoint: str | Path | None = None,
         verify: bool = True,
+        shortlist_engine: str = "auto",
     ) -> Retriever:
-        """`bundle` None: the bundle the gallery was indexed with (its recorded path)."""
+        """`bundle` None: the bundle the gallery was indexed with (its recorded path).
+        `shortlist_engine`: `inner_product.ENGINES` (auto: FAISS when installed, else numpy)."""
         galleries = open_galleries(gallery, verify)
         if not isinstance(bundle, Bundle):
             if bundle is None:
@@ -70,10 +80,11 @@ class Retriever:
             bundle = load_bundle(bundle)
         for part in galleries.values():
             part.check_bundle(bundle)
+        engine = resolve_engine(shortlist_engine)
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
         )
-        return cls(bundle, galleries, opened)
+        return cls(bundle, galleries, opened, engine)
 
     def encode_text(self, texts: Sequence[str]) -> Queries:
         """Caption-side scorer inputs of `texts`, padded to their longest (in input order)."""
@@ -134,7 +145,9 @@ class Retriever:
         if size is None or size >= gallery.count:
             scores, indices = exhaustive(scorer, queries, gallery, k, cross_attn)
         else:
-            scores, indices = reranked(scorer, queries, gallery, k, size, cross_attn)
+            scores, indices = reranked(
+                scorer, queries, gallery, k, size, cross_attn, self.shortlist_engine
+            )
         texts = gallery.texts
         return [
             [

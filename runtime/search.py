@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scan_deploy.runtime.gallery import Gallery
+from scan_deploy.runtime.inner_product import resolve_engine, top_inner_products
 
 GALLERY_BLOCK = 256  # gallery items per scorer call
 
@@ -104,19 +105,28 @@ def exhaustive(
     return top.result()
 
 
-def shortlist(queries: Queries, gallery: Gallery, size: int) -> np.ndarray:
-    """(queries, size) gallery indices with the largest pooled-embedding inner products."""
+def shortlist(queries: Queries, gallery: Gallery, size: int, engine: str = "auto") -> np.ndarray:
+    """(queries, size) gallery indices with the largest pooled-embedding inner products, best
+    first; `engine` one of `inner_product.ENGINES`."""
+    engine = resolve_engine(engine)
     top = TopK(queries.count, size)
     for offset, embeddings in gallery.global_embeddings():
-        top.update(queries.arrays["global"] @ embeddings.T, offset + np.arange(len(embeddings)))
+        scores, indices = top_inner_products(queries.arrays["global"], embeddings, size, engine)
+        top.update(scores, offset + indices)
     return top.result()[1]
 
 
 def reranked(
-    scorer, queries: Queries, gallery: Gallery, k: int, size: int, cross_attn: str
+    scorer,
+    queries: Queries,
+    gallery: Gallery,
+    k: int,
+    size: int,
+    cross_attn: str,
+    engine: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shortlist `size` candidates per query, then exact SCAN on those only."""
-    candidates = shortlist(queries, gallery, size)
+    """Shortlist `size` candidates per query (on `engine`), then exact SCAN on those only."""
+    candidates = shortlist(queries, gallery, size, engine)
     keep = min(k, candidates.shape[1])
     scores = np.empty((queries.count, keep), np.float32)
     indices = np.empty((queries.count, keep), np.int64)

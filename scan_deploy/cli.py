@@ -37,6 +37,9 @@ GalleryBundle = Annotated[
     Path | None, typer.Option(help="Bundle (default: the one the gallery was indexed with).")
 ]
 Shortlist = Annotated[int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")]
+ShortlistEngine = Annotated[
+    str, typer.Option(help="Shortlist on auto (faiss if installed), numpy or faiss.")
+]
 
 
 def _version(value: bool) -> None:
@@ -552,6 +555,7 @@ def query(
         Path | None, typer.Option(help="Image queries: region features (.npy) -> captions.")
     ] = None,
     shortlist: Shortlist = None,
+    shortlist_engine: ShortlistEngine = "auto",
     bundle: GalleryBundle = None,
     backend: Backend = "onnxruntime",
     precision: GraphPrecision = "fp32",
@@ -573,7 +577,13 @@ def query(
     if not texts and image_features is None:
         raise UserError("no query: give texts, --queries-file or --image-features")
     retriever = Retriever.open(
-        bundle, gallery, backend, precision, threads=threads, checkpoint=checkpoint
+        bundle,
+        gallery,
+        backend,
+        precision,
+        threads=threads,
+        checkpoint=checkpoint,
+        shortlist_engine=shortlist_engine,
     )
     results: list[tuple[str, list]] = []
     if texts:
@@ -602,6 +612,7 @@ def bench(
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Hits per query.")] = 10,
     shortlist: Shortlist = None,
+    shortlist_engine: ShortlistEngine = "auto",
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per batch size.")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="Timed calls per batch size.")] = 20,
     bundle: GalleryBundle = None,
@@ -620,7 +631,13 @@ def bench(
     if min(batches) < 1:
         raise UserError(f"--batch: expected sizes >= 1, got {batches}")
     retriever = Retriever.open(
-        bundle, gallery, backend, precision, threads=threads, checkpoint=checkpoint
+        bundle,
+        gallery,
+        backend,
+        precision,
+        threads=threads,
+        checkpoint=checkpoint,
+        shortlist_engine=shortlist_engine,
     )
     with err_console.status("benchmarking"):
         report = run_bench(retriever, batches, k, shortlist, warmup, iterations)
@@ -630,7 +647,11 @@ def bench(
     title = (
         f"{gallery}: {report['gallery']['items']} images ({report['gallery']['dtype']}), "
         f"{report['backend']}, {report['precision']} graphs, k={k}"
-        + (f", shortlist {shortlist}" if shortlist else ", exhaustive")
+        + (
+            f", shortlist {shortlist} ({report['shortlist_engine']})"
+            if shortlist
+            else ", exhaustive"
+        )
     )
     table = Table(title=title)
     for column in ("batch", "p50 ms", "p95 ms", "p99 ms", "mean ms", "queries/s", "pairs/s"):

@@ -14,12 +14,14 @@ from scan_deploy.export.writer import ShapeRanges, export_bundle
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.indexer import index_gallery
 from scan_deploy.runtime.retriever import Retriever
+from scan_deploy.runtime.search import shortlist
 
 from scan_deploy.bundle import GRAPHS, load_bundle
 from scan_deploy.checkpoint import load_checkpoint
 from scan_deploy.errors import UserError
 from scan_deploy.precomp import load_split
 from tests.cli_runner import run_cli
+from tests.runtime.engines import SHORTLIST_ENGINES, needs_faiss
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,11 @@ def test_image_search_returns_the_pipelines_ranking(indexed):
         assert row[0].text == split.captions[row[0].index]
 
 
-def test_shortlist_of_the_whole_gallery_is_exhaustive_and_smaller_ones_rerank(indexed):
+@pytest.mark.parametrize("engine", SHORTLIST_ENGINES)
+def test_shortlist_of_the_whole_gallery_is_exhaustive_and_smaller_ones_rerank(indexed, engine):
     bundle, split, gallery, _ = indexed
-    retriever = Retriever.open(bundle, gallery)
+    retriever = Retriever.open(bundle, gallery, shortlist_engine=engine)
+    assert retriever.shortlist_engine == engine
     texts = split.captions[:40]
     exact = retriever.search_text(texts, k=5)
     assert retriever.search_text(texts, k=5, shortlist=400) == exact
@@ -72,6 +76,22 @@ def test_shortlist_of_the_whole_gallery_is_exhaustive_and_smaller_ones_rerank(in
         for hit in b:
             match = [h for h in a if h.index == hit.index]
             assert not match or abs(match[0].score - hit.score) < 1e-6
+
+
+@needs_faiss
+def test_shortlist_engines_pick_the_same_candidates(indexed):
+    """The shortlist streams over 3 shards (150, 150, 100 images): FAISS and numpy keep the same
+    50 best pooled-embedding products of every query, ordered best first."""
+    bundle, split, gallery, _ = indexed
+    retriever = Retriever.open(bundle, gallery)
+    queries = retriever.encode_text(split.captions[:30])
+    images = retriever.galleries["images"]
+    picked = {engine: shortlist(queries, images, 50, engine) for engine in ("numpy", "faiss")}
+    np.testing.assert_array_equal(picked["numpy"], picked["faiss"])
+    pooled = np.concatenate([emb for _, emb in images.global_embeddings()])
+    products = queries.arrays["global"] @ pooled.T
+    expected = np.argsort(-products, axis=1, kind="stable")[:, :50]
+    np.testing.assert_array_equal(picked["numpy"], expected)
 
 
 def test_concurrent_callers_get_the_same_answers(indexed):
@@ -153,9 +173,10 @@ def test_index_query_bench_commands(trained, tmp_path):
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [len(line["hits"]) for line in lines] == [2, 2]
     done = run_cli("bench", out, "--batch", 1, "--batch", 4, "--iterations", 2, "--warmup", 0,
-                "--shortlist", 50, "--json")  # fmt: skip
+                "--shortlist", 50, "--shortlist-engine", "numpy", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
+    assert report["shortlist_engine"] == "numpy"
     assert [row["batch"] for row in report["batches"]] == [1, 4]
     assert 0.0 <= report["agreement"]["top_k_agreement"] <= 1.0
     table = run_cli("query", out, caption, "-k", 2)
@@ -175,6 +196,7 @@ def test_runtime_commands_fail_in_one_line(trained, tmp_path):
         ("index", bundle, "--features", data / "test_caps.txt", "--out", tmp_path / "x"),
         ("index", bundle, "--features", data / "test_ims.npy", "--out", out),  # not empty
         ("bench", out, "--batch", 0),
+        ("query", out, "a dog", "--shortlist", 20, "--shortlist-engine", "annoy"),
     ]
     np.save(tmp_path / "q.npy", np.load(data / "test_ims.npy")[:1])
     for args in cases:
