@@ -29,15 +29,18 @@ query (`Retriever.search_text`, text encoding included) is timed on random vocab
 
 Reported: p50/p95/p99 latency of one query, exhaustive, search only and end to end; batched
 queries (sorted by length, 64 per scorer call, as `search_text` does) in pairs/s vs the single
-path; the shortlist search on the large gallery split into shortlist and re-rank stages, its
-top-10 and top-1 agreement with exhaustive SCAN on a subset of queries (sized by
-`--agreement-budget`); resident set (VmRSS, VmHWM, RssAnon, RssFile, ru_maxrss) before/after
-querying vs the gallery's size on disk, and one cold-cache query; GFLOP/s of the logits GEMM
-(2·N·R·D·T per query, T the padded words of the scorer call) vs a measured fp32 GEMM peak and
-the bytes/s of the shortlist stage vs a measured memory read bandwidth. Breakdowns are measured
-by timing the scorer calls, the gallery reads and the same GEMM alone, not guessed; what-ifs for
-runtime patches (the shortlist GEMV on the memory maps, re-rank rows read by `os.preadv`, an ONNX
-Runtime Cast instead of numpy's dequantization) are timed on the same data in the same run.
+path; the shortlist search on the large gallery (shortlist engine `auto`, and which engine that
+resolved to) split into shortlist and re-rank stages, its top-10 and top-1 agreement with
+exhaustive SCAN on a subset of queries (sized by `--agreement-budget`); resident set (VmRSS,
+VmHWM, RssAnon, RssFile, ru_maxrss) before/after querying vs the gallery's size on disk, and one
+cold-cache query; GFLOP/s of the logits GEMM (2·N·R·D·T per query, T the padded words of the
+scorer call) vs a measured fp32 GEMM peak and the bytes/s of the shortlist stage vs a measured
+memory read bandwidth. Breakdowns are measured by timing the scorer calls, the gallery reads and
+the same GEMM alone, not guessed. Side by side on the same data in the same run: the shortlist
+stage alone on engine `numpy` vs `faiss` (p50 over the same queries, and the fraction of
+shortlisted indices they share; faiss skipped when not installed), and the runtime's
+dequantization of one stored `regions` block (`to_float32`) vs numpy's plain `astype(float32)`
+(times the int8 scale), the baseline it replaced.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ from onnx import TensorProto
 from scan_deploy.export.writer import ShapeRanges, export_bundle
 from scan_deploy.runtime import search
 from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.dequantize import to_float32
 from scan_deploy.runtime.gallery import Gallery, GalleryWriter, open_gallery, stored_arrays
+from scan_deploy.runtime.inner_product import FAISS_HINT, resolve_engine
 from scan_deploy.runtime.retriever import TEXT_BATCH, Retriever
 from scan_deploy.runtime.search import GALLERY_BLOCK, Queries, exhaustive, reranked
 from workload import gemm_peak, workload_parser
@@ -78,7 +83,7 @@ from scan_deploy.vocab import Vocabulary
 MIB = 1024 * 1024
 FLOAT = TensorProto.FLOAT
 WRITE_BATCH = 1024  # images per GalleryWriter.add
-IMAGE_NAMES = ("regions", "region_gram")
+SHORTLIST_ENGINE = "auto"  # of the latency rows; the engine it resolves to is printed
 SHORTLIST_SIZES = (1000, 2000, 5000, 10000)  # exact top-k recall inside the shortlist, by size
 TARGETS = {"single_p50_ms": 50.0, "shortlist_p50_ms": 200.0, "agreement": 0.99}
 
@@ -398,6 +403,15 @@ def gemm_alone(items: int, regions: int, dim: int, words: int, threads: int) -> 
     return time.perf_counter() - start
 
 
+def ort_session(graph, threads: int):
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
 def read_bandwidth(megabytes: int = 1024) -> dict[str, float]:
     """GB/s of a float32 sum (one thread) and of a GEMV (BLAS threads) over an in-RAM array."""
     array = np.ones((megabytes * MIB // 4096, 1024), np.float32)
@@ -412,148 +426,75 @@ def read_bandwidth(megabytes: int = 1024) -> dict[str, float]:
     return out
 
 
-def dequantize_rates(gallery: Gallery, threads: int) -> dict[str, float]:
-    """G elements/s of turning one stored `regions` block into float32: numpy, as `Shard.block`
-    does, vs an ONNX Runtime Cast (and Mul by the int8 scale) on the raw stored block."""
+def dequantize_rates(gallery: Gallery, repeats: int = 5) -> dict:
+    """G elements/s of turning one stored `regions` block (read into memory first) into float32:
+    the runtime's `to_float32`, as `Shard.block` calls it, vs numpy's plain `astype(float32)`
+    (times the per-row scale for int8), the baseline it replaced; and whether both give the
+    same bits."""
     shard = gallery.shards[0]
     stop = min(GALLERY_BLOCK, shard.count)
     raw = np.ascontiguousarray(shard.load("regions")[:stop])
-    feeds = {"raw": raw}
-    nodes = [onnx.helper.make_node("Cast", ["raw"], ["values"], to=FLOAT)]
-    inputs = [
-        onnx.helper.make_tensor_value_info(
-            "raw", onnx.helper.np_dtype_to_tensor_dtype(raw.dtype), None
-        )
-    ]
+    scale = None
     if "regions_scale" in shard.files:
-        feeds["scale"] = np.ascontiguousarray(shard.load("regions_scale")[:stop, :, None])
-        nodes = [
-            onnx.helper.make_node("Cast", ["raw"], ["cast"], to=FLOAT),
-            onnx.helper.make_node("Mul", ["cast", "scale"], ["values"]),
-        ]
-        inputs.append(onnx.helper.make_tensor_value_info("scale", FLOAT, None))
-    output = [onnx.helper.make_tensor_value_info("values", FLOAT, None)]
-    session = ort_session(onnx.helper.make_graph(nodes, "dequantize", inputs, output), threads)
+        scale = np.ascontiguousarray(shard.load("regions_scale")[:stop])
     rates = {}
-    for name, fn in (
-        ("numpy", lambda: shard.block("regions", 0, stop)),
-        ("onnxruntime", lambda: session.run(None, feeds)),
-    ):
-        fn()
+    for name, fn in (("runtime", to_float32), ("numpy_astype", astype_float32)):
+        fn(raw, scale)
         start = time.perf_counter()
-        for _ in range(5):
-            fn()
-        rates[name + "_gelem_s"] = 5 * raw.size / (time.perf_counter() - start) / 1e9
-    return rates
+        for _ in range(repeats):
+            fn(raw, scale)
+        rates[name + "_gelem_s"] = repeats * raw.size / (time.perf_counter() - start) / 1e9
+    return {
+        **rates,
+        "ratio": rates["runtime_gelem_s"] / rates["numpy_astype_gelem_s"],
+        "identical": bool(np.array_equal(to_float32(raw, scale), astype_float32(raw, scale))),
+        "elements": raw.size,
+    }
 
 
-def ort_session(graph, threads: int):
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+def astype_float32(raw: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """numpy's dequantization before `to_float32`: `astype`, then the int8 scale in place."""
+    values = raw.astype(np.float32)
+    if scale is not None:
+        values *= scale[..., None]
+    return values
 
 
-def global_read_pass(gallery: Gallery) -> float:
-    """Seconds to read every shard's `global` as `shortlist` does, without the GEMV or top-k."""
-    start = time.perf_counter()
-    for _ in gallery.global_embeddings():
-        pass
-    return time.perf_counter() - start
-
-
-def shortlist_on_memmaps(queries: Queries, gallery: Gallery, size: int) -> float:
-    """Seconds of the shortlist with the GEMV run on each shard's memory map (no float32 copy):
-    a what-if for a patch, same top-k."""
-    maps = [(s.offset, s.load("global")) for s in gallery.shards]
-    start = time.perf_counter()
-    top = search.TopK(queries.count, size)
-    for offset, embeddings in maps:
-        top.update(queries.arrays["global"] @ embeddings.T, offset + np.arange(len(embeddings)))
-    top.result()
-    return time.perf_counter() - start
-
-
-class PreadArray:
-    """One stored array read by `os.preadv` of whole rows into a fresh buffer: an open file
-    and a parsed header kept per array, nothing memory-mapped (a patch's what-if)."""
-
-    def __init__(self, path: Path) -> None:
-        header = np.load(path, mmap_mode="r")
-        self.dtype, self.shape, self.offset = header.dtype, header.shape, header.offset
-        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def take(self, indices: np.ndarray) -> np.ndarray:
-        out = np.empty((len(indices), *self.shape[1:]), self.dtype)
-        buffer = memoryview(out).cast("B")
-        for j, i in enumerate(indices.tolist()):
-            chunk = buffer[j * self.row_bytes : (j + 1) * self.row_bytes]
-            os.preadv(self.fd, [chunk], self.offset + i * self.row_bytes)
-        return out
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def rows_pread(gallery: Gallery, arrays: dict, name: str, idx: np.ndarray) -> np.ndarray:
-    """`Gallery.rows` for images through `PreadArray`s (same values)."""
-    which = np.searchsorted(gallery.offsets, idx, side="right") - 1
-    out = np.empty((len(idx), *gallery.shards[0].shape(name)[1:]), np.float32)
-    for s in np.unique(which):
-        sel = np.flatnonzero(which == s)
-        local = idx[sel] - gallery.shards[s].offset
-        order = np.argsort(local, kind="stable")
-        data, scale = arrays[s][name]
-        values = data.take(local[order]).astype(np.float32)
-        if scale is not None:
-            values *= scale.take(local[order])[..., None]
-        out[sel[order]] = values
-    return out
-
-
-def reread(gallery: Gallery, candidates: np.ndarray, pread: bool) -> float:
-    """Seconds to read the re-rank blocks of `candidates` again (page cache warm): with
-    `Gallery.rows`, or with `rows_pread`."""
-    arrays = {}
-    if pread:
-        for shard in gallery.shards:
-            arrays[shard.index] = {
-                name: (
-                    PreadArray(shard.path(name)),
-                    PreadArray(shard.path(name + "_scale"))
-                    if name + "_scale" in shard.files
-                    else None,
-                )
-                for name in IMAGE_NAMES
+def shortlist_engines(gallery: Gallery, queries: Queries, args) -> dict:
+    """The shortlist stage alone, one query per call as `reranked` runs it, on engine `numpy`
+    and (when installed) `faiss`: p50 over the queries after the warm-up, and how many of the
+    shortlisted indices the two share (as a set, and at the same rank)."""
+    engines = ["numpy"] + (["faiss"] if resolve_engine("auto") == "faiss" else [])
+    timings, picked = {}, {}
+    for engine in engines:
+        seconds, rows = [], []
+        for i in range(queries.count):
+            one = queries.take(np.array([i]))
+            start = time.perf_counter()
+            rows.append(search.shortlist(one, gallery, args.shortlist, engine))
+            seconds.append(time.perf_counter() - start)
+        timings[engine] = stats(seconds[args.warmup :])
+        picked[engine] = np.concatenate(rows[args.warmup :])
+    report: dict = {"queries": queries.count - args.warmup, "engines": timings}
+    if "faiss" in timings:
+        numpy_, faiss_ = picked["numpy"], picked["faiss"]
+        shared = [len(set(a) & set(b)) / len(a) for a, b in zip(numpy_, faiss_, strict=True)]
+        report.update(
+            {
+                "faiss_speedup": timings["numpy"]["p50_ms"] / timings["faiss"]["p50_ms"],
+                "same_candidates": float(np.mean(shared)),
+                "same_rank": float(np.mean(numpy_ == faiss_)),
+                "faiss_threads": faiss_threads(),
             }
-    start = time.perf_counter()
-    for row in candidates:
-        for begin in range(0, len(row), GALLERY_BLOCK):
-            chosen = row[begin : begin + GALLERY_BLOCK]
-            for name in IMAGE_NAMES:
-                if pread:
-                    rows_pread(gallery, arrays, name, chosen)
-                else:
-                    gallery.rows(name, chosen)
-    seconds = time.perf_counter() - start
-    for entry in arrays.values():
-        for data, scale in entry.values():
-            data.close()
-            if scale is not None:
-                scale.close()
-    return seconds
+        )
+    return report
 
 
-def np_load_cost(gallery: Gallery, calls: int = 200) -> float:
-    """Seconds per `np.load(mmap_mode='r')` (what every `Shard.block`/`take` does per array)."""
-    shard = gallery.shards[-1]
-    start = time.perf_counter()
-    for _ in range(calls):
-        shard.load("regions")
-    return (time.perf_counter() - start) / calls
+def faiss_threads() -> int:
+    """The OpenMP threads `faiss.knn` runs on (the runtime leaves faiss's default)."""
+    import faiss
+
+    return faiss.omp_get_max_threads()
 
 
 def agreement(exact: np.ndarray, fast: np.ndarray) -> dict[str, float]:
@@ -605,7 +546,7 @@ def bench_single(scorer: TimedRunner, gallery: Gallery, queries: Queries, args) 
         "gflops_scorer": float(np.sum(flops) / np.sum(scorer_s) / 1e9),
         "gflop_per_query": float(np.mean(flops) / 1e9),
         "scorer_calls": scorer.calls,
-        "dequantize": dequantize_rates(gallery, args.threads),
+        "dequantize": dequantize_rates(gallery),
     }
 
 
@@ -660,8 +601,9 @@ def bench_reranked(scorer: TimedRunner, gallery: Gallery, queries: Queries, args
             scorer.reset()
             timed.seconds = 0.0
             start = time.perf_counter()
+            one = cropped(queries, [i])
             _, top[i : i + 1] = reranked(
-                scorer, cropped(queries, [i]), timed, args.k, args.shortlist, "t2i"
+                scorer, one, timed, args.k, args.shortlist, "t2i", SHORTLIST_ENGINE
             )
             totals.append(time.perf_counter() - start)
             reads.append(timed.seconds)
@@ -670,6 +612,7 @@ def bench_reranked(scorer: TimedRunner, gallery: Gallery, queries: Queries, args
     shortlist_stage = np.array(shortlist_s[keep])
     rerank_stage = np.array(totals[keep]) - shortlist_stage
     report = {
+        "engine": resolve_engine(SHORTLIST_ENGINE),
         "total": stats(totals[keep]),
         "shortlist_stage": stats(shortlist_stage),
         "rerank_stage": stats(rerank_stage),
@@ -681,25 +624,17 @@ def bench_reranked(scorer: TimedRunner, gallery: Gallery, queries: Queries, args
 
 
 def bench_large(scorer: TimedRunner, gallery: Gallery, args, speedup: float) -> dict:
-    """Shortlisted search on the large gallery, its what-ifs, agreement, cold cache; the
-    resident set is sampled before and after each phase, its peak reset before each."""
+    """Shortlisted search on the large gallery, its side-by-sides (shortlist engines,
+    dequantization), agreement, cold cache; the resident set is sampled before and after each
+    phase, its peak reset before each."""
     queries = make_queries(gallery, args.warmup + args.iterations, args.seed + 7)
     bandwidth = read_bandwidth()
     memory_report = {"before": memory()}
     with phase(memory_report, "shortlist_queries"):
         report, top = bench_reranked(scorer, gallery, queries, args, args.warmup)
-    timed = queries.take(np.arange(args.warmup, queries.count))
-    with phase(memory_report, "what_if_passes"):
-        candidates = search.shortlist(timed, gallery, args.shortlist)
-        one = cropped(queries, [0])
-        report["what_if"] = {
-            "global_read_only_ms": 1e3 * global_read_pass(gallery),
-            "shortlist_gemv_on_memmap_ms": 1e3 * shortlist_on_memmaps(one, gallery, args.shortlist),
-            "rerank_rows_warm_ms": 1e3 * reread(gallery, candidates, False) / timed.count,
-            "rerank_rows_pread_ms": 1e3 * reread(gallery, candidates, True) / timed.count,
-            "np_load_ms": 1e3 * np_load_cost(gallery),
-            "dequantize": dequantize_rates(gallery, args.threads),
-        }
+    with phase(memory_report, "side_by_side"):
+        report["engines"] = shortlist_engines(gallery, queries, args)
+        report["dequantize"] = dequantize_rates(gallery)
     globals_bytes = gallery.count * args.dim * 4
     report["shortlist_gb_s"] = globals_bytes / report["shortlist_stage"]["p50_ms"] * 1e3 / 1e9
     report["bandwidth_reference"] = bandwidth
@@ -727,7 +662,8 @@ def cold_query(scorer, gallery: Gallery, queries: Queries, args) -> dict:
     shortlist_s: list[float] = []
     with timed_shortlist(shortlist_s):
         start = time.perf_counter()
-        reranked(scorer, cropped(queries, [0]), gallery, args.k, args.shortlist, "t2i")
+        one = cropped(queries, [0])
+        reranked(scorer, one, gallery, args.k, args.shortlist, "t2i", SHORTLIST_ENGINE)
         total = time.perf_counter() - start
     return {"total_ms": 1e3 * total, "shortlist_ms": 1e3 * shortlist_s[0], "drop_s": dropped}
 
@@ -761,7 +697,7 @@ def large_agreement(scorer, gallery: Gallery, queries: Queries, fast, args, spee
     report = agreement(exact, fast[first : first + len(exact)])
     sizes = [size for size in SHORTLIST_SIZES if size <= gallery.count] + [args.shortlist]
     subset = queries.take(np.arange(first, first + len(exact)))
-    candidates = search.shortlist(subset, gallery, max(sizes))
+    candidates = search.shortlist(subset, gallery, max(sizes), SHORTLIST_ENGINE)
     report["in_shortlist"] = {
         size: float(
             np.mean(
@@ -789,6 +725,30 @@ def fmt_memory(m: dict) -> str:
     return (
         f"VmRSS {m['VmRSS']:7.0f}  VmHWM {m['VmHWM']:7.0f}  RssAnon {m['RssAnon']:7.0f}  "
         f"RssFile {m['RssFile']:6.0f}  ru_maxrss {m['ru_maxrss']:7.0f} MiB"
+    )
+
+
+def fmt_dequantize(d: dict, dtype: str) -> str:
+    same = "same bits" if d["identical"] else "DIFFERENT values"
+    return (
+        f"  dequantize     one block of {dtype} regions to float32: to_float32 (Shard.block) "
+        f"{d['runtime_gelem_s']:.2f} G elements/s vs numpy astype {d['numpy_astype_gelem_s']:.2f}"
+        f" ({d['ratio']:.1f}x, {same})"
+    )
+
+
+def fmt_engines(e: dict) -> str:
+    times = e["engines"]
+    line = (
+        f"  engines        shortlist stage alone, p50 over the same {e['queries']} queries: "
+        f"numpy {times['numpy']['p50_ms']:.1f} ms"
+    )
+    if "faiss" not in times:
+        return f"{line}; not compared, {FAISS_HINT}"
+    return (
+        f"{line}, faiss {times['faiss']['p50_ms']:.1f} ms ({e['faiss_speedup']:.1f}x, "
+        f"{e['faiss_threads']} OpenMP threads); same candidates {100 * e['same_candidates']:.1f}%,"
+        f" at the same rank {100 * e['same_rank']:.1f}%"
     )
 
 
@@ -841,11 +801,7 @@ def print_report(r: dict, args) -> None:
     print(f"  floor          the GEMM at peak: {1e3 * s['gflop_per_query'] / peak:.1f} ms/query")
     steps = ", ".join(f"T={t}: {v:.1f} ms" for t, v in s["gemm_alone_by_words_ms"].items())
     print(f"  GEMM by words  the same GEMM alone at {steps}")
-    d = s["dequantize"]
-    print(
-        f"  dequantize     one block of {small['dtype']} regions to float32: numpy (Shard.block) "
-        f"{d['numpy_gelem_s']:.2f} G elements/s, ONNX Runtime Cast {d['onnxruntime_gelem_s']:.2f}"
-    )
+    print(fmt_dequantize(s["dequantize"], small["dtype"]))
     single_pairs = small["count"] / (s["mean_ms"] / 1e3)
     print(f"\n[2] batched: {b['queries']} queries x {small['count']} images, {TEXT_BATCH} per call")
     print(
@@ -865,31 +821,26 @@ def print_report(r: dict, args) -> None:
 def print_large(r: dict, args) -> None:
     large, L = r["large_gallery"], r["large"]
     n = large["count"]
-    print(f"\n[3] shortlist {args.shortlist} + exact re-rank over {n} images ({large['dtype']})")
+    print(
+        f"\n[3] shortlist {args.shortlist} (engine {SHORTLIST_ENGINE}: {L['engine']}) + exact "
+        f"re-rank over {n} images ({large['dtype']})"
+    )
     print(f"  total          {fmt_latency(L['total'])}")
     print(f"  shortlist      {fmt_latency(L['shortlist_stage'])}")
     print(f"  re-rank        {fmt_latency(L['rerank_stage'])}")
-    w = L["what_if"]
     bw = L["bandwidth_reference"]
     print(
         f"  shortlist      {L['shortlist_gb_s']:.2f} GB/s of globals ({n * args.dim * 4 / 1e9:.2f}"
-        f" GB/query); of it reading the fp32 copies {w['global_read_only_ms']:.1f} ms; "
-        f"GEMV on the memory maps (no copy) {w['shortlist_gemv_on_memmap_ms']:.1f} ms; "
-        f"reference: sum {bw['sum_gb_s']:.1f} GB/s, GEMV {bw['gemv_gb_s']:.1f} GB/s in RAM"
+        f" GB/query, read from the memory maps); reference: sum {bw['sum_gb_s']:.1f} GB/s, "
+        f"GEMV {bw['gemv_gb_s']:.1f} GB/s in RAM"
     )
+    print(fmt_engines(L["engines"]))
     print(
         f"  re-rank split  Gallery.rows {L['rerank_rows_ms']:.1f} ms + scorer "
         f"{L['rerank_scorer_ms']:.1f} ms; {L['shards_touched_per_block']:.1f} shards touched per "
-        f"{GALLERY_BLOCK}-candidate block, np.load {w['np_load_ms']:.3f} ms per array per shard; "
-        f"the same rows again (page cache warm): Gallery.rows {w['rerank_rows_warm_ms']:.1f} ms, "
-        f"os.preadv per row (no np.load, no mmap) {w['rerank_rows_pread_ms']:.1f} ms"
+        f"{GALLERY_BLOCK}-candidate block"
     )
-    d = w["dequantize"]
-    print(
-        f"  dequantize     one block of {large['dtype']} regions to float32: numpy (Shard.block) "
-        f"{d['numpy_gelem_s']:.2f} G elements/s, ONNX Runtime Cast+Mul "
-        f"{d['onnxruntime_gelem_s']:.2f}"
-    )
+    print(fmt_dequantize(L["dequantize"], large["dtype"]))
     g = L["agreement"]
     target = TARGETS["agreement"]
     print(
@@ -915,7 +866,7 @@ def print_large(r: dict, args) -> None:
     print(f"  before         {fmt_memory(m['before'])}")
     labels = {
         "shortlist_queries": "shortlist q's",
-        "what_if_passes": "what-ifs (*)",
+        "side_by_side": "side by side",
         "exhaustive_agreement": "exhaustive",
         "cold_query": "cold query",
     }
@@ -924,10 +875,6 @@ def print_large(r: dict, args) -> None:
             print(
                 f"  {label:<14} {fmt_memory(m[key])}  (peak reset before: {m[key]['peak_reset']})"
             )
-    print(
-        "  (*) the benchmark's own what-if passes: the GEMV on memory maps keeps every shard's "
-        "global mapped (RssFile up to their size, clean page cache)"
-    )
     if "cold" in L:
         c = L["cold"]
         print(

@@ -40,7 +40,7 @@ from scan_deploy.engine_sidecar import (
     sidecar_path,
     version_tuple,
 )
-from scan_deploy.errors import UserError
+from scan_deploy.errors import UserError, one_of
 
 MIB = 1 << 20
 
@@ -64,13 +64,13 @@ class BuildOptions:
     exclude_lean_runtime: bool = False
 
     def __post_init__(self) -> None:
-        _one_of("--backend", self.backend, BACKENDS)
-        _one_of("--precision", self.precision, PRECISIONS)
-        _one_of("--provider", self.provider, tuple(EXECUTION_PROVIDERS))
+        one_of(self.backend, BACKENDS, "--backend")
+        one_of(self.precision, PRECISIONS, "--precision")
+        one_of(self.provider, EXECUTION_PROVIDERS, "--provider")
         if not self.graphs:
             raise UserError(f"--graph: expected one or more of {', '.join(GRAPHS)}")
         for k, graph in enumerate(self.graphs):
-            _one_of("--graph", graph, GRAPHS)
+            one_of(graph, GRAPHS, "--graph")
             if graph in self.graphs[:k]:
                 raise UserError(f"--graph: {graph} is given twice")
         tensorrt_only = {
@@ -136,11 +136,6 @@ class BuildOptions:
             if given:
                 args.append(flag)
         return args
-
-
-def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UserError(f"{option}: got {value!r}, expected one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from scan_deploy.engine_sidecar import (
     sidecar_path,
     version_tuple,
 )
-from scan_deploy.errors import UserError
+from scan_deploy.errors import UserError, one_of
 
 OPTIMIZATION_LEVELS = {
     "cpu": "ORT_ENABLE_ALL",
@@ -181,11 +181,7 @@ def load_session(
     bundle, the running onnxruntime, its providers and the device."""
     path = Path(path)
     sidecar = read_sidecar(sidecar_path(path))
-    provider = sidecar.get("provider")
-    if provider not in EXECUTION_PROVIDERS:
-        raise UserError(
-            f"{sidecar_path(path)}: provider: expected one of {', '.join(EXECUTION_PROVIDERS)}"
-        )
+    provider = one_of(sidecar.get("provider"), EXECUTION_PROVIDERS, "provider", sidecar_path(path))
     check_provider(provider)
     check_sidecar(
         sidecar,

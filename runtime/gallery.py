@@ -59,8 +59,8 @@ from scan_deploy.runtime.dequantize import to_float32
 
 from scan_deploy.atomic import atomic_dir, write_json
 from scan_deploy.bundle import GRAPHS, Bundle, sha256_file
-from scan_deploy.errors import input_error
-from scan_deploy.jsonfile import read_json_object
+from scan_deploy.errors import input_error, one_of
+from scan_deploy.jsonfile import read_json_object, typed
 
 FORMAT_VERSION = 1
 KINDS = ("images", "captions")
@@ -140,10 +140,8 @@ class GalleryWriter:
         force: bool = False,
     ) -> None:
         self.path = Path(path)
-        if kind not in KINDS:
-            raise input_error(None, "kind", f"got {kind!r}, expected one of {', '.join(KINDS)}")
-        if dtype not in DTYPES:
-            raise input_error(None, "dtype", f"got {dtype!r}, expected one of {', '.join(DTYPES)}")
+        one_of(kind, KINDS, "kind")
+        one_of(dtype, DTYPES, "dtype")
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise input_error(None, "shard_size", f"got {shard_size!r}, expected an integer ≥ 1")
         _check_target(self.path, force)
@@ -674,14 +672,14 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
             "format_version",
             f"got {manifest.get('format_version')!r}, expected {FORMAT_VERSION}",
         )
-    kind = _choice(manifest, "kind", KINDS, where)
-    dtype = _choice(manifest, "dtype", DTYPES, where)
-    count = _field(manifest, "count", int, where)
-    bundle = _field(manifest, "bundle", dict, where)
-    embed_size = _field(bundle, "embed_size", int, where, "bundle.")
-    _field(bundle, "graphs", dict, where, "bundle.")
-    _field(bundle, "vocab", dict, where, "bundle.")
-    entries = _field(manifest, "shards", list, where)
+    kind = one_of(manifest.get("kind"), KINDS, "kind", where)
+    dtype = one_of(manifest.get("dtype"), DTYPES, "dtype", where)
+    count = typed(manifest.get("count"), int, "count", where)
+    bundle = typed(manifest.get("bundle"), dict, "bundle", where)
+    embed_size = typed(bundle.get("embed_size"), int, "bundle.embed_size", where)
+    typed(bundle.get("graphs"), dict, "bundle.graphs", where)
+    typed(bundle.get("vocab"), dict, "bundle.vocab", where)
+    entries = typed(manifest.get("shards"), list, "shards", where)
     if count < 1:
         raise input_error(where, "count", f"got {count}, expected at least one item")
     expected_files = stored_arrays(kind, dtype)
@@ -690,16 +688,15 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     sizes: dict[str, int] = {"D": embed_size}
     for i, entry in enumerate(entries):
         label = f"shards[{i}]"
-        if not isinstance(entry, dict):
-            raise input_error(where, label, "expected an object")
-        n = _field(entry, "count", int, where, f"{label}.")
+        typed(entry, dict, label, where)
+        n = typed(entry.get("count"), int, f"{label}.count", where)
         if n < 1:
             raise input_error(where, f"{label}.count", f"got {n}, expected at least one item")
         if entry.get("offset", offset) != offset:
             raise input_error(
                 where, f"{label}.offset", f"got {entry.get('offset')!r}, expected {offset}"
             )
-        files = _field(entry, "files", dict, where, f"{label}.")
+        files = typed(entry.get("files"), dict, f"{label}.files", where)
         if set(files) != set(expected_files):
             raise input_error(
                 where,
@@ -732,21 +729,6 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     if len(set(ids)) != len(ids):
         raise input_error(path / IDS, None, "has duplicate ids, expected unique ids")
     return Gallery(path, kind, dtype, count, manifest, shards, ids, texts)
-
-
-def _field(obj: dict, key: str, kind: type, where: Path, prefix: str = "") -> Any:
-    value = obj.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = {int: "an integer", dict: "an object", list: "a list", str: "a string"}
-        raise input_error(where, prefix + key, f"got {value!r}, expected {names[kind]}")
-    return value
-
-
-def _choice(obj: dict, key: str, allowed: tuple[str, ...], where: Path) -> str:
-    value = obj.get(key)
-    if value not in allowed:
-        raise input_error(where, key, f"got {value!r}, expected one of {', '.join(allowed)}")
-    return value
 
 
 def _check_record(record: Any, where: Path, field_name: str) -> list[int]:

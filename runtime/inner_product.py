@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from scan_deploy.errors import UserError
+from scan_deploy.errors import UserError, one_of
 
 LOG = logging.getLogger("scan_deploy.runtime")
 ENGINES = ("auto", "numpy", "faiss")
@@ -27,9 +27,7 @@ FAISS_HINT = "faiss is not installed: pip install 'scan-deploy[faiss]' (or faiss
 
 def resolve_engine(engine: str) -> str:
     """`numpy` or `faiss`: the engine a shortlist named `engine` runs on."""
-    if engine not in ENGINES:
-        raise UserError(f"--shortlist-engine: got {engine!r}, expected one of {', '.join(ENGINES)}")
-    if engine == "numpy":
+    if one_of(engine, ENGINES, "--shortlist-engine") == "numpy":
         return engine
     if _faiss() is None:
         if engine == "faiss":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from scan_deploy.config import ModelConfig
-from scan_deploy.errors import UserError, input_error
+from scan_deploy.errors import UserError, input_error, one_of
 from scan_deploy.jsonfile import read_json_object
 from scan_deploy.vocab import Vocabulary
 
@@ -86,10 +86,7 @@ def load_bundle(path: str | Path) -> Bundle:
             raise input_error(manifest_path, f"graphs.{name}", "missing from the manifest")
         _check_file(path, manifest["graphs"][name], manifest_path, f"graphs.{name}")
     for precision, variant in manifest.get("variants", {}).items():
-        if precision not in PRECISIONS[1:]:
-            raise input_error(
-                manifest_path, f"variants.{precision}", f"expected one of {PRECISIONS[1:]}"
-            )
+        one_of(precision, PRECISIONS[1:], f"variants.{precision}", manifest_path)
         for name in GRAPHS:
             field = f"variants.{precision}.graphs.{name}"
             if name not in variant.get("graphs", {}):

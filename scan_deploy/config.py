@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from scan_deploy.errors import UserError, input_error
+from scan_deploy.errors import UserError, input_error, one_of
 from scan_deploy.jsonfile import read_json_object
 
 FORMAT_VERSION = 1
@@ -61,11 +61,7 @@ class ModelConfig:
             "cross_attn": CROSS_ATTNS,
         }
         for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise input_error(
-                    source, name, f"got {value!r}, expected one of {', '.join(allowed)}"
-                )
+            one_of(getattr(self, name), allowed, name, source)
         for name in ("vocab_size", "img_dim", "embed_size", "word_dim", "num_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -19,8 +19,8 @@ from typing import Any
 
 from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle, sha256_file
 from scan_deploy.cuda_device import DeviceInfo
-from scan_deploy.errors import input_error
-from scan_deploy.jsonfile import read_json_object
+from scan_deploy.errors import input_error, one_of
+from scan_deploy.jsonfile import read_json_object, typed
 
 FORMAT_VERSION = 1
 ENGINES_DIR = "engines"
@@ -104,30 +104,14 @@ def check_fields(sidecar: dict[str, Any], path: str | Path) -> None:
             if required:
                 raise input_error(path, name, "missing from the engine sidecar")
             continue
-        value = holder[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            expected = " or ".join(_type_name(t) for t in types)
-            raise input_error(path, name, f"expected {expected}, got {_type_name(type(value))}")
+        typed(holder[key], types, name, path)
     for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS), ("graph", GRAPHS)):
-        if sidecar[name] not in allowed:
-            raise input_error(
-                path, name, f"got {sidecar[name]!r}, expected one of {', '.join(allowed)}"
-            )
+        one_of(sidecar[name], allowed, name, path)
     if not all(isinstance(arg, str) for arg in sidecar["build"].get("cli", [])):
         raise input_error(path, "build.cli", "expected a list of strings")
     level = sidecar["build"].get("hardware_compatibility_level")
-    if level is not None and level not in HARDWARE_COMPAT_MIN_CC:
-        raise input_error(
-            path,
-            "build.hardware_compatibility_level",
-            f"got {level!r}, expected one of {', '.join(HARDWARE_COMPAT_MIN_CC)}",
-        )
-
-
-def _type_name(kind: type) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
-    names.update({bool: "a boolean", float: "a number", type(None): "null"})
-    return names.get(kind, kind.__name__)
+    if level is not None:
+        one_of(level, HARDWARE_COMPAT_MIN_CC, "build.hardware_compatibility_level", path)
 
 
 def rebuild_command(bundle_path: str | Path, sidecar: dict[str, Any]) -> str:

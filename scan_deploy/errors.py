@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -15,3 +16,12 @@ def input_error(path: str | Path | None, field: str | None, message: str) -> Use
     """Build the one-line message `FILE: FIELD: MESSAGE` (parts that are None are left out)."""
     parts = [str(p) for p in (path, field) if p is not None]
     return UserError(": ".join([*parts, message]))
+
+
+def one_of(value: object, allowed: Iterable[str], field: str, path: str | Path | None = None):
+    """`value` when it is one of `allowed`; otherwise the UserError `FILE: FIELD: got 'x',
+    expected one of a, b, c`."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise input_error(path, field, f"got {value!r}, expected one of {', '.join(allowed)}")
+    return value

@@ -28,6 +28,23 @@ def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
     return data
 
 
+def typed(value: Any, kinds: type | tuple[type, ...], field: str, path: str | Path) -> Any:
+    """`value` when it is an instance of `kinds` (a bool is not an integer); otherwise the
+    UserError `FILE: FIELD: expected an integer, got a string`."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(type_name(kind) for kind in kinds)
+        raise input_error(path, field, f"expected {expected}, got {type_name(type(value))}")
+    return value
+
+
+def type_name(kind: type) -> str:
+    """How a JSON value of Python type `kind` is named in error messages."""
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
+    names.update({bool: "a boolean", float: "a number", type(None): "null"})
+    return names.get(kind, kind.__name__)
+
+
 def json_safe(value: Any) -> Any:
     """`value` with every non-finite float (inf, nan: "did not produce finite numbers") as None,
     so that it serializes as standard JSON rather than as `Infinity`/`NaN`."""

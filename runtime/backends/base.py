@@ -31,7 +31,7 @@ import numpy as np
 
 from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle
 from scan_deploy.engine_sidecar import ENGINES_DIR, read_sidecar
-from scan_deploy.errors import UserError
+from scan_deploy.errors import UserError, one_of
 
 LOG = logging.getLogger("scan_deploy.runtime")
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
@@ -80,10 +80,8 @@ def open_backend(
     `providers`, `checkpoint` and `device` given to a backend they do not apply to are refused
     (one-line UserError).
     """
-    if backend not in BACKENDS:
-        raise UserError(f"backend: got {backend!r}, expected one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise UserError(f"precision: got {precision!r}, expected one of {', '.join(PRECISIONS)}")
+    one_of(backend, BACKENDS, "backend")
+    one_of(precision, PRECISIONS, "precision")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise UserError(f"threads: expected an integer >= 0, got {threads!r}")
     if threads and backend != "onnxruntime":
@@ -110,8 +108,7 @@ def open_backend(
 
 
 def check_graph(graph: str) -> None:
-    if graph not in GRAPHS:
-        raise UserError(f"graph: got {graph!r}, expected one of {', '.join(GRAPHS)}")
+    one_of(graph, GRAPHS, "graph")
 
 
 def prepare_feeds(

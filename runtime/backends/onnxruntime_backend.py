@@ -35,7 +35,7 @@ from scan_deploy.runtime.backends.base import (
 
 from scan_deploy.bundle import Bundle
 from scan_deploy.engine_sidecar import EXECUTION_PROVIDERS
-from scan_deploy.errors import UserError
+from scan_deploy.errors import UserError, one_of
 
 INSTALL_HINT = (
     "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu "
@@ -61,10 +61,7 @@ def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) 
         if isinstance(requested, str):
             requested = [requested]
         for name in requested:
-            if name not in EXECUTION_PROVIDERS:
-                raise UserError(
-                    f"providers: got {name!r}, expected one of {', '.join(PROVIDER_ORDER)}"
-                )
+            one_of(name, PROVIDER_ORDER, "providers")
     wanted = list(dict.fromkeys(PROVIDER_ORDER if requested is None else requested))
     chosen = [p for p in wanted if EXECUTION_PROVIDERS[p] in available]
     missing = [EXECUTION_PROVIDERS[p] for p in wanted if p not in chosen]

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from scan_deploy.errors import UserError
-from scan_deploy.jsonfile import json_safe, read_json_object
+from scan_deploy.jsonfile import json_safe, read_json_object, typed
 
 
 def test_non_finite_floats_become_null():
@@ -22,3 +22,22 @@ def test_read_json_object_errors(tmp_path):
         read_json_object(tmp_path / "list.json", "a manifest")
     with pytest.raises(UserError, match="file not found"):
         read_json_object(tmp_path / "missing.json", "a manifest")
+
+
+@pytest.mark.parametrize(
+    ("value", "kinds", "message"),
+    [
+        ("3", int, r"^m.json: count: expected an integer, got a string$"),
+        (True, int, r"^m.json: count: expected an integer, got a boolean$"),
+        (None, (str, type(None)), None),
+        (2.5, (int, float), None),
+        ([1], dict, r"^m.json: count: expected an object, got a list$"),
+        (None, (dict, list), r"^m.json: count: expected an object or a list, got null$"),
+    ],
+)
+def test_typed_names_the_file_the_field_and_both_types(value, kinds, message):
+    if message is None:
+        assert typed(value, kinds, "count", "m.json") is value
+        return
+    with pytest.raises(UserError, match=message):
+        typed(value, kinds, "count", "m.json")
