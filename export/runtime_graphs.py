@@ -9,20 +9,34 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 from scan_deploy.export.graph_builder import DEFAULT_OPSET, with_oldest_ir_version
-from scan_deploy.runtime.dequantize import CAST_FLOAT16
+from scan_deploy.runtime.dequantize import CAST_FLOAT16, DEQUANTIZE_INT8
 
 
 def cast_float16() -> onnx.ModelProto:
     """values float16 (elements,) → float32: the gallery's float16 dequantization (the runtime
     flattens blocks of any shape)."""
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["values"], ["float32"], name="float32", to=TensorProto.FLOAT)],
-        "cast_float16",
-        [helper.make_tensor_value_info("values", TensorProto.FLOAT16, ["elements"])],
-        [helper.make_tensor_value_info("float32", TensorProto.FLOAT, ["elements"])],
+    values = helper.make_tensor_value_info("values", TensorProto.FLOAT16, ["elements"])
+    return _one_node("cast_float16", "Cast", [values], ["elements"], to=TensorProto.FLOAT)
+
+
+def dequantize_int8() -> onnx.ModelProto:
+    """values int8 (rows, columns) × scale float32 (rows,) → float32: the gallery's per-row int8
+    dequantization (the runtime flattens every axis but the last into rows)."""
+    values = helper.make_tensor_value_info("values", TensorProto.INT8, ["rows", "columns"])
+    scale = helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["rows"])
+    return _one_node(
+        "dequantize_int8", "DequantizeLinear", [values, scale], ["rows", "columns"], axis=0
     )
+
+
+def _one_node(
+    name: str, op_type: str, inputs: list, output_shape: list, **attrs
+) -> onnx.ModelProto:
+    """A graph of one node whose output is `float32`."""
+    node = helper.make_node(op_type, [i.name for i in inputs], ["float32"], name="float32", **attrs)
+    output = helper.make_tensor_value_info("float32", TensorProto.FLOAT, output_shape)
     model = helper.make_model(
-        graph,
+        helper.make_graph([node], name, inputs, [output]),
         producer_name="scan-deploy",
         opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)],
     )
@@ -30,7 +44,7 @@ def cast_float16() -> onnx.ModelProto:
     return with_oldest_ir_version(model)
 
 
-RUNTIME_GRAPHS = {CAST_FLOAT16: cast_float16}
+RUNTIME_GRAPHS = {CAST_FLOAT16: cast_float16, DEQUANTIZE_INT8: dequantize_int8}
 
 
 def write_runtime_graphs() -> list[Path]:

@@ -1,12 +1,11 @@
 """Stored gallery arrays (float16 / int8 with per-row scales) to the float32 the scorer takes.
 
 numpy's float16 → float32 cast runs at ~0.5 G elements/s on the 2-core Zen 4 CPU (it does not
-use F16C); ONNX Runtime's Cast kernel does the same exact conversion 5× faster (2.4 G elements/s
-on one thread: 4 vs 20 ms per 256-image block at R=36, D=1024). So float16 blocks go through a
-one-node Cast graph shipped with the package (`graphs/cast_float16.onnx`, written by
-`python -m scan_deploy.export.runtime_graphs`) when onnxruntime is installed, and numpy
-otherwise (a Jetson with only TensorRT). int8 is one fused numpy multiply: ONNX Runtime's
-Cast + Mul measured no faster. Every path is exact: the same float32 bits either way.
+use F16C), and its int8 × scale at ~0.9–1.3; ONNX Runtime's kernels do the same exact arithmetic
+at 2.4 (Cast) and 3.0 (DequantizeLinear per row) on one thread. So blocks go through two one-node
+graphs shipped with the package (`graphs/*.onnx`, written by `python -m
+scan_deploy.export.runtime_graphs`) when onnxruntime is installed, and through numpy otherwise
+(a Jetson with only TensorRT). Every path gives the same float32 bits.
 """
 
 from __future__ import annotations
@@ -16,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-CAST_FLOAT16 = Path(__file__).with_name("graphs") / "cast_float16.onnx"
+GRAPHS_DIR = Path(__file__).with_name("graphs")
+CAST_FLOAT16 = GRAPHS_DIR / "cast_float16.onnx"
+DEQUANTIZE_INT8 = GRAPHS_DIR / "dequantize_int8.onnx"
 
 
 def to_float32(raw: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
@@ -25,20 +26,26 @@ def to_float32(raw: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
     if raw.dtype == np.int8:
         if scale is None:
             raise ValueError("int8 values need their per-row scale")
-        return np.multiply(raw, np.asarray(scale, np.float32)[..., None], dtype=np.float32)
-    if raw.dtype == np.float16 and raw.size:
-        session = _cast_session()
-        if session is not None:
-            flat = np.ascontiguousarray(raw).reshape(-1)
-            return session.run(None, {"values": flat})[0].reshape(raw.shape)
-    return np.array(raw, dtype=np.float32)
+        scale = np.asarray(scale, np.float32)
+        session = _session(DEQUANTIZE_INT8) if raw.size else None
+        if session is None:
+            return np.multiply(raw, scale[..., None], dtype=np.float32)
+        rows = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1])
+        feeds = {"values": rows, "scale": np.ascontiguousarray(scale).reshape(-1)}
+        return session.run(None, feeds)[0].reshape(raw.shape)
+    session = _session(CAST_FLOAT16) if raw.dtype == np.float16 and raw.size else None
+    if session is None:
+        return np.array(raw, dtype=np.float32)
+    flat = np.ascontiguousarray(raw).reshape(-1)
+    return session.run(None, {"values": flat})[0].reshape(raw.shape)
 
 
 @functools.cache
-def _cast_session():
-    """The float16 Cast session, or None without onnxruntime. One intra-op thread: the cast is
-    bound by memory, a second thread measured no faster, and it leaves cores to the scorer.
-    `InferenceSession.run` is thread-safe, so one session serves every caller."""
+def _session(graph: Path):
+    """The session of a shipped graph, or None without onnxruntime. One intra-op thread: these
+    passes are bound by memory (a second thread gained 0–1.4×) and it leaves cores to the
+    scorer and to concurrent callers. `InferenceSession.run` is thread-safe, so one session
+    serves every caller."""
     try:
         import onnxruntime
     except ImportError:
@@ -46,6 +53,4 @@ def _cast_session():
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(
-        str(CAST_FLOAT16), options, providers=["CPUExecutionProvider"]
-    )
+    return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])

@@ -1,5 +1,6 @@
-"""Stored float16 / int8 to float32: bit-identical to numpy's cast, through ONNX Runtime's Cast
-when it is installed and through numpy without it, for every shape the gallery stores."""
+"""Stored float16 / int8 to float32: bit-identical to numpy's arithmetic, through ONNX Runtime
+(Cast, DequantizeLinear) when it is installed and through numpy without it, for every shape the
+gallery stores."""
 
 import numpy as np
 import pytest
@@ -24,12 +25,17 @@ def test_float16_is_bit_identical_to_numpy(shape):
     np.testing.assert_array_equal(got.view(np.uint32), raw.astype(np.float32).view(np.uint32))
 
 
-def test_float16_uses_onnxruntime_when_installed():
-    assert dequantize._cast_session() is not None
+def test_onnxruntime_graphs_are_used_when_installed():
+    assert dequantize._session(dequantize.CAST_FLOAT16) is not None
+    assert dequantize._session(dequantize.DEQUANTIZE_INT8) is not None
+
+
+def without_onnxruntime(monkeypatch):
+    monkeypatch.setattr(dequantize, "_session", lambda graph: None)
 
 
 def test_float16_falls_back_to_numpy_without_onnxruntime(monkeypatch):
-    monkeypatch.setattr(dequantize, "_cast_session", lambda: None)
+    without_onnxruntime(monkeypatch)
     raw = float16_block((3, 5, 8))
     np.testing.assert_array_equal(to_float32(raw), raw.astype(np.float32))
 
@@ -43,15 +49,31 @@ def test_float16_slices_of_a_memory_map_are_read(tmp_path):
     np.testing.assert_array_equal(to_float32(mapped[:, ::2]), raw[:, ::2].astype(np.float32))
 
 
-def test_int8_is_values_times_row_scale():
+@pytest.mark.parametrize("onnxruntime", [True, False])
+@pytest.mark.parametrize("shape", [(4, 5, 8), (3, 8), (0, 5, 8), (2, 1, 1)])
+def test_int8_is_values_times_row_scale(monkeypatch, onnxruntime, shape):
+    if not onnxruntime:
+        without_onnxruntime(monkeypatch)
     rng = np.random.default_rng(1)
-    q = rng.integers(-127, 128, (4, 5, 8)).astype(np.int8)
-    scale = rng.random((4, 5)).astype(np.float32)
-    scale[0, 0] = 0  # an all-zero row
+    q = rng.integers(-127, 128, shape).astype(np.int8)
+    scale = (rng.random(shape[:-1]) * 0.01).astype(np.float32)
+    if scale.size:
+        scale.reshape(-1)[0] = 0  # an all-zero row
     got = to_float32(q, scale)
-    assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, q.astype(np.float32) * scale[..., None])
-    assert not got[0, 0].any()
+    assert got.dtype == np.float32 and got.shape == q.shape
+    expected = q.astype(np.float32) * scale[..., None]
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_int8_rows_of_a_memory_map_are_read(tmp_path):
+    rng = np.random.default_rng(2)
+    q = rng.integers(-127, 128, (6, 5, 8)).astype(np.int8)
+    scale = rng.random((6, 5)).astype(np.float32)
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "s.npy", scale)
+    mq, ms = (np.load(tmp_path / f, mmap_mode="r") for f in ("q.npy", "s.npy"))
+    got = to_float32(mq[1:4], ms[1:4])
+    np.testing.assert_array_equal(got, q[1:4].astype(np.float32) * scale[1:4, :, None])
 
 
 def test_int8_without_scale_is_refused():
