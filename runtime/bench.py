@@ -67,6 +67,7 @@ def run_bench(
         "k": k,
         "shortlist": shortlist,
         "shortlist_engine": retriever.shortlist_engine,
+        "faiss_index": retriever.shortlist_engine == "faiss" and gallery.faiss_record is not None,
         "warmup": warmup,
         "iterations": iterations,
         "batches": rows,

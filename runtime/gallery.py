@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,12 @@ from typing import Any
 
 import numpy as np
 from scan_deploy.runtime.dequantize import to_float32
+from scan_deploy.runtime.inner_product import (
+    FAISS_INDEX_TYPE,
+    open_faiss_index,
+    require_faiss,
+    write_faiss_index,
+)
 
 from scan_deploy.atomic import atomic_dir, write_json
 from scan_deploy.bundle import GRAPHS, Bundle, sha256_file
@@ -69,6 +76,7 @@ MANIFEST = "manifest.json"
 IDS = "ids.json"
 TEXTS = "texts.json"
 SCALE_SUFFIX = "_scale"
+FAISS_INDEX = "shortlist.faiss"
 QUANTIZATION = "symmetric-per-row"
 
 # The axes of one item of each array (after the leading item axis).
@@ -138,9 +146,12 @@ class GalleryWriter:
         dtype: str = "fp16",
         shard_size: int = 4096,
         force: bool = False,
+        faiss_index: bool = False,
     ) -> None:
         self.path = Path(path)
         one_of(kind, KINDS, "kind")
+        if faiss_index:
+            require_faiss()
         one_of(dtype, DTYPES, "dtype")
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise input_error(None, "shard_size", f"got {shard_size!r}, expected an integer ≥ 1")
@@ -148,6 +159,7 @@ class GalleryWriter:
         self.kind = kind
         self.dtype = dtype
         self.shard_size = shard_size
+        self.faiss_index = faiss_index
         self.embed_size = int(bundle.config.embed_size)
         self.bundle_identity = bundle_identity(bundle)
         self.manifest: dict[str, Any] | None = None
@@ -223,6 +235,7 @@ class GalleryWriter:
                 if self._texts is None
                 else _write_list(self._tmp, TEXTS, self._texts),
                 "shards": self._shards,
+                "faiss_index": self._write_faiss_index() if self.faiss_index else None,
             }
             write_json(self._tmp / MANIFEST, manifest)
         except BaseException:
@@ -368,6 +381,14 @@ class GalleryWriter:
             else:
                 stored[name], stored[name + SCALE_SUFFIX] = quantize_int8(value)
         return stored
+
+    def _write_faiss_index(self) -> dict[str, Any]:
+        pooled = (
+            np.load(self._tmp / shard["files"]["global"]["file"], mmap_mode="r")
+            for shard in self._shards
+        )
+        record = write_faiss_index(self._tmp / FAISS_INDEX, pooled, self.embed_size)
+        return {**record, "sha256": sha256_file(self._tmp / FAISS_INDEX)}
 
     def _write_shard(self, size: int) -> None:
         """Write the first `size` pending items as the next shard."""
@@ -584,6 +605,9 @@ class Gallery:
     shards: list[Shard]
     ids: list[str]
     texts: list[str] | None
+    faiss_record: dict[str, Any] | None = None
+    _faiss: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def embed_size(self) -> int:
@@ -623,6 +647,16 @@ class Gallery:
                 f"gallery built with another bundle (vocabulary {str(mine)[:12]}…, the bundle at "
                 f"{bundle.path} has {theirs[:12]}…): {_FIX}",
             )
+
+    def faiss_index(self) -> Any:
+        """The FAISS index of the pooled embeddings (`index --faiss-index`), memory-mapped and
+        opened once; None when the gallery has none."""
+        if self.faiss_record is None:
+            return None
+        with self._lock:
+            if self._faiss is None:
+                self._faiss = open_faiss_index(self.path / self.faiss_record["file"])
+        return self._faiss
 
     def global_embeddings(self) -> Iterator[tuple[int, np.ndarray]]:
         """(offset, float32 (n, D)) per shard, in gallery order: the read-only memory maps
@@ -740,7 +774,29 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     texts = _read_list(path, manifest, "texts", count, where, required=False)
     if len(set(ids)) != len(ids):
         raise input_error(path / IDS, None, "has duplicate ids, expected unique ids")
-    return Gallery(path, kind, dtype, count, manifest, shards, ids, texts)
+    faiss_record = manifest.get("faiss_index")
+    if faiss_record is not None:
+        _check_faiss_index(path, faiss_record, count, embed_size, verify)
+    return Gallery(path, kind, dtype, count, manifest, shards, ids, texts, faiss_record)
+
+
+def _check_faiss_index(root: Path, record: Any, count: int, embed_size: int, verify: bool) -> None:
+    where = root / MANIFEST
+    typed(record, dict, "faiss_index", where)
+    expected = {"type": FAISS_INDEX_TYPE, "count": count, "dim": embed_size}
+    for key, value in expected.items():
+        if record.get(key) != value:
+            raise input_error(
+                where, f"faiss_index.{key}", f"got {record.get(key)!r}, expected {value!r}"
+            )
+    typed(record.get("sha256"), str, "faiss_index.sha256", where)
+    file = root / typed(record.get("file"), str, "faiss_index.file", where)
+    if not file.is_file():
+        raise input_error(file, None, f"missing (named by {MANIFEST} faiss_index)")
+    if verify and sha256_file(file) != record["sha256"]:
+        raise input_error(
+            file, "sha256", f"differs from the manifest's (file changed or corrupted: {_FIX})"
+        )
 
 
 def _check_record(record: Any, where: Path, field_name: str) -> list[int]:

@@ -35,8 +35,10 @@ def index_gallery(
     shard_size: int = 4096,
     force: bool = False,
     progress: Progress | None = None,
+    faiss_index: bool = False,
 ) -> dict[str, int]:
-    """Write the gallery folder `out`; returns the number of items per kind."""
+    """Write the gallery folder `out`; returns the number of items per kind. `faiss_index`:
+    also a FAISS index of each gallery's pooled embeddings for the shortlist."""
     report = progress or (lambda stage, done, total: None)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -50,7 +52,10 @@ def index_gallery(
     features, captions, per_image = data.images, data.captions, data.captions_per_image
     counts = {"images": len(features)}
     with atomic_dir(out) as tmp:
-        with GalleryWriter(tmp / "images", "images", bundle, dtype, shard_size) as writer:
+        images = GalleryWriter(
+            tmp / "images", "images", bundle, dtype, shard_size, faiss_index=faiss_index
+        )
+        with images as writer:
             runner = backend.runner("image_encoder")
             for start in range(0, len(features), IMAGE_BATCH):
                 batch = np.asarray(features[start : start + IMAGE_BATCH], np.float32)
@@ -65,7 +70,9 @@ def index_gallery(
                 report("images", len(batch), len(features))
         if captions:
             counts["captions"] = len(captions)
-            writer = GalleryWriter(tmp / "captions", "captions", bundle, dtype, shard_size)
+            writer = GalleryWriter(
+                tmp / "captions", "captions", bundle, dtype, shard_size, faiss_index=faiss_index
+            )
             _index_captions(writer, bundle, backend, captions, per_image, report)
     return counts
 

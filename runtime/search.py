@@ -110,6 +110,10 @@ def shortlist(queries: Queries, gallery: Gallery, size: int, engine: str = "auto
     first; `engine` one of `inner_product.ENGINES`."""
     engine = resolve_engine(engine)
     top = TopK(queries.count, size)
+    index = gallery.faiss_index() if engine == "faiss" else None
+    if index is not None:
+        top.update(*index.search(queries.arrays["global"], min(size, gallery.count)))
+        return top.result()[1]
     for offset, embeddings in gallery.global_embeddings():
         scores, indices = top_inner_products(queries.arrays["global"], embeddings, size, engine)
         top.update(scores, offset + indices)

@@ -524,6 +524,9 @@ def index(
     precision: GraphPrecision = "fp32",
     threads: Threads = 0,
     checkpoint: TorchCheckpoint = None,
+    faiss_index: Annotated[
+        bool, typer.Option(help="Also a float16 FAISS index for --shortlist (needs faiss).")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Encode images (and captions) once into a sharded, memory-mapped gallery for `query`."""
@@ -537,10 +540,20 @@ def index(
     with progress_bar(err_console) as progress:
         on_progress = stage_bars(progress, "encoding ")
         counts = index_gallery(
-            loaded, opened, features, captions, out, dtype, shard_size, force, on_progress
+            loaded,
+            opened,
+            features,
+            captions,
+            out,
+            dtype,
+            shard_size,
+            force,
+            on_progress,
+            faiss_index,
         )
     parts = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-    console.print(f"{out}: {parts} ({dtype}, {opened.name}, {precision} graphs)")
+    extra = ", FAISS shortlist index" if faiss_index else ""
+    console.print(f"{out}: {parts} ({dtype}, {opened.name}, {precision} graphs{extra})")
 
 
 @app.command()
@@ -648,7 +661,8 @@ def bench(
         f"{gallery}: {report['gallery']['items']} images ({report['gallery']['dtype']}), "
         f"{report['backend']}, {report['precision']} graphs, k={k}"
         + (
-            f", shortlist {shortlist} ({report['shortlist_engine']})"
+            f", shortlist {shortlist} ({report['shortlist_engine']}"
+            + (" fp16 index)" if report["faiss_index"] else ")")
             if shortlist
             else ", exhaustive"
         )

@@ -81,11 +81,12 @@ def batch_of(kind: str, items: dict, start: int, stop: int, drop_gram: bool = Fa
     return batch
 
 
-def write(tmp_path, kind, dtype, items=None, drop_gram=False, name="gallery", texts=True):
+def write(tmp_path, kind, dtype, items=None, drop_gram=False, name="gallery", texts=True, **writer):
     items = make_items(kind) if items is None else items
     path = tmp_path / name
     ids = [f"{kind}-{i}" for i in range(COUNT)]
-    with GalleryWriter(path, kind, fake_bundle(tmp_path), dtype=dtype, shard_size=SHARD) as w:
+    bundle = fake_bundle(tmp_path)
+    with GalleryWriter(path, kind, bundle, dtype, SHARD, **writer) as w:
         start = 0
         for size in BATCHES:
             stop = start + size

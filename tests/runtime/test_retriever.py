@@ -183,6 +183,28 @@ def test_index_query_bench_commands(trained, tmp_path):
     assert table.returncode == 0 and "rank" in table.stdout
 
 
+@needs_faiss
+def test_faiss_index_serves_the_shortlist_from_the_command_line(trained, tmp_path):
+    data, _, bundle = trained
+    out = tmp_path / "g"
+    done = run_cli("index", bundle, "--features", data / "test_ims.npy", "--out", out,
+                   "--faiss-index")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "FAISS shortlist index" in done.stdout
+    caption = (data / "test_caps.txt").read_text().splitlines()[10]
+    hits = {}
+    for engine in ("faiss", "numpy"):
+        done = run_cli("query", out, caption, "-k", 3, "--shortlist", 100,
+                       "--shortlist-engine", engine, "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        hits[engine] = [hit["index"] for hit in json.loads(done.stdout)["hits"]]
+    assert hits["faiss"] == hits["numpy"]
+    done = run_cli("bench", out, "--batch", 1, "--iterations", 1, "--warmup", 0,
+                   "--shortlist", 100)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "shortlist 100 (faiss fp16 index)" in done.stdout
+
+
 def test_runtime_commands_fail_in_one_line(trained, tmp_path):
     data, _, bundle = trained
     out = tmp_path / "g"
