@@ -75,6 +75,12 @@ def open_faiss_index(path: Path) -> Any:
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
 
 
+def set_faiss_threads(threads: int) -> None:
+    """FAISS's OpenMP threads (process-wide, as OpenMP is); 0 keeps its default (every core)."""
+    if threads:
+        require_faiss().omp_set_num_threads(threads)
+
+
 def require_faiss() -> Any:
     faiss = _faiss()
     if faiss is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.gallery import Gallery, open_gallery
-from scan_deploy.runtime.inner_product import resolve_engine
+from scan_deploy.runtime.inner_product import resolve_engine, set_faiss_threads
 from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
 
 from scan_deploy.batching import pad_tokens
@@ -72,7 +72,9 @@ class Retriever:
         shortlist_engine: str = "auto",
     ) -> Retriever:
         """`bundle` None: the bundle the gallery was indexed with (its recorded path).
-        `shortlist_engine`: `inner_product.ENGINES` (auto: FAISS when installed, else numpy)."""
+        `shortlist_engine`: `inner_product.ENGINES` (auto: FAISS when installed, else numpy).
+        `threads` (0: the libraries' defaults) sizes ONNX Runtime's intra-op pool and, with the
+        FAISS engine, FAISS's OpenMP threads (process-wide)."""
         galleries = open_galleries(gallery, verify)
         if not isinstance(bundle, Bundle):
             if bundle is None:
@@ -81,6 +83,8 @@ class Retriever:
         for part in galleries.values():
             part.check_bundle(bundle)
         engine = resolve_engine(shortlist_engine)
+        if engine == "faiss":
+            set_faiss_threads(threads)
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
         )

@@ -131,6 +131,8 @@ def reranked(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Shortlist `size` candidates per query (on `engine`), then exact SCAN on those only."""
     candidates = shortlist(queries, gallery, size, engine)
+    if gallery.larger_than_memory():  # the rows come from disk: queue all the reads at once
+        gallery.prefetch(candidates.ravel())
     keep = min(k, candidates.shape[1])
     scores = np.empty((queries.count, keep), np.float32)
     indices = np.empty((queries.count, keep), np.int64)

@@ -29,7 +29,7 @@ err_console = Console(stderr=True)
 
 
 # Options several commands share, declared once.
-Threads = Annotated[int, typer.Option(help="ONNX Runtime threads (0: default).")]
+Threads = Annotated[int, typer.Option(help="ONNX Runtime (and FAISS) threads (0: default).")]
 Backend = Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")]
 GraphPrecision = Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")]
 TorchCheckpoint = Annotated[Path | None, typer.Option(help="Checkpoint, for --backend torch only.")]

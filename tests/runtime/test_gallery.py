@@ -7,6 +7,7 @@ absolute; int8 0.499 of a quantization step = 3.93e-3 of the row's max |x| (boun
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,38 @@ def test_rows_dequantize_like_blocks(tmp_path, dtype):
     got = gallery.rows("regions", np.array([6, 2]))
     np.testing.assert_array_equal(got[0], gallery.shards[1].block("regions", 2, 3)[0])
     np.testing.assert_array_equal(got[1], gallery.shards[0].block("regions", 2, 3)[0])
+
+
+def test_prefetch_advises_exactly_the_rows_a_rerank_reads(tmp_path, monkeypatch):
+    path, _, _ = write(tmp_path, "images", "int8")
+    gallery = open_gallery(path)
+    advised = []
+
+    def fadvise(fd, offset, size, advice):
+        file = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        advised.append((file.parent.name, file.stem, offset, size, advice))
+
+    monkeypatch.setattr("os.posix_fadvise", fadvise)
+    gallery.prefetch(np.array([9, 0, 1, 5, 9]))  # shard 0 rows 0-1 (one run), 1 row 1, 2 row 1
+    expected = []
+    for shard, first, rows in ((0, 0, 2), (1, 1, 1), (2, 1, 1)):
+        for name in ("regions", "region_gram", "regions_scale", "region_gram_scale"):
+            header, shape, dtype = gallery.shards[shard]._layout(name)
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            place = (f"shard-{shard:05d}", name, header + first * row, rows * row)
+            expected.append((*place, os.POSIX_FADV_WILLNEED))
+    assert sorted(advised) == sorted(expected)
+
+
+def test_gallery_size_against_physical_memory(tmp_path, monkeypatch):
+    path, _, _ = write(tmp_path, "images", "fp16")
+    gallery = open_gallery(path)
+    per_item = 2 * R * D + 2 * R * R + 4 * D  # fp16 regions and Gram, float32 global
+    assert gallery.nbytes == COUNT * per_item
+    assert not gallery.larger_than_memory()
+    pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": COUNT * per_item - 1}
+    monkeypatch.setattr("os.sysconf", lambda name: pages[name])
+    assert gallery.larger_than_memory()
 
 
 def test_global_embeddings_by_shard_with_offsets(tmp_path):

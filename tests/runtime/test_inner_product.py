@@ -4,7 +4,11 @@ choice falls back, refuses and names itself as documented."""
 import numpy as np
 import pytest
 from scan_deploy.runtime import inner_product
-from scan_deploy.runtime.inner_product import resolve_engine, top_inner_products
+from scan_deploy.runtime.inner_product import (
+    resolve_engine,
+    set_faiss_threads,
+    top_inner_products,
+)
 
 from scan_deploy.errors import UserError
 from tests.runtime.engines import SHORTLIST_ENGINES, needs_faiss
@@ -60,3 +64,17 @@ def test_auto_takes_faiss_when_installed_else_numpy(monkeypatch):
 def test_unknown_engine_is_refused():
     with pytest.raises(UserError, match="--shortlist-engine: got 'annoy', expected one of auto"):
         resolve_engine("annoy")
+
+
+@needs_faiss
+def test_faiss_threads_follow_the_retriever_setting():
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    try:
+        set_faiss_threads(1)
+        assert faiss.omp_get_max_threads() == 1
+        set_faiss_threads(0)  # 0: leave it as it is
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)

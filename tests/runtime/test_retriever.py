@@ -78,6 +78,21 @@ def test_shortlist_of_the_whole_gallery_is_exhaustive_and_smaller_ones_rerank(in
             assert not match or abs(match[0].score - hit.score) < 1e-6
 
 
+def test_rerank_of_a_gallery_larger_than_memory_prefetches_and_answers_the_same(
+    indexed, monkeypatch
+):
+    bundle, split, gallery, _ = indexed
+    retriever = Retriever.open(bundle, gallery)
+    texts = split.captions[:10]
+    in_memory = retriever.search_text(texts, k=5, shortlist=50)
+    images = retriever.galleries["images"]
+    prefetched = []
+    monkeypatch.setattr(images, "larger_than_memory", lambda: True)
+    monkeypatch.setattr(images, "prefetch", lambda indices: prefetched.append(indices.size))
+    assert retriever.search_text(texts, k=5, shortlist=50) == in_memory
+    assert prefetched == [10 * 50]  # one call for every candidate of the batch
+
+
 @needs_faiss
 def test_shortlist_engines_pick_the_same_candidates(indexed):
     """The shortlist streams over 3 shards (150, 150, 100 images): FAISS and numpy keep the same
