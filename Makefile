@@ -39,10 +39,13 @@ demo: install
 	$(CLI) check $(DEMO)/bundle --target tensorrt
 	$(CLI) build-engine $(DEMO)/bundle --backend onnxruntime --precision int8
 	$(CLI) index $(DEMO)/bundle --features $(DEMO)/data/test_ims.npy \
-		--captions $(DEMO)/data/test_caps.txt --out $(DEMO)/gallery
+		--captions $(DEMO)/data/test_caps.txt --out $(DEMO)/gallery --faiss-index
 	@echo "text queries: test captions 0 and 6, ground truth images 0 and 1"
 	$(CLI) query $(DEMO)/gallery "$$(sed -n 1p $(DEMO)/data/test_caps.txt)" \
 		"$$(sed -n 7p $(DEMO)/data/test_caps.txt)" -k 3
+	@echo "the same, two-stage: 300 candidates by the FAISS index, re-ranked by exact SCAN"
+	$(CLI) query $(DEMO)/gallery "$$(sed -n 1p $(DEMO)/data/test_caps.txt)" \
+		"$$(sed -n 7p $(DEMO)/data/test_caps.txt)" -k 3 --shortlist 300
 	@echo "image query: test image 2, ground truth its captions 2:0 .. 2:4"
 	$(PY) -c "import numpy as np; np.save('$(DEMO)/query.npy', np.load('$(DEMO)/data/test_ims.npy')[2:3])"
 	$(CLI) query $(DEMO)/gallery --image-features $(DEMO)/query.npy -k 5
