@@ -35,7 +35,10 @@ def resolve_engine(engine: str) -> str:
         return engine
     if engine == "faiss":
         require_faiss()
-    return "faiss" if _faiss() is not None else "numpy"
+    if _faiss() is None:
+        LOG.info("shortlist: numpy (%s)", FAISS_HINT)
+        return "numpy"
+    return "faiss"
 
 
 def top_inner_products(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.gallery import Gallery, open_gallery
-from scan_deploy.runtime.inner_product import resolve_engine, set_faiss_threads
+from scan_deploy.runtime.inner_product import FAISS_HINT, resolve_engine, set_faiss_threads
 from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
 
 from scan_deploy.batching import pad_tokens
@@ -85,6 +85,8 @@ class Retriever:
         engine = resolve_engine(shortlist_engine)
         if engine == "faiss":
             set_faiss_threads(threads)
+        elif shortlist_engine == "auto" and any(g.faiss_record for g in galleries.values()):
+            LOG.warning("the gallery has a FAISS index, but %s: shortlists on numpy", FAISS_HINT)
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
         )

@@ -552,7 +552,7 @@ def index(
             faiss_index,
         )
     parts = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-    extra = ", FAISS shortlist index" if faiss_index else ""
+    extra = ", FAISS index" if faiss_index else ""
     console.print(f"{out}: {parts} ({dtype}, {opened.name}, {precision} graphs{extra})")
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scan_deploy.runtime import inner_product
 from scan_deploy.runtime.gallery import FAISS_INDEX, GalleryWriter, open_gallery
+from scan_deploy.runtime.retriever import Retriever
 from scan_deploy.runtime.search import Queries, shortlist
 
 from scan_deploy.errors import UserError
@@ -45,6 +46,21 @@ def test_shortlist_uses_the_index_with_faiss_and_the_globals_with_numpy(tmp_path
     np.testing.assert_array_equal(shortlist(q, gallery, 5, "faiss"), exact)
     assert gallery._faiss is not None  # the faiss engine went through the index
     assert shortlist(q, gallery, 50, "faiss").shape == (6, COUNT)  # capped at the gallery size
+
+
+@needs_faiss
+def test_retriever_warns_when_the_index_cannot_be_used(tmp_path, monkeypatch, caplog):
+    path, _, _ = write(tmp_path, "images", "fp16", name="g/images", faiss_index=True)
+    backend = object()
+    monkeypatch.setattr("scan_deploy.runtime.retriever.open_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(Retriever, "__init__", lambda self, *args: None)
+    bundle = fake_bundle(tmp_path)
+    monkeypatch.setattr("scan_deploy.runtime.gallery.Gallery.check_bundle", lambda *a: None)
+    Retriever.open(bundle, tmp_path / "g")
+    assert "FAISS index" not in caplog.text
+    monkeypatch.setattr(inner_product, "_faiss", lambda: None)
+    Retriever.open(bundle, tmp_path / "g")
+    assert "the gallery has a FAISS index, but faiss is not installed" in caplog.text
 
 
 def test_gallery_without_index_has_none(tmp_path):

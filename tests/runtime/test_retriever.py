@@ -205,7 +205,7 @@ def test_faiss_index_serves_the_shortlist_from_the_command_line(trained, tmp_pat
     done = run_cli("index", bundle, "--features", data / "test_ims.npy", "--out", out,
                    "--faiss-index")  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "FAISS shortlist index" in done.stdout
+    assert "graphs, FAISS index)" in done.stdout
     caption = (data / "test_caps.txt").read_text().splitlines()[10]
     hits = {}
     for engine in ("faiss", "numpy"):
