@@ -765,13 +765,8 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     """Open and validate a gallery folder (with `verify`, also every file's sha256)."""
     path = Path(path)
     where = path / MANIFEST
-    manifest = read_json_object(where, "the manifest of a gallery folder (scan-deploy index)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise input_error(
-            where,
-            "format_version",
-            f"got {manifest.get('format_version')!r}, expected {FORMAT_VERSION}",
-        )
+    what = "the manifest of a gallery folder (scan-deploy index)"
+    manifest = read_json_object(where, what, FORMAT_VERSION)
     kind = one_of(manifest.get("kind"), KINDS, "kind", where)
     dtype = one_of(manifest.get("dtype"), DTYPES, "dtype", where)
     count = typed(manifest.get("count"), int, "count", where)

@@ -64,13 +64,8 @@ def load_bundle(path: str | Path) -> Bundle:
     """Read `manifest.json` and check every file it names against its sha256."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    manifest = read_json_object(manifest_path, "the manifest of an export bundle folder")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise input_error(
-            manifest_path,
-            "format_version",
-            f"got {manifest.get('format_version')!r}, expected {FORMAT_VERSION}",
-        )
+    what = "the manifest of an export bundle folder"
+    manifest = read_json_object(manifest_path, what, FORMAT_VERSION)
     for key in ("model", "vocab", "graphs", "shape_ranges", "opset"):
         if key not in manifest:
             raise input_error(manifest_path, key, "missing from the manifest")

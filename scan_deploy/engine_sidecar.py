@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,8 @@ def sidecar_path(engine_path: str | Path) -> Path:
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    sidecar = read_json_object(path, "an engine sidecar written by `scan-deploy build-engine`")
-    if sidecar.get("format_version") != FORMAT_VERSION:
-        raise input_error(
-            path,
-            "format_version",
-            f"got {sidecar.get('format_version')!r}, expected {FORMAT_VERSION}",
-        )
+    what = "an engine sidecar written by `scan-deploy build-engine`"
+    sidecar = read_json_object(path, what, FORMAT_VERSION)
     check_fields(sidecar, path)
     return sidecar
 
@@ -116,19 +112,25 @@ def check_fields(sidecar: dict[str, Any], path: str | Path) -> None:
 
 def rebuild_command(bundle_path: str | Path, sidecar: dict[str, Any]) -> str:
     """The `scan-deploy build-engine` command that rebuilds this engine for the running setup."""
-    argv = [
-        "scan-deploy",
-        "build-engine",
-        str(bundle_path),
-        "--backend",
+    return build_engine_command(
+        bundle_path,
         sidecar["backend"],
-        "--precision",
         sidecar["precision"],
-        "--graph",
         sidecar["graph"],
-        *sidecar["build"].get("cli", []),
-    ]
-    return shlex.join(argv)
+        sidecar["build"].get("cli", []),
+    )
+
+
+def build_engine_command(
+    bundle_path: str | Path,
+    backend: str,
+    precision: str,
+    graph: str,
+    options: Sequence[str] = (),
+) -> str:
+    """The shell command `scan-deploy build-engine` for one graph, with further `options`."""
+    argv = ["scan-deploy", "build-engine", str(bundle_path), "--backend", backend]
+    return shlex.join([*argv, "--precision", precision, "--graph", graph, *options])
 
 
 def check_sidecar(

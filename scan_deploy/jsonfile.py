@@ -10,8 +10,11 @@ from typing import Any
 from scan_deploy.errors import input_error
 
 
-def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
-    """The JSON object in `path`; `what` names the expected file in the error messages."""
+def read_json_object(
+    path: str | Path, what: str, format_version: int | None = None
+) -> dict[str, Any]:
+    """The JSON object in `path`; `what` names the expected file in the error messages. With
+    `format_version`, its `format_version` field must be that number."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -25,6 +28,9 @@ def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
         raise input_error(path, None, f"invalid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise input_error(path, None, f"expected a JSON object ({what})")
+    if format_version is not None and data.get("format_version") != format_version:
+        found = data.get("format_version")
+        raise input_error(path, "format_version", f"got {found!r}, expected {format_version}")
     return data
 
 

@@ -20,7 +20,6 @@ An execution context is not re-entrant, so a runner serializes its runs with a l
 
 from __future__ import annotations
 
-import shlex
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,26 +34,11 @@ from scan_deploy.runtime.backends.base import (
 )
 
 from scan_deploy.bundle import Bundle
+from scan_deploy.engine_sidecar import build_engine_command
 from scan_deploy.errors import UserError
 
 Shape = tuple[int, ...]
 ProfileShapes = Mapping[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
-
-
-def build_command(bundle: Bundle, graph: str, precision: str) -> str:
-    return shlex.join(
-        [
-            "scan-deploy",
-            "build-engine",
-            str(bundle.path),
-            "--backend",
-            "tensorrt",
-            "--precision",
-            precision,
-            "--graph",
-            graph,
-        ]
-    )
 
 
 def engine_candidates(bundle: Bundle, graph: str, precision: str) -> list[Path]:
@@ -64,7 +48,7 @@ def engine_candidates(bundle: Bundle, graph: str, precision: str) -> list[Path]:
     if not found:
         raise UserError(
             f"{bundle.path / 'engines'}: no TensorRT {precision} engine of {graph}; build it: "
-            f"{build_command(bundle, graph, precision)}"
+            f"{build_engine_command(bundle.path, 'tensorrt', precision, graph)}"
         )
     return found
 

@@ -41,3 +41,10 @@ def test_typed_names_the_file_the_field_and_both_types(value, kinds, message):
         return
     with pytest.raises(UserError, match=message):
         typed(value, kinds, "count", "m.json")
+
+
+def test_read_json_object_checks_the_format_version(tmp_path):
+    (tmp_path / "m.json").write_text('{"format_version": 2}')
+    assert read_json_object(tmp_path / "m.json", "a manifest", 2) == {"format_version": 2}
+    with pytest.raises(UserError, match=r"m.json: format_version: got 2, expected 1$"):
+        read_json_object(tmp_path / "m.json", "a manifest", 1)

@@ -4,14 +4,12 @@ itself needs TensorRT and a GPU (its buffers are tested in tests/runtime/test_cu
 
 import importlib.util
 import json
-import shlex
 from dataclasses import dataclass
 
 import pytest
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.tensorrt_backend import (
     _nbytes,
-    build_command,
     covers,
     engine_candidates,
     io_order,
@@ -19,6 +17,7 @@ from scan_deploy.runtime.backends.tensorrt_backend import (
 )
 
 from scan_deploy.bundle import Bundle
+from scan_deploy.engine_sidecar import build_engine_command
 from scan_deploy.errors import UserError
 
 # Two profiles of the text encoder: short captions in small batches, and the full range.
@@ -109,18 +108,7 @@ def test_output_sizes():
 
 def test_missing_engines_name_the_build_engine_command(tiny, tmp_path):
     bundle = Bundle(tmp_path / "my bundle", tiny.bundle.manifest, tiny.bundle.config, None)
-    command = build_command(bundle, "text_encoder", "fp16")
-    assert shlex.split(command) == [
-        "scan-deploy",
-        "build-engine",
-        str(tmp_path / "my bundle"),
-        "--backend",
-        "tensorrt",
-        "--precision",
-        "fp16",
-        "--graph",
-        "text_encoder",
-    ]
+    command = build_engine_command(bundle.path, "tensorrt", "fp16", "text_encoder")
     with pytest.raises(UserError) as info:
         engine_candidates(bundle, "text_encoder", "fp16")
     assert str(info.value) == (
