@@ -74,7 +74,7 @@ from scan_deploy.runtime import search
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.dequantize import to_float32
 from scan_deploy.runtime.gallery import Gallery, GalleryWriter, open_gallery, stored_arrays
-from scan_deploy.runtime.inner_product import FAISS_HINT, resolve_engine
+from scan_deploy.runtime.inner_product import FAISS_HINT, faiss_installed, gallery_engine
 from scan_deploy.runtime.retriever import TEXT_BATCH, Retriever
 from scan_deploy.runtime.search import GALLERY_BLOCK, Queries, exhaustive, reranked
 from workload import gemm_peak, workload_parser
@@ -476,7 +476,7 @@ def shortlist_engines(gallery: Gallery, queries: Queries, args) -> dict:
     speed-up over numpy, and how many of numpy's (exact) candidates each keeps (as a set, and at
     the same rank)."""
     methods = {"numpy": (gallery, "numpy")}
-    if resolve_engine("auto") == "faiss":
+    if faiss_installed():
         methods["faiss knn"] = (replace(gallery, faiss_record=None), "faiss")
         if gallery.faiss_record is not None:
             methods["faiss fp16 index"] = (gallery, "faiss")
@@ -510,7 +510,8 @@ def shortlist_engines(gallery: Gallery, queries: Queries, args) -> dict:
 
 
 def faiss_threads() -> int:
-    """The OpenMP threads `faiss.knn` runs on (the runtime leaves faiss's default)."""
+    """The OpenMP threads FAISS searches run on here (the bench passes no thread count: FAISS's
+    default, every core)."""
     import faiss
 
     return faiss.omp_get_max_threads()
@@ -631,7 +632,7 @@ def bench_reranked(scorer: TimedRunner, gallery: Gallery, queries: Queries, args
     shortlist_stage = np.array(shortlist_s[keep])
     rerank_stage = np.array(totals[keep]) - shortlist_stage
     report = {
-        "engine": resolve_engine(SHORTLIST_ENGINE),
+        "engine": gallery_engine(SHORTLIST_ENGINE, gallery.faiss_record is not None),
         "total": stats(totals[keep]),
         "shortlist_stage": stats(shortlist_stage),
         "rerank_stage": stats(rerank_stage),
@@ -654,7 +655,8 @@ def bench_large(scorer: TimedRunner, gallery: Gallery, args, speedup: float) -> 
     with phase(memory_report, "side_by_side"):
         report["engines"] = shortlist_engines(gallery, queries, args)
         report["dequantize"] = dequantize_rates(gallery)
-    from_index = resolve_engine(SHORTLIST_ENGINE) == "faiss" and gallery.faiss_record is not None
+    has_index = gallery.faiss_record is not None
+    from_index = has_index and gallery_engine(SHORTLIST_ENGINE, has_index) == "faiss"
     report["shortlist_reads"] = "the float16 FAISS index" if from_index else "the float32 globals"
     report["shortlist_gb"] = gallery.count * args.dim * (2 if from_index else 4) / 1e9
     report["shortlist_gb_s"] = report["shortlist_gb"] / report["shortlist_stage"]["p50_ms"] * 1e3
@@ -956,7 +958,7 @@ def run(args, work: Path) -> dict:
         count,
         args.large_dtype,
         args.large_budget,
-        resolve_engine("auto") == "faiss",
+        faiss_installed(),
     )
     log(f"wrote {report['large_gallery']['count']} images; shortlist queries")
     large = open_gallery(large_path, verify=False)

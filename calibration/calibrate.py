@@ -41,7 +41,7 @@ from scan_deploy.export.verify import session
 from scan_deploy.atomic import atomic_path, write_json
 from scan_deploy.bundle import GRAPHS, MANIFEST, Bundle, sha256_file
 from scan_deploy.checkpoint import Checkpoint
-from scan_deploy.errors import UserError
+from scan_deploy.errors import one_of
 from scan_deploy.evaluate import split_similarities
 from scan_deploy.jsonfile import json_safe
 from scan_deploy.metrics import recall_metrics
@@ -61,10 +61,8 @@ class CalibrationSettings:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in TARGETS:
-            raise UserError(f"--precision: got {self.precision!r}, expected fp16 or int8")
-        if self.method not in int8.METHODS:
-            raise UserError(f"--method: got {self.method!r}, expected {', '.join(int8.METHODS)}")
+        one_of(self.precision, TARGETS, "--precision")
+        one_of(self.method, int8.METHODS, "--method")
 
 
 def calibrate_bundle(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from scan_deploy.runtime.inner_product import gallery_engine
 from scan_deploy.runtime.retriever import Retriever
 
 AGREEMENT_QUERIES = 50
@@ -38,6 +39,7 @@ def run_bench(
     seed: int = 0,
 ) -> dict:
     gallery = retriever.gallery_for("text", k, shortlist)
+    has_index = gallery.faiss_record is not None
     rows = []
     for batch in batch_sizes:
         queries = bench_queries(retriever, batch * (warmup + iterations), seed)
@@ -66,8 +68,9 @@ def run_bench(
         "gallery": {"items": gallery.count, "dtype": gallery.dtype},
         "k": k,
         "shortlist": shortlist,
-        "shortlist_engine": retriever.shortlist_engine,
-        "faiss_index": retriever.shortlist_engine == "faiss" and gallery.faiss_record is not None,
+        "shortlist_engine": gallery_engine(retriever.shortlist_engine, has_index),
+        "faiss_index": gallery_engine(retriever.shortlist_engine, has_index) == "faiss"
+        and has_index,
         "warmup": warmup,
         "iterations": iterations,
         "batches": rows,

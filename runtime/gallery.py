@@ -43,8 +43,8 @@ against the files (every file present, the .npy header's shape and dtype as reco
 size the header implies, and with `verify=True` each file's sha256) and fails with a one-line
 UserError naming the file.
 
-numpy and the standard library only (onnxruntime, when installed, speeds up the float16 cast):
-the runtime imports this module on devices without torch.
+numpy and the standard library (onnxruntime, when installed, speeds up dequantization; faiss
+only for `faiss_index`): the runtime imports this module on devices without torch.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ class GalleryWriter:
     """Write a gallery batch by batch; nothing appears at `path` until `close()` succeeds.
 
     Batches are converted to the storage dtype as they arrive and buffered until a shard of
-    `shard_size` items is complete, so memory holds at most one shard (stored form) plus a batch.
+    `shard_size` items is complete, so memory holds at most one shard (stored form) plus a batch
+    (and, with `faiss_index`, the FAISS index while `close()` builds it: 2 bytes × D per item).
     An error inside `add` or `close`, or leaving a `with` block by an exception, discards the
     temp folder; leaving the `with` block normally closes the writer.
     """
@@ -557,7 +558,7 @@ class Shard:
         resolution, a new memory map) was 75% of `Gallery.rows`; the header is read once."""
         _, shape, dtype = self._layout(name)
         out = np.empty((len(rows), *shape[1:]), dtype)
-        flat = out.reshape(len(rows), -1).view(np.uint8)
+        flat = out.reshape(len(rows), math.prod(shape[1:])).view(np.uint8)
         descriptor = os.open(self.path(name), os.O_RDONLY)
         try:
             for first, stop, offset, size in self._runs(name, rows):
@@ -694,7 +695,8 @@ class Gallery:
             return None
         with self._lock:
             if self._faiss is None:
-                self._faiss = open_faiss_index(self.path / self.faiss_record["file"])
+                path, record = self.path / FAISS_INDEX, self.faiss_record
+                self._faiss = open_faiss_index(path, record["count"], record["dim"])
         return self._faiss
 
     def global_embeddings(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -832,16 +834,19 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
 def _check_faiss_index(root: Path, record: Any, count: int, embed_size: int, verify: bool) -> None:
     where = root / MANIFEST
     typed(record, dict, "faiss_index", where)
-    expected = {"type": FAISS_INDEX_TYPE, "count": count, "dim": embed_size}
+    expected = {"file": FAISS_INDEX, "type": FAISS_INDEX_TYPE, "count": count, "dim": embed_size}
     for key, value in expected.items():
-        if record.get(key) != value:
-            raise input_error(
-                where, f"faiss_index.{key}", f"got {record.get(key)!r}, expected {value!r}"
-            )
+        found = record.get(key)
+        if found != value or type(found) is not type(value):
+            raise input_error(where, f"faiss_index.{key}", f"got {found!r}, expected {value!r}")
     typed(record.get("sha256"), str, "faiss_index.sha256", where)
-    file = root / typed(record.get("file"), str, "faiss_index.file", where)
+    size = typed(record.get("bytes"), int, "faiss_index.bytes", where)
+    file = root / FAISS_INDEX
     if not file.is_file():
         raise input_error(file, None, f"missing (named by {MANIFEST} faiss_index)")
+    if file.stat().st_size != size:
+        message = f"is {file.stat().st_size} bytes, the manifest records {size}: {_FIX}"
+        raise input_error(file, "size", message)
     if verify and sha256_file(file) != record["sha256"]:
         raise input_error(
             file, "sha256", f"differs from the manifest's (file changed or corrupted: {_FIX})"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.gallery import Gallery, open_gallery
-from scan_deploy.runtime.inner_product import FAISS_HINT, resolve_engine, set_faiss_threads
+from scan_deploy.runtime.inner_product import FAISS_HINT, check_engine, gallery_engine
 from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
 
 from scan_deploy.batching import pad_tokens
@@ -52,9 +52,11 @@ class Retriever:
         galleries: dict[str, Gallery],
         backend,
         shortlist_engine: str = "auto",
+        threads: int = 0,
     ) -> None:
         self.bundle, self.galleries, self.backend = bundle, galleries, backend
-        self.shortlist_engine = resolve_engine(shortlist_engine)
+        self.shortlist_engine = check_engine(shortlist_engine)
+        self.threads = threads
         self._runners = {name: _Locked(backend.runner(name)) for name in GRAPHS}
 
     @classmethod
@@ -72,9 +74,11 @@ class Retriever:
         shortlist_engine: str = "auto",
     ) -> Retriever:
         """`bundle` None: the bundle the gallery was indexed with (its recorded path).
-        `shortlist_engine`: `inner_product.ENGINES` (auto: FAISS when installed, else numpy).
-        `threads` (0: the libraries' defaults) sizes ONNX Runtime's intra-op pool and, with the
-        FAISS engine, FAISS's OpenMP threads (process-wide)."""
+        `shortlist_engine`: `inner_product.ENGINES` (auto: FAISS for a gallery indexed with
+        `--faiss-index` when faiss is installed, else numpy); a gallery's FAISS index is opened
+        and checked here when it will be used. `threads` (0: the libraries' defaults) sizes ONNX
+        Runtime's intra-op pool and FAISS's OpenMP threads."""
+        engine = check_engine(shortlist_engine)
         galleries = open_galleries(gallery, verify)
         if not isinstance(bundle, Bundle):
             if bundle is None:
@@ -82,15 +86,17 @@ class Retriever:
             bundle = load_bundle(bundle)
         for part in galleries.values():
             part.check_bundle(bundle)
-        engine = resolve_engine(shortlist_engine)
-        if engine == "faiss":
-            set_faiss_threads(threads)
-        elif shortlist_engine == "auto" and any(g.faiss_record for g in galleries.values()):
-            LOG.warning("the gallery has a FAISS index, but %s: shortlists on numpy", FAISS_HINT)
+        for part in galleries.values():
+            if part.faiss_record is None:
+                continue
+            if gallery_engine(engine, has_index=True) == "faiss":
+                part.faiss_index()
+            elif engine == "auto":
+                LOG.warning("unused FAISS index in %s: %s", part.path, FAISS_HINT)
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
         )
-        return cls(bundle, galleries, opened, engine)
+        return cls(bundle, galleries, opened, engine, threads)
 
     def encode_text(self, texts: Sequence[str]) -> Queries:
         """Caption-side scorer inputs of `texts`, padded to their longest (in input order)."""
@@ -151,8 +157,9 @@ class Retriever:
         if size is None or size >= gallery.count:
             scores, indices = exhaustive(scorer, queries, gallery, k, cross_attn)
         else:
+            engine, threads = self.shortlist_engine, self.threads
             scores, indices = reranked(
-                scorer, queries, gallery, k, size, cross_attn, self.shortlist_engine
+                scorer, queries, gallery, k, size, cross_attn, engine, threads
             )
         texts = gallery.texts
         return [

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from scan_deploy.runtime.gallery import Gallery
-from scan_deploy.runtime.inner_product import resolve_engine, top_inner_products
+from scan_deploy.runtime.inner_product import (
+    check_engine,
+    gallery_engine,
+    search_faiss_index,
+    top_inner_products,
+)
 
 GALLERY_BLOCK = 256  # gallery items per scorer call
 
@@ -105,17 +110,20 @@ def exhaustive(
     return top.result()
 
 
-def shortlist(queries: Queries, gallery: Gallery, size: int, engine: str = "auto") -> np.ndarray:
+def shortlist(
+    queries: Queries, gallery: Gallery, size: int, engine: str = "auto", threads: int = 0
+) -> np.ndarray:
     """(queries, size) gallery indices with the largest pooled-embedding inner products, best
-    first; `engine` one of `inner_product.ENGINES`."""
-    engine = resolve_engine(engine)
-    top = TopK(queries.count, size)
-    index = gallery.faiss_index() if engine == "faiss" else None
-    if index is not None:
-        top.update(*index.search(queries.arrays["global"], min(size, gallery.count)))
+    first; `engine` one of `inner_product.ENGINES`, `threads` FAISS's (0: its default)."""
+    pooled, top = queries.arrays["global"], TopK(queries.count, size)
+    has_index = gallery.faiss_record is not None
+    engine = gallery_engine(check_engine(engine), has_index)
+    if engine == "faiss" and has_index:
+        index = gallery.faiss_index()
+        top.update(*search_faiss_index(index, pooled, min(size, gallery.count), threads))
         return top.result()[1]
     for offset, embeddings in gallery.global_embeddings():
-        scores, indices = top_inner_products(queries.arrays["global"], embeddings, size, engine)
+        scores, indices = top_inner_products(pooled, embeddings, size, engine, threads)
         top.update(scores, offset + indices)
     return top.result()[1]
 
@@ -128,9 +136,10 @@ def reranked(
     size: int,
     cross_attn: str,
     engine: str = "auto",
+    threads: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Shortlist `size` candidates per query (on `engine`), then exact SCAN on those only."""
-    candidates = shortlist(queries, gallery, size, engine)
+    candidates = shortlist(queries, gallery, size, engine, threads)
     if gallery.larger_than_memory():  # the rows come from disk: queue all the reads at once
         gallery.prefetch(candidates.ravel())
     keep = min(k, candidates.shape[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -18,7 +19,7 @@ def input_error(path: str | Path | None, field: str | None, message: str) -> Use
     return UserError(": ".join([*parts, message]))
 
 
-def one_of(value: object, allowed: Iterable[str], field: str, path: str | Path | None = None):
+def one_of(value: Any, allowed: Iterable[str], field: str, path: str | Path | None = None) -> Any:
     """`value` when it is one of `allowed`; otherwise the UserError `FILE: FIELD: got 'x',
     expected one of a, b, c`."""
     allowed = tuple(allowed)

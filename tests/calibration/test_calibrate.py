@@ -157,7 +157,7 @@ def test_calibrate_command(trained, tmp_path):
     bad = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int4")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "error: --precision: got 'int4', expected fp16 or int8"
+        "error: --precision: got 'int4', expected one of fp16, int8"
     ]
     missing = run_cli("calibrate", tmp_path / "bundle", "--data", data,
                    "--checkpoint", tmp_path / "nothing")  # fmt: skip

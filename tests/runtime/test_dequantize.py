@@ -2,6 +2,8 @@
 (Cast, DequantizeLinear) when it is installed and through numpy without it, for every shape the
 gallery stores."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 from scan_deploy.runtime import dequantize
@@ -25,6 +27,9 @@ def test_float16_is_bit_identical_to_numpy(shape):
     np.testing.assert_array_equal(got.view(np.uint32), raw.astype(np.float32).view(np.uint32))
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed"
+)
 def test_onnxruntime_graphs_are_used_when_installed():
     assert dequantize._session(dequantize.CAST_FLOAT16) is not None
     assert dequantize._session(dequantize.DEQUANTIZE_INT8) is not None
@@ -76,9 +81,18 @@ def test_int8_rows_of_a_memory_map_are_read(tmp_path):
     np.testing.assert_array_equal(got, q[1:4].astype(np.float32) * scale[1:4, :, None])
 
 
-def test_int8_without_scale_is_refused():
+def test_int8_without_scale_or_with_another_shape_is_refused():
     with pytest.raises(ValueError, match="per-row scale"):
         to_float32(np.zeros((2, 3), np.int8))
+    with pytest.raises(ValueError, match=r"scale of shape \(2, 1\), expected \(2, 3\)"):
+        to_float32(np.zeros((2, 3, 4), np.int8), np.ones((2, 1), np.float32))
+
+
+def test_a_graph_onnxruntime_cannot_load_falls_back_to_numpy(tmp_path, caplog):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    assert dequantize._session.__wrapped__(broken) is None
+    assert "onnxruntime cannot load it" in caplog.text
 
 
 def test_float32_is_copied():

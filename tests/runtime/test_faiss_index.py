@@ -60,7 +60,27 @@ def test_retriever_warns_when_the_index_cannot_be_used(tmp_path, monkeypatch, ca
     assert "FAISS index" not in caplog.text
     monkeypatch.setattr(inner_product, "_faiss", lambda: None)
     Retriever.open(bundle, tmp_path / "g")
-    assert "the gallery has a FAISS index, but faiss is not installed" in caplog.text
+    assert "unused FAISS index in" in caplog.text and "faiss is not installed" in caplog.text
+
+
+@needs_faiss
+def test_an_index_that_is_not_ours_is_refused_when_opened(tmp_path):
+    """Without `verify` the sha256 is not read: opening the index checks what it is."""
+    import faiss
+
+    path, items, manifest = write(tmp_path, "images", "fp16", faiss_index=True)
+    index_file = path / FAISS_INDEX
+    size = index_file.stat().st_size
+    index_file.write_bytes(b"\0" * size)  # same size, garbage
+    with pytest.raises(UserError, match=r"shortlist.faiss: not a readable FAISS index: re-run"):
+        open_gallery(path, verify=False).faiss_index()
+    other = faiss.IndexScalarQuantizer(D, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+    other.add(items["global"])
+    faiss.write_index(other, str(index_file))
+    manifest["faiss_index"]["bytes"] = index_file.stat().st_size
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"is IndexScalarQuantizer of 11 × 8, expected a float16 "):
+        open_gallery(path, verify=False).faiss_index()
 
 
 def test_gallery_without_index_has_none(tmp_path):
@@ -80,12 +100,15 @@ def test_index_needs_faiss_and_writes_nothing_without_it(tmp_path, monkeypatch):
     ("change", "message"),
     [
         (lambda m, p: m["faiss_index"].update(count=3), r"faiss_index.count: got 3, expected 11"),
+        (lambda m, p: m["faiss_index"].update(count=11.0), r"faiss_index.count: got 11.0"),
+        (lambda m, p: m["faiss_index"].update(file="../x"), r"faiss_index.file: got '../x'"),
+        (lambda m, p: m["faiss_index"].update(bytes=5), r"shortlist.faiss: size: is \d+ bytes"),
         (lambda m, p: m["faiss_index"].update(dim=4), r"faiss_index.dim: got 4, expected 8"),
         (lambda m, p: m["faiss_index"].update(type="HNSW"), r"faiss_index.type: got 'HNSW'"),
         (lambda m, p: m.update(faiss_index=[]), r"faiss_index: expected an object, got a list"),
         (lambda m, p: (p / FAISS_INDEX).unlink(), r"shortlist.faiss: missing"),
         (
-            lambda m, p: (p / FAISS_INDEX).write_bytes((p / FAISS_INDEX).read_bytes()[:-8]),
+            lambda m, p: (p / FAISS_INDEX).write_bytes((p / FAISS_INDEX).read_bytes()[:-1] + b"x"),
             r"shortlist.faiss: sha256: differs from the manifest's",
         ),
     ],

@@ -1,12 +1,15 @@
 """The shortlist's inner-product top-k: numpy and FAISS find the same items, and the engine
 choice falls back, refuses and names itself as documented."""
 
+import threading
+
 import numpy as np
 import pytest
 from scan_deploy.runtime import inner_product
 from scan_deploy.runtime.inner_product import (
-    resolve_engine,
-    set_faiss_threads,
+    check_engine,
+    gallery_engine,
+    search_faiss_index,
     top_inner_products,
 )
 
@@ -52,29 +55,49 @@ def test_no_items_gives_empty_results():
 
 
 @needs_faiss
-def test_auto_takes_faiss_when_installed_else_numpy(monkeypatch):
-    assert resolve_engine("auto") == "faiss"
-    assert resolve_engine("numpy") == "numpy"
+def test_auto_takes_faiss_only_for_a_gallery_with_an_index(monkeypatch):
+    assert check_engine("auto") == "auto" and check_engine("faiss") == "faiss"
+    assert gallery_engine("auto", has_index=True) == "faiss"
+    assert gallery_engine("auto", has_index=False) == "numpy"  # faiss.knn: slower than numpy
+    assert gallery_engine("faiss", has_index=False) == "faiss"
+    assert gallery_engine("numpy", has_index=True) == "numpy"
     monkeypatch.setattr(inner_product, "_faiss", lambda: None)
-    assert resolve_engine("auto") == "numpy"
+    assert gallery_engine("auto", has_index=True) == "numpy"
     with pytest.raises(UserError, match=r"faiss is not installed: pip install 'scan-deploy\[faiss"):
-        resolve_engine("faiss")
+        check_engine("faiss")
 
 
 def test_unknown_engine_is_refused():
     with pytest.raises(UserError, match="--shortlist-engine: got 'annoy', expected one of auto"):
-        resolve_engine("annoy")
+        check_engine("annoy")
 
 
 @needs_faiss
-def test_faiss_threads_follow_the_retriever_setting():
+def test_faiss_threads_are_set_in_the_searching_thread():
+    """libgomp keeps the thread count per thread: a search from another thread gets it too."""
     import faiss
 
-    before = faiss.omp_get_max_threads()
-    try:
-        set_faiss_threads(1)
-        assert faiss.omp_get_max_threads() == 1
-        set_faiss_threads(0)  # 0: leave it as it is
-        assert faiss.omp_get_max_threads() == 1
-    finally:
-        faiss.omp_set_num_threads(before)
+    seen = []
+    items = vectors(50, 1)
+
+    def search():
+        top_inner_products(vectors(2, 0), items, 5, "faiss", threads=1)
+        seen.append(faiss.omp_get_max_threads())
+
+    worker = threading.Thread(target=search)
+    worker.start()
+    worker.join()
+    assert seen == [1]
+
+
+@needs_faiss
+def test_an_index_search_that_leaves_places_empty_is_refused():
+    import faiss
+
+    fp16, metric = faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+    index = faiss.IndexScalarQuantizer(16, fp16, metric)
+    index.add(vectors(10, 1))
+    _, found = search_faiss_index(index, vectors(2, 0), 10, threads=1)
+    assert sorted(found[0].tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="fewer candidates than asked: non-finite query"):
+        search_faiss_index(index, np.full((1, 16), np.nan, np.float32), 10)
