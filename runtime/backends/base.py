@@ -23,6 +23,7 @@ attention direction (it takes `region_gram` for t2i, `caption_gram` for i2t).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +57,25 @@ class Backend(Protocol):
     def runner(self, graph: str) -> Runner:
         """The runner of `graph`, created on first use and then reused."""
         ...
+
+
+class RunnerCache:
+    """The `runner(graph)` of every backend: each graph's runner is opened once, on first use,
+    under a lock, since several threads may ask for it at once. Backends implement `_open`."""
+
+    def __init__(self) -> None:
+        self._runners: dict[str, Runner] = {}
+        self._lock = threading.Lock()
+
+    def runner(self, graph: str) -> Runner:
+        check_graph(graph)
+        with self._lock:
+            if graph not in self._runners:
+                self._runners[graph] = self._open(graph)
+            return self._runners[graph]
+
+    def _open(self, graph: str) -> Runner:
+        raise NotImplementedError
 
 
 def open_backend(

@@ -19,7 +19,6 @@ is skipped with a warning, and the session is created from the bundle's graph in
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from typing import Any
 import numpy as np
 from scan_deploy.runtime.backends.base import (
     LOG,
+    RunnerCache,
     as_output,
-    check_graph,
     find_engines,
     prepare_feeds,
 )
@@ -92,7 +91,7 @@ class OnnxRuntimeRunner:
         return [as_output(x) for x in self.session.run(self._output_names, arrays)]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(RunnerCache):
     def __init__(
         self,
         bundle: Bundle,
@@ -101,21 +100,13 @@ class OnnxRuntimeBackend:
         threads: int = 0,
         providers: Sequence[str] | None = None,
     ) -> None:
+        super().__init__()
         self.ort = import_onnxruntime()
         self.bundle = bundle
         self.precision = precision
         self.threads = threads
         self.providers = choose_providers(providers, self.ort.get_available_providers())
         self.name = f"onnxruntime ({EXECUTION_PROVIDERS[self.providers[0]]})"
-        self._runners: dict[str, OnnxRuntimeRunner] = {}
-        self._lock = threading.Lock()
-
-    def runner(self, graph: str) -> OnnxRuntimeRunner:
-        check_graph(graph)
-        with self._lock:
-            if graph not in self._runners:
-                self._runners[graph] = self._open(graph)
-            return self._runners[graph]
 
     def _open(self, graph: str) -> OnnxRuntimeRunner:
         entry = self.bundle.graph(graph, self.precision)

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 from scan_deploy.runtime.backends.base import (
+    RunnerCache,
     as_output,
-    check_graph,
     find_engines,
     prepare_feeds,
 )
@@ -169,23 +169,15 @@ def _nbytes(shape: Shape, dtype: str, name: str) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-class TensorRTBackend:
+class TensorRTBackend(RunnerCache):
     def __init__(self, bundle: Bundle, precision: str = "fp32") -> None:
         from scan_deploy import tensorrt_api
 
+        super().__init__()
         self.bundle = bundle
         self.precision = precision
         self.version = tensorrt_api.version()  # TensorRT missing: UserError with the install hint
         self.name = f"tensorrt {self.version}"
-        self._runners: dict[str, TensorRTRunner] = {}
-        self._lock = threading.Lock()
-
-    def runner(self, graph: str) -> TensorRTRunner:
-        check_graph(graph)
-        with self._lock:
-            if graph not in self._runners:
-                self._runners[graph] = self._open(graph)
-            return self._runners[graph]
 
     def _open(self, graph: str) -> TensorRTRunner:
         from scan_deploy import tensorrt_api

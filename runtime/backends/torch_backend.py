@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scan_deploy.runtime.backends.base import as_output, check_graph, prepare_feeds
+from scan_deploy.runtime.backends.base import RunnerCache, as_output, prepare_feeds
 
 from scan_deploy.bundle import MANIFEST, Bundle
 from scan_deploy.errors import UserError
@@ -81,7 +81,7 @@ class TorchRunner:
         return [as_output(results[name].detach().cpu().numpy()) for name in self._names]
 
 
-class TorchBackend:
+class TorchBackend(RunnerCache):
     def __init__(
         self,
         bundle: Bundle,
@@ -89,6 +89,7 @@ class TorchBackend:
         checkpoint: str | Path | None = None,
         device: str | None = None,
     ) -> None:
+        super().__init__()
         if precision != "fp32":
             raise UserError(
                 f"precision: the torch backend runs the fp32 reference, not {precision} "
@@ -125,15 +126,9 @@ class TorchBackend:
         self.config = loaded.config
         self.model = loaded.model.eval().to(self.device)
         self.name = f"torch {self.device}"
-        self._runners: dict[str, TorchRunner] = {}
-        self._lock = threading.Lock()
 
-    def runner(self, graph: str) -> TorchRunner:
-        check_graph(graph)
-        with self._lock:
-            if graph not in self._runners:
-                self._runners[graph] = TorchRunner(graph, self.bundle.graph(graph), self)
-            return self._runners[graph]
+    def _open(self, graph: str) -> TorchRunner:
+        return TorchRunner(graph, self.bundle.graph(graph), self)
 
     @contextmanager
     def fp32(self) -> Iterator[None]:
