@@ -69,7 +69,7 @@ from scan_deploy.runtime.inner_product import (
 )
 
 from scan_deploy.atomic import atomic_dir, write_json
-from scan_deploy.bundle import GRAPHS, Bundle, sha256_file
+from scan_deploy.bundle import GRAPHS, Bundle, check_sha256, sha256_file
 from scan_deploy.errors import input_error, one_of
 from scan_deploy.jsonfile import read_json_object, typed
 
@@ -847,10 +847,8 @@ def _check_faiss_index(root: Path, record: Any, count: int, embed_size: int, ver
     if file.stat().st_size != size:
         message = f"is {file.stat().st_size} bytes, the manifest records {size}: {_FIX}"
         raise input_error(file, "size", message)
-    if verify and sha256_file(file) != record["sha256"]:
-        raise input_error(
-            file, "sha256", f"differs from the manifest's (file changed or corrupted: {_FIX})"
-        )
+    if verify:
+        check_sha256(file, sha256_file(file), record["sha256"], _FIX)
 
 
 def _check_record(record: Any, where: Path, field_name: str) -> list[int]:
@@ -919,14 +917,7 @@ def _check_npy(file: Path, record: dict[str, Any], field_name: str, verify: bool
             file, "size", f"{problem}: {size} bytes, a {expected} array needs {needed}: {_FIX}"
         )
     if verify:
-        actual = sha256_file(file)
-        if actual != record["sha256"]:
-            raise input_error(
-                file,
-                "sha256",
-                f"is {actual[:12]}…, the manifest expects {record['sha256'][:12]}… "
-                f"(file changed or corrupted: {_FIX})",
-            )
+        check_sha256(file, sha256_file(file), record["sha256"], _FIX)
 
 
 def _read_list(
@@ -942,14 +933,7 @@ def _read_list(
         raw = file.read_bytes()
     except FileNotFoundError:
         raise input_error(file, None, f"missing (named by {MANIFEST} {key})") from None
-    actual = hashlib.sha256(raw).hexdigest()
-    if actual != entry.get("sha256"):
-        raise input_error(
-            file,
-            "sha256",
-            f"is {actual[:12]}…, the manifest expects {str(entry.get('sha256'))[:12]}… "
-            f"(file changed or corrupted: {_FIX})",
-        )
+    check_sha256(file, hashlib.sha256(raw).hexdigest(), entry.get("sha256"), _FIX)
     try:
         items = json.loads(raw)
     except ValueError as exc:

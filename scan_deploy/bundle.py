@@ -32,6 +32,17 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_sha256(path: Path, actual: str, expected: Any, fix: str) -> None:
+    """The one-line UserError for a file whose sha256 `actual` is not the manifest's."""
+    if actual != expected:
+        raise input_error(
+            path,
+            "sha256",
+            f"is {actual[:12]}…, the manifest expects {str(expected)[:12]}… "
+            f"(file changed or corrupted: {fix})",
+        )
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A validated bundle on disk."""
@@ -94,11 +105,4 @@ def _check_file(root: Path, entry: dict[str, Any], manifest_path: Path, field: s
     file_path = root / entry["file"]
     if not file_path.is_file():
         raise input_error(file_path, None, f"missing (named by {manifest_path.name} {field})")
-    actual = sha256_file(file_path)
-    if actual != entry["sha256"]:
-        raise input_error(
-            file_path,
-            "sha256",
-            f"is {actual[:12]}…, the manifest expects {entry['sha256'][:12]}… "
-            "(file changed or corrupted: re-export the bundle)",
-        )
+    check_sha256(file_path, sha256_file(file_path), entry["sha256"], "re-export the bundle")
