@@ -49,6 +49,7 @@ only for `faiss_index`): the runtime imports this module on devices without torc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -635,9 +636,10 @@ class Gallery:
     def embed_size(self) -> int:
         return int(self.manifest["bundle"]["embed_size"])
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        """Bytes of array data in the shards (what reading every item would read)."""
+        """Bytes of array data in the shards (what reading every item would read); summed once,
+        since every re-rank asks `larger_than_memory`."""
         return sum(
             math.prod(record["shape"]) * np.dtype(record["dtype"]).itemsize
             for shard in self.shards
