@@ -18,7 +18,7 @@ from scan_deploy.export.scorer import scorer_graph
 from scan_deploy.export.verify import OutputError, compare_graphs, generated_inputs, session
 
 from scan_deploy import __version__
-from scan_deploy.atomic import atomic_dir, write_json
+from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
 from scan_deploy.bundle import FORMAT_VERSION, MANIFEST, VOCAB, sha256_file
 from scan_deploy.checkpoint import Checkpoint
 from scan_deploy.errors import UserError
@@ -100,8 +100,7 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write the bundle folder `out`; returns the manifest."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out}: not empty (pass --force to overwrite)")
+    check_output_dir(out, force, MANIFEST, "bundle", inputs=[checkpoint.path])
     model = checkpoint.model.eval()
     graphs = build_graphs(model, opset)
     parity = check_parity(model, graphs, ranges)

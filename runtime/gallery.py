@@ -69,7 +69,7 @@ from scan_deploy.runtime.inner_product import (
     write_faiss_index,
 )
 
-from scan_deploy.atomic import atomic_dir, write_json
+from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
 from scan_deploy.bundle import GRAPHS, Bundle, check_sha256, sha256_file
 from scan_deploy.errors import input_error, one_of
 from scan_deploy.jsonfile import read_json_object, typed
@@ -161,7 +161,7 @@ class GalleryWriter:
         one_of(dtype, DTYPES, "dtype")
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise input_error(None, "shard_size", f"got {shard_size!r}, expected an integer ≥ 1")
-        _check_target(self.path, force)
+        check_output_dir(self.path, force, MANIFEST, "gallery")
         self.kind = kind
         self.dtype = dtype
         self.shard_size = shard_size
@@ -444,18 +444,6 @@ def bundle_identity(bundle: Bundle) -> dict[str, Any]:
         "embed_size": int(bundle.config.embed_size),
         "cross_attn": bundle.config.cross_attn,
     }
-
-
-def _check_target(path: Path, force: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise input_error(path, None, "exists and is not a folder, expected a gallery folder")
-    if path.is_dir() and any(path.iterdir()):
-        if not force:
-            raise input_error(path, None, "not empty (pass --force to overwrite)")
-        if not (path / MANIFEST).is_file():
-            raise input_error(
-                path, None, f"not a gallery folder (no {MANIFEST}); refusing to overwrite it"
-            )
 
 
 def _mask_captions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from scan_deploy.runtime.gallery import GalleryWriter
 
-from scan_deploy.atomic import atomic_dir
+from scan_deploy.atomic import atomic_dir, check_output_dir
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
-from scan_deploy.errors import UserError, input_error
+from scan_deploy.errors import input_error
 from scan_deploy.precomp import check_feature_dim, load_files
 
 IMAGE_BATCH = 32
@@ -41,8 +41,8 @@ def index_gallery(
     also a FAISS index of each gallery's pooled embeddings for the shortlist."""
     report = progress or (lambda stage, done, total: None)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out}: not empty (pass --force to overwrite)")
+    inputs = [p for p in (features_path, captions_path, bundle.path) if p is not None]
+    check_output_dir(out, force, "images/manifest.json", "gallery", inputs)
     data = load_files(features_path, captions_path)  # checks NaN/Inf in bounded chunks
     expected = bundle.manifest["shape_ranges"]["regions"]["opt"]
     if data.num_regions != expected:

@@ -11,17 +11,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from scan_deploy import __version__
 from scan_deploy.errors import UserError
 
 app = typer.Typer(
     help="SCAN image-text matching: train, evaluate, export and deploy.",
-    no_args_is_help=True,
+    invoke_without_command=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Data sets in the SCAN precomp format.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sets in the SCAN precomp format.", invoke_without_command=True)
 app.add_typer(data_app, name="data")
 # Tables are wider than the 80 columns rich assumes when output is piped (CI logs, `| tee`).
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -50,11 +51,27 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    context: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     """SCAN image-text matching, from PyTorch training to embedded inference."""
+    _help_without_command(context)
+
+
+@data_app.callback()
+def _data(context: typer.Context) -> None:
+    """Data sets in the SCAN precomp format."""
+    _help_without_command(context)
+
+
+def _help_without_command(context: typer.Context) -> None:
+    """A group called without a command prints its help and exits 2, as click's own
+    `no_args_is_help` would, but without raising an exception that `main` would have to know."""
+    if context.invoked_subcommand is None:
+        print(context.get_help())
+        raise typer.Exit(2)
 
 
 @data_app.command("synth")
@@ -111,10 +128,11 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.")] = False,
 ) -> None:
     """Train SCAN on a precomp data set; keeps the checkpoint with the best dev rsum."""
+    from scan_deploy.atomic import sweep_stale
     from scan_deploy.config import ModelConfig
     from scan_deploy.precomp import check_feature_dim, find_vocab, load_split
     from scan_deploy.progress import progress_bar
-    from scan_deploy.train import LAST, Trainer, TrainOptions
+    from scan_deploy.train import BEST, LAST, Trainer, TrainOptions
     from scan_deploy.vocab import Vocabulary
 
     vocab = Vocabulary.load(find_vocab(data))
@@ -149,8 +167,15 @@ def train(
         seed=seed,
         device=device,
     )
-    if (out / LAST).exists() and not resume:
+    for name in (LAST, BEST):  # what a killed run left, first
+        sweep_stale(out / name)
+    if not resume and ((out / LAST).exists() or (out / BEST).exists()):
         raise UserError(f"{out}: already holds a training run (pass --resume, or another --out)")
+    if resume and not (out / LAST).exists():
+        raise UserError(
+            f"{out}: no {LAST}/ to resume from (a run stopped before its first epoch was saved "
+            "leaves none): remove the folder or give another --out"
+        )
     trainer = Trainer(out, train_split, dev_split, vocab, config, options)
     if resume:
         trainer.resume(out / LAST)
@@ -244,13 +269,13 @@ def convert(
     ],
     vocab: Annotated[Path, typer.Option(help="The vocabulary JSON it was trained with.")],
     out: Annotated[Path, typer.Option(help="Output checkpoint folder.")],
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing checkpoint folder.")] = False,
 ) -> None:
     """Convert an original SCAN checkpoint into the safe scan-deploy format (no pickle)."""
-    from scan_deploy.checkpoint import load_original, save_checkpoint
+    from scan_deploy.atomic import check_output_dir
+    from scan_deploy.checkpoint import WEIGHTS, load_original, save_checkpoint
 
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists (pass --force to overwrite)")
+    check_output_dir(out, force, WEIGHTS, "checkpoint", inputs=[original, vocab])
     checkpoint = load_original(original, vocab)
     save_checkpoint(out, checkpoint.model, checkpoint.vocab, checkpoint.meta)
     console.print(f"wrote {out} ({checkpoint.config.cross_attn}, vocab {len(checkpoint.vocab)})")
@@ -267,7 +292,7 @@ def export_command(
     vocab: Annotated[
         Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite a non-empty bundle folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the parity report as JSON.")
     ] = False,
@@ -527,7 +552,7 @@ def index(
     faiss_index: Annotated[
         bool, typer.Option(help="Also a float16 FAISS index for --shortlist (needs faiss).")
     ] = False,
-    force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing gallery folder.")] = False,
 ) -> None:
     """Encode images (and captions) once into a sharded, memory-mapped gallery for `query`."""
     from scan_deploy.bundle import load_bundle
@@ -785,10 +810,9 @@ def build_engine_command(
 
 
 def main() -> None:
-    """Entry point: user mistakes print one line and exit 2, never a traceback."""
+    """Entry point: user mistakes and parser errors print one line and exit 2, never a
+    traceback."""
     import logging
-
-    import click
 
     from scan_deploy.allocator import keep_freed_memory
 
@@ -799,16 +823,27 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except UserError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    except typer.TyperException as exc:  # the parser's errors (typer bundles its own click)
+        _fail(_parser_message(exc), getattr(exc, "exit_code", 2) or 2)
     except OSError as exc:  # unwritable output, missing folder, disk full: the user's to fix
         where = f"{exc.filename}: " if exc.filename else ""
-        err_console.print(f"[red]error:[/red] {where}{exc.strerror or exc}", highlight=False)
-        sys.exit(2)
-    except click.Abort:
+        _fail(f"{where}{exc.strerror or exc}", 2)
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
-        sys.exit(1)
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+    sys.exit(code)
+
+
+def _parser_message(exc: typer.TyperException) -> str:
+    """`MESSAGE (see: scan-deploy COMMAND --help)` on one line."""
+    message = " ".join(exc.format_message().split())
+    context = getattr(exc, "ctx", None)
+    if context is None:
+        return message
+    return f"{message} (see: {context.command_path} --help)"

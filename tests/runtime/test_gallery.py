@@ -460,7 +460,7 @@ def test_writer_arguments_and_target(tmp_path):
         GalleryWriter(tmp_path / "g", "images", bundle).close()
     assert list(tmp_path.iterdir()) == []
     path, _, _ = write(tmp_path, "images", "fp16")
-    with pytest.raises(UserError, match=r"gallery: not empty \(pass --force to overwrite\)"):
+    with pytest.raises(UserError, match=r"gallery: not empty \(pass --force to replace it\)"):
         GalleryWriter(path, "images", bundle)
     with GalleryWriter(path, "captions", bundle, dtype="fp32", force=True) as writer:
         writer.add(batch_of("captions", make_items("captions"), 0, 2), ["a", "b"])

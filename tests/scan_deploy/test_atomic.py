@@ -1,8 +1,16 @@
+import errno
+import logging
+import os
+import re
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from scan_deploy.atomic import atomic_dir, atomic_path, write_json
+from scan_deploy import atomic
+from scan_deploy.atomic import atomic_dir, atomic_path, check_output_dir, sweep_stale, write_json
+from scan_deploy.errors import UserError
 
 
 def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
@@ -28,3 +36,93 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["a.json"]
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_replace_leaves_only_the_new_folder(tmp_path, monkeypatch, exchange):
+    if not exchange:  # a file system that cannot swap names
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    target = tmp_path / "bundle"
+    with atomic_dir(target) as tmp:
+        (tmp / "old").write_text("1")
+    with atomic_dir(target) as tmp:
+        (tmp / "new").write_text("2")
+    assert _names(target) == ["new"]
+    assert _names(tmp_path) == ["bundle"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_sweep_restores_an_old_folder_left_aside_and_removes_dead_temps(tmp_path, caplog):
+    pid = _dead_pid()
+    aside = tmp_path / f".gallery.{pid}.abcd1234.old"
+    aside.mkdir()
+    (aside / "manifest.json").write_text("{}")
+    stale = tmp_path / f".gallery.{pid}.efgh5678.tmp"
+    stale.mkdir()
+    (stale / "shard.npy").write_bytes(b"x" * 1000)
+    stale_file = tmp_path / f".gallery.{pid}.ijkl9012.json.tmp"
+    stale_file.write_text("{")
+    live = tmp_path / f".gallery.{os.getpid()}.mnop3456.tmp"  # a writer at work: kept
+    live.mkdir()
+    other = tmp_path / f".gallery.v2.{pid}.qrst7890.tmp"  # another target's: kept
+    other.mkdir()
+    with caplog.at_level(logging.WARNING, logger="scan_deploy"):
+        sweep_stale(tmp_path / "gallery")
+    assert _names(tmp_path) == sorted(["gallery", live.name, other.name])
+    assert _names(tmp_path / "gallery") == ["manifest.json"]
+    assert "restored" in caplog.text and "removed temporary files" in caplog.text
+
+
+def test_sweep_removes_an_old_folder_once_the_new_one_is_in(tmp_path):
+    (tmp_path / "gallery").mkdir()
+    (tmp_path / "gallery" / "new").write_text("2")
+    (tmp_path / f".gallery.{_dead_pid()}.abcd1234.old").mkdir()
+    sweep_stale(tmp_path / "gallery")
+    assert _names(tmp_path) == ["gallery"]
+    assert _names(tmp_path / "gallery") == ["new"]
+
+
+def test_errors_that_name_no_file_name_the_artifact(tmp_path):
+    with pytest.raises(OSError) as raised, atomic_dir(tmp_path / "gallery"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert raised.value.filename == str(tmp_path / "gallery")
+    assert _names(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "force", "message"),
+    [
+        (lambda t: None, True, "is the current folder"),
+        (lambda t: (t / "x").write_text("1"), False, "not empty (pass --force"),
+        (lambda t: (t / "x").write_text("1"), True, "not a bundle folder (no manifest.json)"),
+        (lambda t: t.rmdir() or t.write_text("1"), True, "exists and is not a folder"),
+    ],
+)
+def test_check_output_dir_refuses(tmp_path, monkeypatch, make, force, message):
+    target = tmp_path / "out"
+    target.mkdir()
+    make(target)
+    if message == "is the current folder":
+        monkeypatch.chdir(target / "..")
+        target = Path(".")
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_output_dir(target, force, "manifest.json", "bundle")
+    assert tmp_path.exists()
+
+
+def test_check_output_dir_refuses_a_folder_holding_an_input(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UserError, match="holds the input"):
+        check_output_dir(tmp_path, True, "manifest.json", "bundle", [tmp_path / "data" / "f.npy"])
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    check_output_dir(tmp_path / "bundle", True, "manifest.json", "bundle", [tmp_path / "data"])

@@ -125,6 +125,7 @@ def test_user_mistakes_are_one_line_errors(trained, tmp_path):
 def test_convert_refuses_to_overwrite(trained, tmp_path):
     data, run_dir = trained
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"")
     _one_line_error(
         run(
             "convert",
@@ -134,7 +135,7 @@ def test_convert_refuses_to_overwrite(trained, tmp_path):
             "--out",
             tmp_path / "out",
         ),
-        "already exists",
+        "not empty (pass --force",
     )
 
 
