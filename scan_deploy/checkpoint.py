@@ -8,7 +8,6 @@ optional `meta.json` (epoch, best rsum, ...). A training run's `last/` folder al
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from scan_deploy.atomic import atomic_dir, write_json
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import input_error
+from scan_deploy.jsonfile import read_json_object
 from scan_deploy.model import SCAN
 from scan_deploy.vocab import Vocabulary
 
@@ -88,14 +88,15 @@ def _load_folder(path: Path) -> Checkpoint:
         state = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:
         raise input_error(path / WEIGHTS, None, f"unreadable safetensors file ({exc})") from None
-    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+    meta = read_json_object(path / META, "checkpoint metadata") if (path / META).exists() else {}
     return Checkpoint(build_model(config, vocab, state, path / WEIGHTS), vocab, path, meta)
 
 
 def build_model(
     config: ModelConfig, vocab: Vocabulary, state: dict[str, torch.Tensor], source: Path
 ) -> SCAN:
-    """A SCAN model with `state` loaded, after checking config, vocab and weights agree."""
+    """A SCAN model with `state` loaded, after checking config, vocab and weights agree and
+    every weight is finite."""
     if len(vocab) != config.vocab_size:
         raise input_error(
             source.parent / CONFIG if source.suffix == ".safetensors" else source,
@@ -104,6 +105,10 @@ def build_model(
         )
     model = SCAN(config)
     model.load_weights(state, str(source))
+    for name, tensor in model.state_dict().items():  # after the float32 cast: overflow shows
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise input_error(source, name, f"{bad} of {tensor.numel()} values are NaN or infinite")
     return model.eval()
 
 

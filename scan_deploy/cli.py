@@ -85,13 +85,21 @@ def data_synth(
     noise: Annotated[
         float, typer.Option(help="Appearance jitter and feature noise (lower is easier).")
     ] = 1.0,
+    force: Annotated[bool, typer.Option(help="Replace an existing synthetic data folder.")] = False,
 ) -> None:
     """Write the synthetic benchmark (train/dev/test + vocabulary) in the precomp format."""
     from scan_deploy.synth import write_synthetic
 
     with console.status(f"writing synthetic benchmark to {out}"):
         summary = write_synthetic(
-            out, train=train, dev=dev, test=test, img_dim=img_dim, seed=seed, noise=noise
+            out,
+            train=train,
+            dev=dev,
+            test=test,
+            img_dim=img_dim,
+            seed=seed,
+            noise=noise,
+            force=force,
         )
     console.print(f"wrote {out}: {summary}")
 
@@ -110,7 +118,7 @@ def train(
     ] = 0,
     val_images: Annotated[int, typer.Option(help="Dev images used for validation.")] = 1000,
     seed: int = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     embed_size: int = 1024,
     word_dim: int = 300,
     num_layers: int = 1,

@@ -5,6 +5,7 @@ This module imports neither torch nor onnx: the runtime reads the same config fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,14 @@ class ModelConfig:
                 raise input_error(
                     source, name, f"got {getattr(self, name)!r}, expected true or false"
                 )
-        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)):
-            raise input_error(source, "margin", f"got {self.margin!r}, expected a number")
+        if not is_finite_number(self.margin) or self.margin < 0:
+            raise input_error(
+                source, "margin", f"got {self.margin!r}, expected a finite number >= 0"
+            )
         for name in ("lambda_softmax", "lambda_lse"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise input_error(source, name, f"got {value!r}, expected a positive number")
+            if not is_finite_number(value) or value <= 0:
+                raise input_error(source, name, f"got {value!r}, expected a finite number > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **asdict(self)}
@@ -86,6 +89,14 @@ class ModelConfig:
         """Build a config from a dict, refusing unknown or missing fields with a one-line error."""
         if not isinstance(data, dict):
             raise input_error(source, None, "expected a JSON object with the model options")
+        version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or version not in range(1, FORMAT_VERSION + 1):
+            raise input_error(
+                source,
+                "format_version",
+                f"got {version!r}, expected 1 to {FORMAT_VERSION} "
+                "(a higher version means a newer scan-deploy wrote the file)",
+            )
         data = {k: v for k, v in data.items() if k != "format_version"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -103,3 +114,8 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(read_json_object(path, "a model config JSON"), source=Path(path))
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

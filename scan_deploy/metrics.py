@@ -1,7 +1,15 @@
 """Retrieval metrics of the SCAN protocol (numpy only): R@1/5/10, median and mean rank, rsum.
 
-Ranks count the items scored strictly higher than the ground truth, so ties resolve in the
-ground truth's favour; with continuous scores ties do not occur in practice.
+A broken model must never look good, so ranks are pessimistic:
+
+- NaN is the worst score: an item scored NaN ranks as if scored -inf.
+- Ties go against the ground truth: it ranks after every other item scored the same as it, so a
+  constant similarity matrix gives R@1 = 0 rather than 100.
+- A ground truth scored NaN (or -inf) ranks after every other item, NaN ones included.
+
+An image has several ground-truth captions (i2t): its rank is that of its best non-NaN one, and
+the other ground-truth captions are not counted in front of it. With continuous scores and a
+healthy model ties do not occur, and these ranks equal the original SCAN's argsort loops.
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ def image_to_text_ranks(sims: np.ndarray, captions_per_image: int) -> np.ndarray
     gt = sims.reshape(num_images, num_images, captions_per_image)[
         np.arange(num_images), np.arange(num_images)
     ]
-    best_gt = gt.max(axis=1)
-    return (sims > best_gt[:, None]).sum(axis=1)
+    best_gt = np.fmax.reduce(gt, axis=1)  # ignores NaN; NaN only when all are NaN
+    at_least = (sims >= best_gt[:, None]).sum(axis=1) - (gt >= best_gt[:, None]).sum(axis=1)
+    return np.where(best_gt > -np.inf, at_least, sims.shape[1] - captions_per_image)
 
 
 def text_to_image_ranks(sims: np.ndarray, captions_per_image: int) -> np.ndarray:
     """For each caption (column), the 0-based rank of its image."""
     images = np.arange(sims.shape[1]) // captions_per_image
     gt = sims[images, np.arange(sims.shape[1])]
-    return (sims > gt[None, :]).sum(axis=0)
+    at_least = (sims >= gt[None, :]).sum(axis=0) - 1  # the ground truth itself counts once
+    return np.where(gt > -np.inf, at_least, sims.shape[0] - 1)
 
 
 def rank_summary(ranks: np.ndarray) -> dict[str, float]:

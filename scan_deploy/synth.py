@@ -20,13 +20,14 @@ on the same machine (the MLP's float32 matmul may round differently on another B
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scan_deploy.atomic import write_json
+from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
 from scan_deploy.errors import input_error
 from scan_deploy.precomp import write_split_chunks
 from scan_deploy.vocab import Vocabulary
@@ -628,8 +629,8 @@ class SynthParams:
             raise input_error(
                 None, "regions", f"got {self.regions}, expected at least {MAX_OBJECTS}"
             )
-        if self.noise < 0:
-            raise input_error(None, "noise", f"got {self.noise}, expected a number >= 0")
+        if not math.isfinite(self.noise) or self.noise < 0:
+            raise input_error(None, "noise", f"got {self.noise}, expected a finite number >= 0")
         if not 2 <= self.num_categories <= len(CATEGORIES):
             raise input_error(
                 None, "num_categories", f"got {self.num_categories}, expected 2..{len(CATEGORIES)}"
@@ -651,12 +652,16 @@ def write_synthetic(
     noise: float = 1.0,
     num_categories: int = len(CATEGORIES),
     attribute_prob: float = 0.6,
+    force: bool = False,
 ) -> SynthSummary:
     """Write train/dev/test splits, `synth_vocab.json` (from the train captions) and `synth.json`.
 
     Difficulty knobs: `noise` scales the appearance jitter and the feature noise; fewer
     `num_categories` make more images share objects; `attribute_prob` is how often a caption
     names an object's attributes (less often: captions are more ambiguous).
+
+    An existing non-empty `out` is replaced only with `force`, and only when it holds a data set
+    this function wrote (`synth.json`); the folder is written aside and renamed into place.
     """
     out = Path(out)
     images = {"train": train, "dev": dev, "test": test}
@@ -664,11 +669,13 @@ def write_synthetic(
         images, img_dim, regions, seed, vocab_threshold, noise, num_categories, attribute_prob
     )
     params.validate()
+    check_output_dir(out, force, f"{DATA_NAME}.json", "synthetic data")
     world = World.create(num_categories, img_dim)
-    captions = {split: _write_split(out, split, world, params) for split in SPLITS}
-    vocab = Vocabulary.build(captions["train"], threshold=vocab_threshold)
-    vocab.save(out / f"{DATA_NAME}_vocab.json")
-    write_json(out / f"{DATA_NAME}.json", {"format_version": FORMAT_VERSION, **asdict(params)})
+    with atomic_dir(out) as tmp:
+        captions = {split: _write_split(tmp, split, world, params) for split in SPLITS}
+        vocab = Vocabulary.build(captions["train"], threshold=vocab_threshold)
+        vocab.save(tmp / f"{DATA_NAME}_vocab.json")
+        write_json(tmp / f"{DATA_NAME}.json", {"format_version": FORMAT_VERSION, **asdict(params)})
     return SynthSummary(out, images, img_dim, regions, len(vocab))
 
 

@@ -7,7 +7,8 @@ epoch, with optimizer and training state, which `--resume` continues from).
 
 from __future__ import annotations
 
-import json
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from scan_deploy.batching import pad_tokens
 from scan_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from scan_deploy.config import ModelConfig
+from scan_deploy.config import ModelConfig, is_finite_number
 from scan_deploy.errors import UserError, input_error
 from scan_deploy.evaluate import split_similarities
+from scan_deploy.jsonfile import read_json_object, typed
 from scan_deploy.metrics import recall_metrics
 from scan_deploy.model import SCAN
 from scan_deploy.precomp import PrecompSplit
@@ -46,6 +49,35 @@ class TrainOptions:
     val_images: int = 1000
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name, minimum in _MINIMUMS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise _option_error(name, value, f"an integer >= {minimum}")
+        if not is_finite_number(self.lr) or self.lr <= 0:
+            raise _option_error("lr", self.lr, "a finite number > 0")
+        if not is_finite_number(self.grad_clip) or self.grad_clip < 0:
+            raise _option_error(
+                "grad_clip", self.grad_clip, "a finite number >= 0 (0: no clipping)"
+            )
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise _option_error("device", self.device, "cpu, cuda or cuda:N")
+
+
+_MINIMUMS = {
+    "epochs": 1,
+    "batch_size": 2,
+    "lr_update": 1,
+    "warmup_epochs": 0,
+    "val_images": 1,
+    "seed": 0,
+}
+
+
+def _option_error(name: str, value: object, expected: str) -> UserError:
+    """`--lr: got nan, expected a finite number > 0`: options are named as the CLI spells them."""
+    return UserError(f"--{name.replace('_', '-')}: got {value!r}, expected {expected}")
 
 
 @dataclass
@@ -101,6 +133,22 @@ class BatchStream:
             yield features, torch.from_numpy(tokens), torch.from_numpy(lengths)
 
 
+def _check_device(device: str) -> None:
+    """Refuse a CUDA device this torch cannot use, before any work is done."""
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--device: {device} requested but this torch has no CUDA device "
+            f"(torch {torch.__version__}); install a CUDA build or use --device cpu"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(
+            f"--device: got {device}, but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+
+
 def validate(checkpoint: Checkpoint, dev: PrecompSplit, val_images: int) -> dict:
     sims = split_similarities(checkpoint, dev, num_images=val_images)
     return recall_metrics(sims, dev.captions_per_image)
@@ -121,11 +169,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.train_split, self.dev_split = train_split, dev_split
         self.vocab, self.options = vocab, options
-        if options.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(
-                f"--device: {options.device} requested but this torch has no CUDA device "
-                f"(torch {torch.__version__}); install a CUDA build or use --device cpu"
-            )
+        _check_device(options.device)
         torch.manual_seed(options.seed)
         self.model = SCAN(config).to(options.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=options.lr)
@@ -146,11 +190,9 @@ class Trainer:
             raise input_error(
                 last_dir / "config.json", None, "model options differ from this run's options"
             )
-        state = json.loads(state_path.read_text())
+        state = _read_train_state(state_path)
         self.model.load_state_dict(checkpoint.model.state_dict())
-        self.optimizer.load_state_dict(
-            _unflatten_optimizer(load_file(str(last_dir / OPTIMIZER)), state)
-        )
+        self._load_optimizer(last_dir, state)
         self.start_epoch = state["epoch"] + 1
         self.best_rsum = state["best_rsum"]
         self.history = state["history"]
@@ -163,6 +205,7 @@ class Trainer:
         for epoch in range(self.start_epoch, self.options.epochs):
             started = time.perf_counter()
             loss, lr, hardest = self._train_epoch(epoch, on_batch)
+            self._check_finite_weights(epoch)
             checkpoint = Checkpoint(self.model.eval(), self.vocab, self.run_dir / BEST)
             metrics = validate(checkpoint, self.dev_split, self.options.val_images)
             best = metrics["rsum"] > self.best_rsum
@@ -198,10 +241,40 @@ class Trainer:
             if options.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.grad_clip)
             self.optimizer.step()
-            total, batches = total + loss.item(), batches + 1
+            value = loss.item()
+            if not math.isfinite(value):
+                raise UserError(
+                    f"epoch {epoch}, batch {batches + 1}: the loss is {value}, training stopped "
+                    "(try a lower --lr; check the model options and the features)"
+                )
+            total, batches = total + value, batches + 1
             if on_batch is not None:
                 on_batch(total / batches, features.shape[0])
         return total / max(batches, 1), lr, hardest
+
+    def _check_finite_weights(self, epoch: int) -> None:
+        """Stop before validating or saving a model whose last step left NaN or inf weights."""
+        for name, tensor in self.model.state_dict().items():
+            if not torch.isfinite(tensor).all():
+                raise UserError(
+                    f"epoch {epoch}: weight {name} is NaN or infinite, training stopped "
+                    "(try a lower --lr)"
+                )
+
+    def _load_optimizer(self, last_dir: Path, state: dict) -> None:
+        try:
+            tensors = load_file(str(last_dir / OPTIMIZER))
+        except (SafetensorError, OSError) as exc:
+            raise input_error(
+                last_dir / OPTIMIZER, None, f"unreadable safetensors file ({exc})"
+            ) from None
+        try:
+            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise input_error(
+                last_dir, None, f"{OPTIMIZER} and {TRAIN_STATE} do not fit this model ({detail})"
+            ) from None
 
     def _save(self, epoch: int, best: bool) -> None:
         if best:
@@ -225,6 +298,21 @@ class Trainer:
             meta,
             extra_files={OPTIMIZER: tensors, TRAIN_STATE: state},
         )
+
+
+def _read_train_state(path: Path) -> dict:
+    """The JSON `train_state.json` of a `last/` folder, its fields checked with one-line errors."""
+    state = read_json_object(path, "the training state of a run", format_version=1)
+    fields = {"epoch": int, "best_rsum": (int, float), "param_groups": list, "history": list}
+    for key, kinds in fields.items():
+        if key not in state:
+            raise input_error(path, key, "missing from the training state")
+        typed(state[key], kinds, key, path)
+    if state["epoch"] < 0:
+        raise input_error(path, "epoch", f"got {state['epoch']}, expected an integer >= 0")
+    if not is_finite_number(state["best_rsum"]):
+        raise input_error(path, "best_rsum", f"got {state['best_rsum']}, expected a finite number")
+    return state
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -1,4 +1,5 @@
 import argparse
+import re
 
 import pytest
 import torch
@@ -55,9 +56,36 @@ def test_corrupted_weights_and_missing_files(tmp_path, tiny):
         load_checkpoint(tmp_path / "nothing")
 
 
+def test_non_finite_weights_name_the_file_and_the_tensor(tmp_path, tiny):
+    model, vocab = tiny
+    with torch.no_grad():
+        model.img_enc.fc.bias[1] = float("nan")
+    save_checkpoint(tmp_path / "ckpt", model, vocab)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    assert str(info.value) == f"{weights}: img_enc.fc.bias: 1 of 4 values are NaN or infinite"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"epoch": 3', "meta.json: invalid JSON"),
+        ("[3]", "meta.json: expected a JSON object (checkpoint metadata)"),
+    ],
+)
+def test_malformed_meta_is_one_line(tmp_path, tiny, content, message):
+    model, vocab = tiny
+    save_checkpoint(tmp_path / "ckpt", model, vocab)
+    (tmp_path / "ckpt" / "meta.json").write_text(content)
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        load_checkpoint(tmp_path / "ckpt")
+    assert "\n" not in str(info.value)
+
+
 def _original_file(path, model: SCAN, **opt_overrides):
     c = model.config
-    opt = argparse.Namespace(
+    options = dict(
         data_path="/data",
         vocab_size=c.vocab_size,
         img_dim=c.img_dim,
@@ -76,8 +104,8 @@ def _original_file(path, model: SCAN, **opt_overrides):
         margin=c.margin,
         max_violation=c.max_violation,
         learning_rate=2e-4,
-        **opt_overrides,
     )
+    opt = argparse.Namespace(**{**options, **opt_overrides})
     img = {
         k[len("img_enc.") :]: v for k, v in model.state_dict().items() if k.startswith("img_enc.")
     }
@@ -113,3 +141,29 @@ def test_original_checkpoint_needs_vocab_and_matching_config(tmp_path, tiny):
         UserError, match="model_best.pth.tar: vocab_size: is 9 but the vocabulary has 8"
     ):
         load_checkpoint(tmp_path / "model_best.pth.tar", tmp_path / "small.json")
+
+
+def test_original_checkpoint_with_non_finite_weights_or_options_is_refused(tmp_path, tiny):
+    model, vocab = tiny
+    vocab.save(tmp_path / "vocab.json")
+    path = tmp_path / "model_best.pth.tar"
+    _original_file(path, model, lambda_softmax=float("nan"))
+    with pytest.raises(UserError, match="model_best.pth.tar: lambda_softmax: got nan, expected"):
+        load_checkpoint(path, tmp_path / "vocab.json")
+    _original_file(path, model, margin=float("inf"))
+    with pytest.raises(UserError, match="model_best.pth.tar: margin: got inf, expected"):
+        load_checkpoint(path, tmp_path / "vocab.json")
+    with torch.no_grad():
+        model.txt_enc.embed.weight[2, 1] = float("nan")
+    _original_file(path, model)
+    with pytest.raises(UserError, match="model_best.pth.tar: txt_enc.embed.weight: 1 of 27 values"):
+        load_checkpoint(path, tmp_path / "vocab.json")
+    with torch.no_grad():  # finite in float64, infinite once cast to the model's float32
+        model.txt_enc.embed.weight[2, 1] = 0.0
+        model.img_enc.fc.weight[0, 0] = 0.0
+    model.double()
+    with torch.no_grad():
+        model.img_enc.fc.weight[0, 0] = 1e300
+    _original_file(path, model)
+    with pytest.raises(UserError, match="model_best.pth.tar: img_enc.fc.weight: 1 of 24 values"):
+        load_checkpoint(path, tmp_path / "vocab.json")

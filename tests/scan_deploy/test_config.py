@@ -26,7 +26,10 @@ def test_roundtrip_through_json(tmp_path):
         ({"vocab_size": 3, "cross_attn": "both"}, "cross_attn: got 'both'"),
         ({"vocab_size": 0}, "vocab_size: got 0, expected a positive integer"),
         ({"vocab_size": 3, "bi_gru": "yes"}, "bi_gru: got 'yes', expected true or false"),
-        ({"vocab_size": 3, "lambda_lse": -1}, "lambda_lse: got -1, expected a positive number"),
+        ({"vocab_size": 3, "lambda_lse": -1}, "lambda_lse: got -1, expected a finite number > 0"),
+        ({"vocab_size": 3, "margin": -0.1}, "margin: got -0.1, expected a finite number >= 0"),
+        ({"vocab_size": 3, "format_version": 2}, "format_version: got 2, expected 1 to 1"),
+        ({"vocab_size": 3, "format_version": "1"}, "format_version: got '1', expected 1 to 1"),
         ({"vocab_size": 3, "dropout": 0.1}, "dropout: unknown option"),
         ({"img_dim": 3}, "vocab_size: missing"),
     ],
@@ -44,3 +47,14 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UserError, match="bad.json: invalid JSON"):
         ModelConfig.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("field", ["lambda_softmax", "lambda_lse", "margin"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_refused(tmp_path, field, value):
+    with pytest.raises(UserError, match=f"^{field}: got {value!r}, expected a finite number"):
+        ModelConfig(vocab_size=3, **{field: value})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"vocab_size": 3, field: value}))  # NaN, Infinity: Python's JSON
+    with pytest.raises(UserError, match=f"config.json: {field}: got {value!r}"):
+        ModelConfig.load(path)

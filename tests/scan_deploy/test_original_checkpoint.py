@@ -492,6 +492,9 @@ def test_config_converts_unambiguous_types() -> None:
         (dict(bi_gru=2), "ckpt.pth.tar: bi_gru: got 2, expected true or false"),
         (dict(agg_func="Median"), "ckpt.pth.tar: agg_func: got 'Median', expected one of"),
         (dict(vocab_size=None), "ckpt.pth.tar: vocab_size: got None"),
+        (dict(lambda_softmax=float("nan")), "ckpt.pth.tar: lambda_softmax: got nan, expected a"),
+        (dict(lambda_lse="inf"), "ckpt.pth.tar: lambda_lse: got inf, expected a finite number"),
+        (dict(margin=b"nan"), "ckpt.pth.tar: margin: got nan, expected a finite number >= 0"),
     ],
 )
 def test_config_reports_bad_values(change: dict, expected: str) -> None:

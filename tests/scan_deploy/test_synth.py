@@ -125,6 +125,8 @@ def test_train_split_does_not_depend_on_the_other_sizes(
         ({"regions": 5}, "regions"),
         ({"img_dim": 0}, "img_dim"),
         ({"noise": -0.1}, "noise"),
+        ({"noise": float("nan")}, "noise"),
+        ({"noise": float("inf")}, "noise"),
         ({"num_categories": 1}, "num_categories"),
         ({"num_categories": 61}, "num_categories"),
         ({"attribute_prob": 1.5}, "attribute_prob"),
@@ -134,6 +136,25 @@ def test_bad_parameters_name_the_field(tmp_path: Path, override: dict, field: st
     with pytest.raises(UserError, match=f"^{field}: got "):
         synth.write_synthetic(tmp_path, **{**TINY, **override})
     assert not list(tmp_path.iterdir())
+
+
+def test_an_existing_folder_is_replaced_only_with_force(
+    tmp_path: Path, tiny: tuple[Path, synth.SynthSummary]
+) -> None:
+    out, _ = tiny
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="mine: not empty \\(pass --force to replace it\\)"):
+        synth.write_synthetic(tmp_path / "mine", **TINY, seed=3, vocab_threshold=1)
+    with pytest.raises(UserError, match="mine: not a synthetic data folder \\(no synth.json\\)"):
+        synth.write_synthetic(tmp_path / "mine", **TINY, seed=3, vocab_threshold=1, force=True)
+    assert _files(tmp_path / "mine") == {"notes.txt": b"keep"}
+    synth.write_synthetic(tmp_path / "data", **TINY, seed=4, vocab_threshold=1)
+    with pytest.raises(UserError, match="not empty"):
+        synth.write_synthetic(tmp_path / "data", **TINY, seed=3, vocab_threshold=1)
+    synth.write_synthetic(tmp_path / "data", **TINY, seed=3, vocab_threshold=1, force=True)
+    assert _files(tmp_path / "data") == _files(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mine"]  # no temporary left
 
 
 # --- captions ----------------------------------------------------------------------------------

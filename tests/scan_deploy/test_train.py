@@ -1,11 +1,16 @@
+import json
+import math
+import shutil
+
 import pytest
 import torch
 
 from scan_deploy.checkpoint import load_checkpoint
 from scan_deploy.config import ModelConfig
+from scan_deploy.errors import UserError
 from scan_deploy.precomp import find_vocab, load_split
 from scan_deploy.synth import write_synthetic
-from scan_deploy.train import LAST, Trainer, TrainOptions, contrastive_loss
+from scan_deploy.train import LAST, TRAIN_STATE, Trainer, TrainOptions, contrastive_loss
 from scan_deploy.vocab import Vocabulary
 
 
@@ -27,14 +32,13 @@ def data(tmp_path_factory):
     return out
 
 
-def _trainer(data, run_dir, epochs):
+def _trainer(data, run_dir, epochs, **options):
     vocab = Vocabulary.load(find_vocab(data))
     config = ModelConfig(
         vocab_size=len(vocab), img_dim=16, embed_size=8, word_dim=6, max_violation=True
     )
-    options = TrainOptions(
-        epochs=epochs, batch_size=32, lr=2e-3, lr_update=2, warmup_epochs=1, val_images=20
-    )
+    defaults = dict(batch_size=32, lr=2e-3, lr_update=2, warmup_epochs=1, val_images=20)
+    options = TrainOptions(epochs=epochs, **{**defaults, **options})
     return Trainer(
         run_dir, load_split(data, "train"), load_split(data, "dev"), vocab, config, options
     )
@@ -65,3 +69,114 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     assert [h["rsum"] for h in resumed.history] == pytest.approx(
         [h["rsum"] for h in straight.history], abs=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("lr", math.nan, "--lr: got nan, expected a finite number > 0"),
+        ("lr", -1.0, "--lr: got -1.0, expected a finite number > 0"),
+        ("lr", math.inf, "--lr: got inf, expected a finite number > 0"),
+        ("grad_clip", math.nan, "--grad-clip: got nan, expected a finite number >= 0"),
+        ("grad_clip", -1.0, "--grad-clip: got -1.0, expected a finite number >= 0"),
+        ("val_images", 0, "--val-images: got 0, expected an integer >= 1"),
+        ("batch_size", 1, "--batch-size: got 1, expected an integer >= 2"),
+        ("epochs", 0, "--epochs: got 0, expected an integer >= 1"),
+        ("lr_update", 0, "--lr-update: got 0, expected an integer >= 1"),
+        ("warmup_epochs", -1, "--warmup-epochs: got -1, expected an integer >= 0"),
+        ("seed", -1, "--seed: got -1, expected an integer >= 0"),
+        ("epochs", 2.5, "--epochs: got 2.5, expected an integer >= 1"),
+        ("device", "tpu", "--device: got 'tpu', expected cpu, cuda or cuda:N"),
+        ("device", "cuda:x", "--device: got 'cuda:x', expected cpu, cuda or cuda:N"),
+    ],
+)
+def test_options_are_validated_up_front(option, value, message):
+    with pytest.raises(UserError) as info:
+        TrainOptions(**{option: value})
+    assert str(info.value).startswith(message)
+
+
+def test_a_cuda_device_that_does_not_exist_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="^--device: cuda:0 requested but this torch has no CUDA"):
+        _trainer(data, tmp_path / "run", epochs=1, device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="^--device: got cuda:1, but only 1 CUDA device"):
+        _trainer(data, tmp_path / "run", epochs=1, device="cuda:1")
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_saved(data, tmp_path):
+    trainer = _trainer(data, tmp_path / "run", epochs=2)
+    with torch.no_grad():
+        trainer.model.img_enc.fc.bias[0] = math.nan  # as a diverged step leaves it
+    with pytest.raises(UserError, match="^epoch 0, batch 1: the loss is nan, training stopped"):
+        trainer.fit()
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_weights_after_the_last_step_are_never_saved(data, tmp_path):
+    trainer = _trainer(data, tmp_path / "run", epochs=1, batch_size=300)  # one batch an epoch
+    step = trainer.optimizer.step
+
+    def diverging_step():
+        step()
+        with torch.no_grad():
+            trainer.model.txt_enc.embed.weight[3, 0] = math.inf
+
+    trainer.optimizer.step = diverging_step
+    with pytest.raises(UserError, match="^epoch 0: weight txt_enc.embed.weight is NaN or infin"):
+        trainer.fit()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    _trainer(data, run, epochs=1).fit()
+    return run
+
+
+def _corrupt_state(text: str):
+    return lambda path: path.write_text(text)
+
+
+def _edit_state(**changes):
+    def edit(path):
+        state = json.loads(path.read_text())
+        state.update(changes)
+        path.write_text(json.dumps({k: v for k, v in state.items() if v is not ...}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        (TRAIN_STATE, _corrupt_state('{"epoch": 0, "best_r'), "train_state.json: invalid JSON"),
+        (TRAIN_STATE, _corrupt_state("[]"), "train_state.json: expected a JSON object"),
+        (TRAIN_STATE, _edit_state(format_version=7), "train_state.json: format_version: got 7"),
+        (TRAIN_STATE, _edit_state(epoch=...), "train_state.json: epoch: missing"),
+        (TRAIN_STATE, _edit_state(epoch="0"), "train_state.json: epoch: expected an integer"),
+        (TRAIN_STATE, _edit_state(epoch=-2), "train_state.json: epoch: got -2, expected"),
+        (TRAIN_STATE, _edit_state(best_rsum=math.nan), "train_state.json: best_rsum: got nan"),
+        (TRAIN_STATE, _edit_state(history={}), "train_state.json: history: expected a list"),
+        (
+            TRAIN_STATE,
+            _edit_state(param_groups=[]),
+            ": optimizer.safetensors and train_state.json do",
+        ),
+        ("optimizer.safetensors", _corrupt_state("x"), "optimizer.safetensors: unreadable"),
+    ],
+)
+def test_resume_from_a_corrupt_state_is_one_line(
+    data, one_epoch_run, tmp_path, file, change, message
+):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    change(run / LAST / file)
+    trainer = _trainer(data, run, epochs=2)
+    with pytest.raises(UserError) as info:
+        trainer.resume(run / LAST)
+    assert str(info.value).startswith(str(run / LAST)) and message in str(info.value)
+    assert "\n" not in str(info.value)
