@@ -37,7 +37,7 @@ Worst-case round-trip error per element (tests/runtime/test_gallery.py measures 
 fp16 ≤ 2⁻¹¹ ≈ 4.9e-4 of |x| (normal range; larger values than 65504 are refused);
 int8 ≤ max|row| / 254 (half a quantization step).
 
-Reading memory-maps every file (`np.load(mmap_mode="r")`); `Shard.block`/`Gallery.rows` copy and
+Reading memory-maps every file (`precomp.open_npy`); `Shard.block`/`Gallery.rows` copy and
 dequantize (`runtime/dequantize.py`) only the requested rows. `open_gallery` checks the manifest
 against the files (every file present, the .npy header's shape and dtype as recorded, the file
 size the header implies, and with `verify=True` each file's sha256) and fails with a one-line
@@ -73,6 +73,7 @@ from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
 from scan_deploy.bundle import GRAPHS, Bundle, check_sha256, sha256_file
 from scan_deploy.errors import input_error, one_of
 from scan_deploy.jsonfile import read_json_object, typed
+from scan_deploy.precomp import open_npy, read_npy_header
 
 FORMAT_VERSION = 1
 KINDS = ("images", "captions")
@@ -389,10 +390,7 @@ class GalleryWriter:
         return stored
 
     def _write_faiss_index(self) -> dict[str, Any]:
-        pooled = (
-            np.load(self._tmp / shard["files"]["global"]["file"], mmap_mode="r")
-            for shard in self._shards
-        )
+        pooled = (open_npy(self._tmp / shard["files"]["global"]["file"]) for shard in self._shards)
         record = write_faiss_index(self._tmp / FAISS_INDEX, pooled, self.embed_size)
         return {**record, "sha256": sha256_file(self._tmp / FAISS_INDEX)}
 
@@ -514,7 +512,7 @@ class Shard:
 
     def load(self, name: str) -> np.ndarray:
         """The raw stored array (int8 / float16 / float32 / int64), memory-mapped read-only."""
-        return np.load(self.path(name), mmap_mode="r", allow_pickle=False)
+        return open_npy(self.path(name), f": {_FIX}")
 
     def block(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop (local to the shard) as a new float32 array, dequantized; `lengths`
@@ -583,17 +581,10 @@ class Shard:
     def _layout(self, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
         """(data offset, shape, dtype) of a C-ordered .npy file, read once per shard and array."""
         if name not in self.headers:
-            with open(self.path(name), "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                read = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, fortran_order, dtype = read(handle)
-                if fortran_order:
-                    raise input_error(self.path(name), None, "Fortran-ordered .npy: not ours")
-                self.headers[name] = (handle.tell(), shape, dtype)
+            header = read_npy_header(self.path(name), f": {_FIX}")
+            if header.fortran_order:
+                raise input_error(self.path(name), None, "Fortran-ordered .npy: not ours")
+            self.headers[name] = (header.offset, header.shape, header.dtype)
         return self.headers[name]
 
     def _entry(self, name: str) -> dict[str, Any]:
@@ -878,33 +869,14 @@ def _check_npy(file: Path, record: dict[str, Any], field_name: str, verify: bool
     if not file.is_file():
         raise input_error(file, None, f"missing (named by {MANIFEST} {field_name})")
     expected = f"{tuple(record['shape'])} {np.dtype(record['dtype']).name}"
-    try:
-        with open(file, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            data_offset = handle.tell()
-    except (ValueError, OSError, EOFError) as exc:
-        raise input_error(
-            file, "format", f"not a readable .npy file ({exc}), expected {expected}: {_FIX}"
-        ) from None
+    header = read_npy_header(file, f": {_FIX}")
+    shape, dtype, fortran = header.shape, header.dtype, header.fortran_order
     if list(shape) != record["shape"] or dtype != np.dtype(record["dtype"]) or fortran:
         raise input_error(
             file,
             "shape",
-            f"is {tuple(shape)} {dtype.name}{' (Fortran order)' if fortran else ''}, "
+            f"is {shape} {dtype.name}{' (Fortran order)' if fortran else ''}, "
             f"the manifest expects {expected}: {_FIX}",
-        )
-    size = os.path.getsize(file)
-    needed = data_offset + math.prod(shape) * dtype.itemsize
-    if size != needed:
-        problem = "truncated" if size < needed else "has trailing bytes"
-        raise input_error(
-            file, "size", f"{problem}: {size} bytes, a {expected} array needs {needed}: {_FIX}"
         )
     if verify:
         check_sha256(file, sha256_file(file), record["sha256"], _FIX)

@@ -4,6 +4,12 @@ folder: `images/` for text→image search and `captions/` for image→text searc
 Image ids are the row numbers of the features file; caption ids are `image:k` (the k-th caption
 of that image, 5 or 1 per image as in the precomp format), so a hit names its ground truth. The
 whole folder is written beside the target and renamed when both galleries are complete.
+
+Captions longer than the bundle's word limit are read as their first words (one warning: the
+rule is `scan_deploy.bundle`'s), so a long caption cannot blow up its shard's padded Grams. An
+item the encoder turns into NaN/Inf or an all-zero embedding (features far beyond the model's
+scale, e.g. ×1e30, overflow its L2 norm) is refused, naming the file and the item: such a
+gallery would score every query alike.
 """
 
 from __future__ import annotations
@@ -50,16 +56,26 @@ def index_gallery(
         raise input_error(features_path, "shape", message)
     check_feature_dim(data, bundle.config.img_dim, bundle.path / "manifest.json")
     features, captions, per_image = data.images, data.captions, data.captions_per_image
+    runner = backend.runner("image_encoder")  # both graphs opened (and checked) before any work
+    text_runner = backend.runner("text_encoder") if captions else None
     counts = {"images": len(features)}
     with atomic_dir(out) as tmp:
         images = GalleryWriter(
             tmp / "images", "images", bundle, dtype, shard_size, faiss_index=faiss_index
         )
         with images as writer:
-            runner = backend.runner("image_encoder")
             for start in range(0, len(features), IMAGE_BATCH):
                 batch = np.asarray(features[start : start + IMAGE_BATCH], np.float32)
                 regions, region_gram, pooled = runner.run({"features": batch})
+                bad = _first_degenerate(regions, pooled)
+                if bad is not None:
+                    peak = float(np.abs(batch[bad]).max())
+                    raise input_error(
+                        features_path,
+                        f"image {start + bad}",
+                        f"the image encoder's output is zero or NaN/Inf (features up to "
+                        f"{peak:.3g}): expected features of the scale the model was trained on",
+                    )
                 ids = [str(i) for i in ids_range(start, batch)]
                 texts = (
                     [captions[i * per_image] for i in ids_range(start, batch)] if captions else None
@@ -73,7 +89,7 @@ def index_gallery(
             writer = GalleryWriter(
                 tmp / "captions", "captions", bundle, dtype, shard_size, faiss_index=faiss_index
             )
-            _index_captions(writer, bundle, backend, captions, per_image, report)
+            _index_captions(writer, bundle, text_runner, captions_path, data, report)
     return counts
 
 
@@ -81,14 +97,34 @@ def ids_range(start: int, batch: np.ndarray) -> range:
     return range(start, start + len(batch))
 
 
-def _index_captions(writer, bundle, backend, captions, per_image, report) -> None:
-    runner = backend.runner("text_encoder")
+def _first_degenerate(
+    embeddings: np.ndarray, pooled: np.ndarray, lengths: np.ndarray | None = None
+) -> int | None:
+    """The first item of an encoded batch with NaN/Inf in its embeddings (items, T, D) or pooled
+    embedding (items, D), or with an all-zero one (embeddings within `lengths`); None if none."""
+    t = embeddings.shape[1]
+    valid = np.arange(t) < (t if lengths is None else lengths[:, None])
+    zero = (~embeddings.any(axis=2) & valid).any(axis=1) | ~pooled.any(axis=1)
+    finite = np.isfinite(embeddings).all(axis=(1, 2)) & np.isfinite(pooled).all(axis=1)
+    bad = np.flatnonzero(zero | ~finite)
+    return int(bad[0]) if bad.size else None
+
+
+def _index_captions(writer, bundle, runner, captions_path, data, report) -> None:
+    captions, per_image, cut = data.captions, data.captions_per_image, 0
     with writer:
         for start in range(0, len(captions), CAPTION_BATCH):
             chunk = captions[start : start + CAPTION_BATCH]
-            tokens, lengths = pad_tokens([bundle.vocab.encode(c) for c in chunk])
+            token_lists, chunk_cut = bundle.encode_captions(chunk)
+            cut += chunk_cut
+            tokens, lengths = pad_tokens(token_lists)
             words, caption_gram, pooled = runner.run({"tokens": tokens, "lengths": lengths})
+            bad = _first_degenerate(words, pooled, lengths)
+            if bad is not None:
+                message = "the text encoder's output is zero or NaN/Inf: the bundle is broken"
+                raise input_error(captions_path, f"line {start + bad + 1}", message)
             arrays = {"words": words, "lengths": lengths, "caption_gram": caption_gram}
             ids = [f"{j // per_image}:{j % per_image}" for j in range(start, start + len(chunk))]
             writer.add({**arrays, "global": pooled}, ids, chunk)
             report("captions", len(chunk), len(captions))
+    bundle.warn_cut(cut, len(captions), "captions")

@@ -8,7 +8,8 @@ A gallery folder holds `images/` (searched by text) and, when `index` was given 
 `captions/` (searched by image). Queries are batched: captions sorted by length and scored 64 at
 a time against each gallery block, images 32 at a time. Concurrent callers are safe: each graph's
 runner is used under its own lock (TensorRT execution contexts are not re-entrant), so threads
-interleave at graph granularity.
+interleave at graph granularity. Text queries longer than the bundle's word limit are read as
+their first words, with one warning (the rule is `scan_deploy.bundle`'s).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import GRAPHS, Bundle, load_bundle
 from scan_deploy.errors import UserError, input_error
+from scan_deploy.precomp import check_finite_features
 
 LOG = logging.getLogger("scan_deploy.runtime")
 TEXT_BATCH = 64
@@ -100,7 +102,7 @@ class Retriever:
 
     def encode_text(self, texts: Sequence[str]) -> Queries:
         """Caption-side scorer inputs of `texts`, padded to their longest (in input order)."""
-        return self._encode_tokens([self._tokens(text) for text in texts])
+        return self._encode_tokens(self._token_lists(texts))
 
     def _encode_tokens(self, token_lists: list[list[int]]) -> Queries:
         tokens, lengths = pad_tokens(token_lists)
@@ -130,7 +132,7 @@ class Retriever:
         if not texts:
             return []
         gallery = self.gallery_for("text", k, shortlist)
-        token_lists = [self._tokens(text) for text in texts]
+        token_lists = self._token_lists(texts)
         order = np.argsort([-len(t) for t in token_lists], kind="stable")
         results: list[list[Hit]] = [[] for _ in texts]
         for start in range(0, len(order), TEXT_BATCH):
@@ -184,14 +186,17 @@ class Retriever:
             raise input_error(None, "--shortlist", f"expected at least k = {k}, got {shortlist}")
         return gallery
 
-    def _tokens(self, text: str) -> list[int]:
-        if not text.strip():
+    def _token_lists(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of text queries, cut to the bundle's word limit (`Bundle.encode_captions`)."""
+        if any(not text.strip() for text in texts):
             raise input_error(None, "query", "empty query: expected some words")
-        tokens = self.bundle.vocab.encode(text)
+        token_lists, cut = self.bundle.encode_captions(texts)
+        self.bundle.warn_cut(cut, len(texts), "queries")
         unknown = self.bundle.vocab(self.bundle.vocab.UNK)
-        if all(t == unknown for t in tokens[1:-1]):
-            LOG.warning("query %r: no word is in the vocabulary; answering anyway", text)
-        return tokens
+        for text, tokens in zip(texts, token_lists, strict=True):
+            if all(t == unknown for t in tokens[1:-1]):
+                LOG.warning("query %r: no word is in the vocabulary; answering anyway", text)
+        return token_lists
 
     def _check_features(self, features: np.ndarray) -> np.ndarray:
         features = np.asarray(features, dtype=np.float32)
@@ -203,8 +208,7 @@ class Retriever:
                 "image features",
                 f"expected (images, {expected[0]}, {expected[1]}), got {features.shape}",
             )
-        if not np.isfinite(features).all():
-            raise input_error(None, "image features", "contain NaN or Inf")
+        check_finite_features(features, None, "image features")
         return features
 
 

@@ -3,11 +3,20 @@
 Reading and validating a bundle needs neither torch nor onnx (the runtime uses this module): the
 manifest names every file with its sha256, the model config, the vocabulary hash, each graph's
 inputs/outputs (names, dtypes, symbolic dims) and the shape ranges engines are built for.
+
+The word limit: the graphs are exported for captions of at most `shape_ranges.words.max` tokens
+(`<start>`, the words, `<end>`; `export --max-words`). `Bundle.encode_captions` is how the
+runtime tokenizes captions (`index`) and text queries (`query`): a caption longer than the limit
+keeps its first `max - 1` tokens and its `<end>`, i.e. it is read as its first `max - 2` words,
+with one logged warning saying how many captions were cut. Without the limit one long caption
+would pad every caption Gram of its gallery shard to its length (quadratic in it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,7 @@ MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 GRAPHS = ("image_encoder", "text_encoder", "scorer")
 PRECISIONS = ("fp32", "fp16", "int8")
+LOG = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -69,6 +79,29 @@ class Bundle:
 
     def precisions(self) -> list[str]:
         return ["fp32", *self.manifest.get("variants", {})]
+
+    @property
+    def max_tokens(self) -> int:
+        """The word limit: the most tokens (`<start>` and `<end>` included) of a caption."""
+        return int(self.manifest["shape_ranges"]["words"]["max"])
+
+    def encode_captions(self, captions: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Token ids of `captions` (`<start>` ... `<end>`), each cut to the word limit: a longer
+        one keeps its first `max_tokens - 1` tokens and `<end>`. Also how many were cut."""
+        limit = self.max_tokens
+        encoded = [self.vocab.encode(caption) for caption in captions]
+        kept = [ids if len(ids) <= limit else [*ids[: limit - 1], ids[-1]] for ids in encoded]
+        return kept, sum(len(ids) > limit for ids in encoded)
+
+    def warn_cut(self, cut: int, total: int, what: str) -> None:
+        """The one warning for the `cut` of `total` captions (or queries) `encode_captions` cut."""
+        if cut:
+            limit = self.max_tokens
+            LOG.warning(
+                "%d of %d %s longer than the bundle's limit of %d tokens: each read as its "
+                "first %d words",
+                *(cut, total, what, limit, max(limit - 2, 0)),
+            )
 
 
 def load_bundle(path: str | Path) -> Bundle:

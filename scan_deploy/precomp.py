@@ -2,15 +2,23 @@
 
 `{split}_ims.npy` holds float32 features of shape (images, regions, features), memory-mapped when
 read so a 2 GB training split never has to fit in memory. `{split}_caps.txt` holds one caption per
-line: five per image (caption j describes image j // 5) or one per image. The vocabulary is the one
-`*_vocab.json` file in the same folder. Numpy only: the runtime reads galleries through this module.
+line: five per image (caption j describes image j // 5) or one per image (UTF-8; a leading byte
+order mark is dropped). The vocabulary is the one `*_vocab.json` file in the same folder.
+
+Every `.npy` file the package reads (features, gallery shards) is opened by `open_npy` /
+`read_npy_header`: a file that is not a whole .npy file (a corrupt header, truncated, trailing
+bytes) is a one-line UserError naming it. Numpy only: the runtime reads galleries through this
+module.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from tokenize import TokenError
 
 import numpy as np
 
@@ -20,6 +28,9 @@ from scan_deploy.errors import input_error
 CAPTIONS_PER_IMAGE = (5, 1)
 FEATURE_DTYPE = np.dtype("<f4")
 _CHUNK_BYTES = 64 << 20  # how much of the memory-mapped features one finiteness check reads
+# What numpy raises on a file that is not a whole .npy file: a flipped byte in the header alone
+# gives ValueError, SyntaxError or tokenize.TokenError (the header is parsed as a Python literal).
+_NPY_ERRORS = (ValueError, SyntaxError, TokenError, OSError, EOFError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +85,7 @@ def load_files(
     files in the precomp format (without captions: an empty caption list, 0 per image)."""
     images = _open_features(Path(ims_path))
     if check_finite:
-        _check_finite(images, Path(ims_path))
+        check_finite_features(images, Path(ims_path))
     if caps_path is None:
         return PrecompSplit(images, [], 0, Path(ims_path))
     captions = _read_captions(Path(caps_path))
@@ -106,6 +117,53 @@ def check_feature_dim(split: PrecompSplit, img_dim: int, source: str | Path | No
             f"the model expects {img_dim} features per region, the data{where} "
             f"have {split.feature_dim}",
         )
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What a .npy file's header says: where the data start, their shape, dtype and order."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+
+def read_npy_header(path: Path, fix: str = "") -> NpyHeader:
+    """The header of the .npy file `path`, checked against the file's size. A file that is not a
+    whole .npy file is a one-line UserError naming it (`fix`, e.g. ": re-run ...", is appended)."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy format version {version}")
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read(handle)
+            offset, size = handle.tell(), os.fstat(handle.fileno()).st_size
+    except _NPY_ERRORS as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise input_error(path, "format", f"not a readable .npy file ({reason}){fix}") from None
+    if dtype.hasobject:
+        raise input_error(path, "dtype", f"holds Python objects, expected numbers{fix}")
+    needed = offset + math.prod(shape) * dtype.itemsize
+    if size != needed:
+        problem = "truncated" if size < needed else "has trailing bytes"
+        array = f"{tuple(shape)} {dtype.name}"
+        raise input_error(
+            path, "size", f"{problem}: {size} bytes, its header's {array} array needs {needed}{fix}"
+        )
+    return NpyHeader(offset, tuple(shape), dtype, fortran_order)
+
+
+def open_npy(path: Path, fix: str = "") -> np.ndarray:
+    """The array of the .npy file `path`, memory-mapped read-only (checked by `read_npy_header`)."""
+    header = read_npy_header(path, fix)
+    order = "F" if header.fortran_order else "C"
+    return np.memmap(path, header.dtype, "r", header.offset, header.shape, order)
 
 
 def write_split(data_dir: str | Path, split: str, images: np.ndarray, captions: list[str]) -> None:
@@ -167,10 +225,7 @@ def _require_files(data_dir: Path, split: str, *paths: Path) -> None:
 
 
 def _open_features(path: Path) -> np.ndarray:
-    try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise input_error(path, "format", f"not a readable .npy array ({exc})") from None
+    images = open_npy(path)
     if images.ndim != 3:
         raise input_error(
             path, "shape", f"got {images.shape}, expected 3-D (images, regions, features)"
@@ -184,13 +239,16 @@ def _open_features(path: Path) -> np.ndarray:
     return images
 
 
-def _check_finite(images: np.ndarray, path: Path) -> None:
-    """Scan the memory-mapped features in bounded chunks and name the first image with NaN/Inf."""
+def check_finite_features(
+    images: np.ndarray, source: str | Path | None, field: str = "features"
+) -> None:
+    """Scan (memory-mapped) features (images, regions, features) in bounded chunks; a one-line
+    UserError names `source` and the first image with NaN or Inf values."""
     for start, chunk in _chunks(images):
         bad = ~np.isfinite(chunk).all(axis=(1, 2))
         if bad.any():
             first = start + int(np.argmax(bad))
-            raise input_error(path, "features", f"image {first} has NaN or Inf values")
+            raise input_error(source, field, f"image {first} has NaN or Inf values")
 
 
 def _chunks(images: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -203,7 +261,7 @@ def _chunks(images: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 
 def _read_captions(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise input_error(path, "encoding", f"expected UTF-8 text ({exc.reason})") from None
     lines = text.split("\n")

@@ -13,6 +13,10 @@ and the leading provider: `scan_deploy.export.ort_engine.load_session` checks it
 session with the settings recorded there (importing neither torch nor onnx). A stale artifact
 is skipped with a warning, and the session is created from the bundle's graph instead.
 
+A graph ONNX Runtime cannot load (garbage, a truncated file, an invalid graph), or one whose
+inputs or outputs (names, dtypes, fixed dims) are not those its manifest entry records (another
+graph put in its place), is a one-line UserError naming the file when its runner is opened.
+
 `InferenceSession.run` is thread-safe, so one runner serves several threads.
 """
 
@@ -34,7 +38,7 @@ from scan_deploy.runtime.backends.base import (
 
 from scan_deploy.bundle import Bundle
 from scan_deploy.engine_sidecar import EXECUTION_PROVIDERS
-from scan_deploy.errors import UserError, one_of
+from scan_deploy.errors import UserError, input_error, one_of
 
 INSTALL_HINT = (
     "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu "
@@ -77,6 +81,46 @@ def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) 
     return chosen
 
 
+def _load_errors(ort: Any) -> tuple[type[Exception], ...]:
+    """What `InferenceSession` raises for a model file it cannot load."""
+    state = ort.capi.onnxruntime_pybind11_state
+    return (
+        state.Fail,
+        state.InvalidArgument,
+        state.InvalidGraph,
+        state.InvalidProtobuf,
+        state.NoSuchFile,
+        state.NotImplemented,
+    )
+
+
+def check_interface(graph: str, entry: dict[str, Any], session: Any, source: Path) -> None:
+    """Refuse a session whose inputs or outputs (names, dtypes, fixed dims) are not the
+    manifest's `entry`: the graph file was replaced by another graph."""
+    for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        found = [_signature(v.name, _numpy_dtype(v.type), v.shape) for v in actual]
+        expected = [_signature(v["name"], v["dtype"], v["shape"]) for v in entry[kind]]
+        if found != expected:
+            raise input_error(
+                source,
+                kind,
+                f"the graph has {', '.join(found)}, the manifest's {graph} has "
+                f"{', '.join(expected)}: re-export the bundle",
+            )
+
+
+def _signature(name: str, dtype: str, shape: Sequence[Any] | None) -> str:
+    """`name dtype[dims]`, symbolic dims shown as `?` (their names are not compared)."""
+    dims = ", ".join(str(d) if isinstance(d, int) else "?" for d in shape or ())
+    return f"{name} {dtype}[{dims}]"
+
+
+def _numpy_dtype(ort_type: str) -> str:
+    """ONNX Runtime's `tensor(float)` as numpy's `float32` (the manifest's names)."""
+    inner = ort_type.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(inner, inner)
+
+
 class OnnxRuntimeRunner:
     def __init__(self, graph: str, entry: dict[str, Any], session: Any, source: Path) -> None:
         self.graph = graph
@@ -116,7 +160,13 @@ class OnnxRuntimeBackend(RunnerCache):
             options = self.ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             names = [EXECUTION_PROVIDERS[p] for p in self.providers]
-            session = self.ort.InferenceSession(str(source), options, providers=names)
+            try:
+                session = self.ort.InferenceSession(str(source), options, providers=names)
+            except _load_errors(self.ort) as exc:
+                reason = " ".join(str(exc).split())
+                message = f"ONNX Runtime cannot load the graph ({reason}): re-export the bundle"
+                raise input_error(source, None, message) from None
+        check_interface(graph, entry, session, source)
         leading = EXECUTION_PROVIDERS[self.providers[0]]
         if session.get_providers()[:1] != [leading]:
             LOG.warning(

@@ -330,6 +330,33 @@ def test_truncated_file_fails_even_without_verify(tmp_path):
         open_gallery(path, verify=False)
 
 
+def _break_npy_header(file: Path) -> None:
+    """One flipped bit in the .npy header ('descr': '<f2' -> ',f2'): numpy raises SyntaxError."""
+    data = bytearray(file.read_bytes())
+    data[data.index(b"'descr': '") + len(b"'descr': '")] = ord(",")
+    file.write_bytes(bytes(data))
+
+
+def test_a_corrupt_npy_header_is_one_line_naming_the_file(tmp_path):
+    path, _, _ = write(tmp_path, "images", "int8")
+    _break_npy_header(path / "shard-00001" / "regions_scale.npy")
+    pattern = r"shard-00001/regions_scale\.npy: format: not a readable \.npy file \(.+\): re-run"
+    with pytest.raises(UserError, match=pattern) as err:
+        open_gallery(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_header_corrupted_after_opening_fails_the_read_in_one_line(tmp_path):
+    path, _, _ = write(tmp_path, "images", "fp16")
+    gallery = open_gallery(path)
+    _break_npy_header(path / "shard-00000" / "regions.npy")
+    pattern = r"shard-00000/regions\.npy: format: not a readable \.npy file"
+    with pytest.raises(UserError, match=pattern):
+        gallery.rows("regions", np.array([0, 5]))  # positioned reads: the header parsed once
+    with pytest.raises(UserError, match=pattern):
+        gallery.shards[0].block("regions", 0, 2)  # memory-mapped
+
+
 def test_missing_or_swapped_files(tmp_path):
     path, _, _ = write(tmp_path, "images", "fp32")
     (path / "shard-00000" / "global.npy").unlink()

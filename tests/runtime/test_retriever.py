@@ -2,9 +2,12 @@
 test split, query it, and get what the deployed pipeline ranks first; every error path."""
 
 import json
+import logging
 import subprocess
 import sys
 import threading
+from itertools import cycle, islice
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from scan_deploy.export.compare import ort_similarities
 from scan_deploy.export.verify import session
 from scan_deploy.export.writer import ShapeRanges, export_bundle
 from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.gallery import open_gallery
 from scan_deploy.runtime.indexer import index_gallery
 from scan_deploy.runtime.retriever import Retriever
 from scan_deploy.runtime.search import shortlist
@@ -143,10 +147,97 @@ def test_bad_queries_are_one_line_errors(indexed, caplog):
         retriever.search_text(["a dog"], k=10, shortlist=5)
     with pytest.raises(UserError, match=r"expected \(images, 8, 32\)"):
         retriever.search_image(np.zeros((1, 8, 31), np.float32))
-    with pytest.raises(UserError, match="NaN or Inf"):
-        retriever.search_image(np.full((1, 8, 32), np.nan, np.float32))
+    features = np.zeros((3, 8, 32), np.float32)
+    features[1:, 2, 3] = np.nan
+    with pytest.raises(UserError, match="^image features: image 1 has NaN or Inf values$"):
+        retriever.search_image(features)
     assert len(retriever.search_text(["qwerty zxcvb"], k=2)[0]) == 2  # OOV only: answered
     assert "no word is in the vocabulary" in caplog.text
+
+
+def _words(bundle, count: int) -> str:
+    """`count` vocabulary words (each one token), cycling through the alphabetic ones."""
+    return " ".join(islice(cycle(w for w in bundle.vocab.word2idx if w.isalpha()), count))
+
+
+def test_long_queries_are_read_as_their_first_words(indexed, caplog):
+    bundle, _, gallery, _ = indexed
+    retriever = Retriever.open(bundle, gallery)
+    assert bundle.max_tokens == 30  # the fixture's export --max-words
+    caplog.set_level(logging.WARNING, "scan_deploy")
+    long_hits = retriever.search_text([_words(bundle, 1000)], k=5)
+    assert retriever.search_text([_words(bundle, 28)], k=5) == long_hits
+    message = "1 of 1 queries longer than the bundle's limit of 30 tokens: each read as its first"
+    assert [r.getMessage() for r in caplog.records] == [message + " 28 words"]
+
+
+def test_index_reads_long_captions_as_their_first_words(trained, tmp_path, caplog):
+    """One 1000-word caption: its shard's words and Grams are padded to the word limit (30), not
+    to 1002 tokens (arrays: 16,577,632 bytes before, 30,304 now), and it is stored as its first 28
+    words would be; its text is kept whole."""
+    data, _, bundle_path = trained
+    bundle = load_bundle(bundle_path)
+    np.save(tmp_path / "ims.npy", np.load(data / "test_ims.npy")[:4])
+    captions = (data / "test_caps.txt").read_text().splitlines()[:20:5]  # one per image
+    galleries = {}
+    caplog.set_level(logging.WARNING, "scan_deploy")
+    for name, third in (("long", _words(bundle, 1000)), ("cut", _words(bundle, 28))):
+        (tmp_path / f"{name}.txt").write_text("\n".join([*captions[:2], third, captions[3]]))
+        index_gallery(bundle, open_backend(bundle), tmp_path / "ims.npy",
+                      tmp_path / f"{name}.txt", tmp_path / name, dtype="fp32")  # fmt: skip
+        galleries[name] = open_gallery(tmp_path / name / "captions")
+    long, cut = galleries["long"], galleries["cut"]
+    assert long.shards[0].shape("caption_gram") == (4, 30, 30)
+    # words, caption_gram, global (float32) and lengths (int64) of 4 captions of 30 tokens, D=32
+    assert long.nbytes == cut.nbytes == 4 * (30 * 32 * 4 + 30 * 30 * 4 + 32 * 4 + 8) == 30304
+    everything = np.arange(4)
+    for name in ("words", "lengths", "caption_gram", "global"):
+        np.testing.assert_array_equal(long.rows(name, everything), cut.rows(name, everything))
+    assert long.texts[2] == _words(bundle, 1000)
+    message = "1 of 4 captions longer than the bundle's limit of 30 tokens: each read as its first"
+    assert [r.getMessage() for r in caplog.records] == [message + " 28 words"]
+
+
+def test_features_beyond_the_models_scale_are_refused(trained, tmp_path):
+    """×1e30 overflows the L2 norm of every region: an all-zero gallery, written silently before."""
+    data, _, bundle_path = trained
+    bundle = load_bundle(bundle_path)
+    features = np.load(data / "test_ims.npy")[:3]
+    features[1] *= np.float32(1e30)
+    np.save(tmp_path / "ims.npy", features)
+    with pytest.raises(UserError) as err:
+        index_gallery(bundle, open_backend(bundle), tmp_path / "ims.npy", None, tmp_path / "g")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'ims.npy'}: image 1: the image encoder's output is zero or NaN/Inf "
+        "(features up to "
+    )
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_caption_the_text_encoder_zeroes_is_refused(trained, tmp_path):
+    data, _, bundle_path = trained
+    bundle = load_bundle(bundle_path)
+    backend = open_backend(bundle)
+
+    def zero_third(outputs):
+        words, caption_gram, pooled = outputs
+        pooled[2] = 0
+        return words, caption_gram, pooled
+
+    text = backend.runner("text_encoder")
+    broken = SimpleNamespace(
+        runner=lambda graph: (
+            SimpleNamespace(run=lambda feeds: zero_third(text.run(feeds)))
+            if graph == "text_encoder"
+            else backend.runner(graph)
+        )
+    )
+    np.save(tmp_path / "ims.npy", np.load(data / "test_ims.npy")[:4])
+    captions = tmp_path / "caps.txt"
+    captions.write_text("\n".join((data / "test_caps.txt").read_text().splitlines()[:4]))
+    with pytest.raises(UserError, match=r"caps\.txt: line 3: the text encoder's output is zero"):
+        index_gallery(bundle, broken, tmp_path / "ims.npy", captions, tmp_path / "g")
+    assert not (tmp_path / "g").exists()
 
 
 def test_a_gallery_from_another_bundle_is_refused(trained, indexed, tmp_path):

@@ -9,8 +9,12 @@ from scan_deploy.errors import UserError
 from scan_deploy.precomp import (
     PrecompSplit,
     check_feature_dim,
+    check_finite_features,
     find_vocab,
+    load_files,
     load_split,
+    open_npy,
+    read_npy_header,
     write_split,
     write_split_chunks,
 )
@@ -145,7 +149,63 @@ def test_features_not_npy(tmp_path: Path) -> None:
     (tmp_path / "dev_ims.npy").write_bytes(b"not numpy")
     (tmp_path / "dev_caps.txt").write_text("a\n")
     message = _error(tmp_path)
-    assert message.startswith(f"{tmp_path / 'dev_ims.npy'}: format: not a readable .npy array")
+    assert message.startswith(f"{tmp_path / 'dev_ims.npy'}: format: not a readable .npy file")
+
+
+def test_every_flipped_header_byte_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """numpy parses the header as a Python literal, so one flipped byte raises ValueError,
+    SyntaxError or tokenize.TokenError (the last two were tracebacks), or makes the header
+    describe an array smaller than the file (silently read before)."""
+    path = tmp_path / "ims.npy"
+    np.save(path, _features(2))
+    good = path.read_bytes()
+    header = 10 + int.from_bytes(good[8:10], "little")  # magic, version, length, then the dict
+    fields = set()
+    for position in range(header):
+        for bit in (0x01, 0x10, 0x40):
+            flipped = bytearray(good)
+            flipped[position] ^= bit
+            path.write_bytes(bytes(flipped))
+            try:
+                images = load_files(path, None).images
+            except UserError as exc:
+                message = str(exc)
+                assert message.startswith(f"{path}: ") and "\n" not in message, message
+                fields.add(message.split(": ")[1])
+            else:  # a flip that keeps the meaning, e.g. '<f4' -> '=f4' or in the padding
+                np.testing.assert_array_equal(images, _features(2))
+    assert fields == {"format", "size"}
+
+
+def test_a_header_that_disagrees_with_the_file_size(tmp_path: Path) -> None:
+    path = tmp_path / "ims.npy"
+    np.save(path, _features(2))
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"(2, 4, 3)", b"(2, 4, 2)"))  # 32 bytes fewer than the file
+    with pytest.raises(UserError) as info:
+        load_files(path, None)
+    assert str(info.value) == (
+        f"{path}: size: has trailing bytes: {len(data)} bytes, its header's (2, 4, 2) float32 "
+        f"array needs {len(data) - 32}"
+    )
+    path.write_bytes(data[:-1])
+    with pytest.raises(UserError, match=r"ims\.npy: size: truncated: .*: re-run it$"):
+        read_npy_header(path, ": re-run it")
+
+
+def test_open_npy_maps_the_array_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "x.npy"
+    expected = np.asfortranarray(_features(3))
+    np.save(path, expected)
+    header = read_npy_header(path)
+    assert (header.shape, header.dtype, header.fortran_order) == ((3, 4, 3), np.float32, True)
+    assert header.offset + expected.nbytes == path.stat().st_size
+    mapped = open_npy(path)
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    np.testing.assert_array_equal(mapped, expected)
+    np.save(path, np.array([None, 1], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match=r"x\.npy: dtype: holds Python objects, expected numbers"):
+        open_npy(path)
 
 
 def test_zero_images(tmp_path: Path) -> None:
@@ -170,6 +230,14 @@ def test_non_finite_features_name_the_first_bad_image(
     )
 
 
+def test_non_finite_check_of_any_features_names_the_field() -> None:
+    images = _features(3)
+    images[2, 3, 1] = np.inf
+    with pytest.raises(UserError) as info:
+        check_finite_features(images, None, "image features")
+    assert str(info.value) == "image features: image 2 has NaN or Inf values"
+
+
 def test_non_finite_check_can_be_skipped(tmp_path: Path) -> None:
     images = _features(1)
     images[0, 0, 0] = np.nan
@@ -190,6 +258,12 @@ def test_caption_count_mismatch_states_both_counts(tmp_path: Path) -> None:
         f"{tmp_path / 'dev_caps.txt'}: captions: got 7 captions for the 2 images of dev_ims.npy, "
         "expected 10 (5 per image) or 2 (1 per image)"
     )
+
+
+def test_captions_drop_a_byte_order_mark(tmp_path: Path) -> None:
+    np.save(tmp_path / "dev_ims.npy", _features(2))
+    (tmp_path / "dev_caps.txt").write_text("\ufeffa dog\na cat\n", encoding="utf-8")
+    assert load_split(tmp_path, "dev").captions == ["a dog", "a cat"]
 
 
 def test_captions_not_utf8(tmp_path: Path) -> None:

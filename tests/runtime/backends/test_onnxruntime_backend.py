@@ -2,6 +2,7 @@
 provider choice and fallback, threads, build-engine artifacts (used when they validate, skipped
 with a warning when stale), precision variants, and concurrent runs."""
 
+import json
 import logging
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.onnxruntime_backend import choose_providers
 
-from scan_deploy.bundle import GRAPHS, load_bundle
+from scan_deploy.bundle import GRAPHS, MANIFEST, load_bundle, sha256_file
 from scan_deploy.errors import UserError
 
 from .conftest import copy_bundle, encoder_inputs, run_pipeline
@@ -142,6 +143,54 @@ def test_precision_variants_and_a_missing_one(tiny, tmp_path):
     assert_same(run_pipeline(backend, *inputs), direct_pipeline(bundle, *inputs, "fp16"))
     with pytest.raises(UserError, match=r"no int8 graphs \(run: scan-deploy calibrate"):
         open_backend(bundle, precision="int8")
+
+
+def _replace_graph(bundle, target, graph, content: bytes, edit=lambda entry: None):
+    """A copy of `bundle` whose `graph` file holds `content`, its manifest sha256 updated (so
+    only opening the graph can tell); `edit` may change the manifest entry too."""
+    path = copy_bundle(bundle, target)
+    (path / f"{graph}.onnx").write_bytes(content)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["graphs"][graph]["sha256"] = sha256_file(path / f"{graph}.onnx")
+    edit(manifest["graphs"][graph])
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    return load_bundle(path)
+
+
+def test_a_graph_onnxruntime_cannot_load_is_one_line_naming_it(tiny, tmp_path):
+    bundle = _replace_graph(tiny.bundle, tmp_path / "b", "text_encoder", b"not a model" * 9)
+    backend = open_backend(bundle)
+    backend.runner("image_encoder")  # the intact graphs still open
+    with pytest.raises(UserError) as err:
+        backend.runner("text_encoder")
+    message = str(err.value)
+    assert message.startswith(f"{bundle.path / 'text_encoder.onnx'}: ONNX Runtime cannot load")
+    assert "INVALID_PROTOBUF" in message and message.endswith(": re-export the bundle")
+    assert "\n" not in message
+
+
+def test_another_graph_in_place_of_one_is_refused(tiny, tmp_path):
+    scorer = tiny.bundle.graph_path("scorer").read_bytes()
+    bundle = _replace_graph(tiny.bundle, tmp_path / "b", "image_encoder", scorer)
+    with pytest.raises(UserError) as err:
+        open_backend(bundle).runner("image_encoder")
+    assert str(err.value) == (
+        f"{bundle.path / 'image_encoder.onnx'}: inputs: the graph has regions float32[?, ?, 8], "
+        "region_gram float32[?, ?, ?], words float32[?, ?, 8], lengths int64[?], the manifest's "
+        "image_encoder has features float32[?, ?, 10]: re-export the bundle"
+    )
+
+
+def test_a_graph_whose_outputs_are_not_the_manifests_is_refused(tiny, tmp_path):
+    graph = tiny.bundle.graph_path("image_encoder").read_bytes()
+
+    def wider(entry):
+        entry["outputs"][2]["shape"] = ["batch", 9]
+
+    bundle = _replace_graph(tiny.bundle, tmp_path / "b", "image_encoder", graph, wider)
+    with pytest.raises(UserError, match=r"image_encoder\.onnx: outputs: .*global float32\[\?, 8\], "
+                       r"the manifest's image_encoder has .*global float32\[\?, 9\]"):  # fmt: skip
+        open_backend(bundle).runner("image_encoder")
 
 
 def test_a_runner_serves_threads_concurrently(tiny):
