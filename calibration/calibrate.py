@@ -149,7 +149,7 @@ def _builder(
     caches = {
         name: bundle.path / "calibration" / f"{name}.{settings.method}.{key}.json" for name in fp32
     }
-    if not all(path.is_file() for path in caches.values()):
+    if not all(int8.usable_cache(caches[name], fp32[name], settings.method) for name in fp32):
         sessions = {name: session(model, settings.threads) for name, model in fp32.items()}
         feeds = {
             "image_encoder": image_feeds(sample),

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import numpy as np
 from scan_deploy.export.verify import compare_graphs, session
+from scan_deploy.runtime.backends.torch_backend import check_weights, weights_digest
 
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
@@ -26,6 +27,7 @@ def check_same_model(bundle: Bundle, checkpoint: Checkpoint) -> None:
         raise UserError(f"{bundle.path}: model config differs from {checkpoint.path}")
     if bundle.vocab != checkpoint.vocab:
         raise UserError(f"{bundle.path}: vocabulary differs from {checkpoint.path}")
+    check_weights(bundle, weights_digest(checkpoint.model.state_dict()), checkpoint.path)
 
 
 def scorer_blocks(

@@ -1,5 +1,7 @@
 """`scan-deploy export`: build the three graphs, check them (ONNX checker, then ONNX Runtime against
-PyTorch on generated inputs, as timm does), and write the bundle atomically."""
+PyTorch on generated inputs, as timm does), and write the bundle atomically. The manifest records
+a digest of the checkpoint's weights (`weights.sha256`: `torch_backend.weights_digest`) so that
+the torch backend can refuse a checkpoint with other weights."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from scan_deploy.export.encoders import image_encoder_graph, text_encoder_graph
 from scan_deploy.export.graph_builder import describe_value
 from scan_deploy.export.scorer import scorer_graph
 from scan_deploy.export.verify import OutputError, compare_graphs, generated_inputs, session
+from scan_deploy.runtime.backends.torch_backend import weights_digest
 
 from scan_deploy import __version__
 from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
@@ -129,6 +132,7 @@ def export_bundle(
             "graphs": entries,
             "export_parity": parity,
             "source": {"checkpoint": str(checkpoint.path), **checkpoint.meta},
+            "weights": {"sha256": weights_digest(model.state_dict())},  # the torch backend's check
             "tools": {
                 "scan_deploy": __version__,
                 "torch": torch.__version__,

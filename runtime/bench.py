@@ -6,6 +6,12 @@ exhaustive SCAN on the same queries.
 Queries are the gallery's own texts (the first caption of each indexed image), drawn with a seed;
 a gallery indexed without captions is benchmarked on seeded random word sequences from the
 vocabulary.
+
+A batch is at most MAX_BATCH queries (4096): the retriever scores queries TEXT_BATCH (64) at a
+time, so a larger call only repeats those batches (queries/s no longer changes) while one timed
+call takes minutes on a large gallery. `progress(stage, advance, total)` is told of every call
+(warm-up and timed: stage `batch N`, total warm-up + iterations; then `shortlist agreement`,
+total 2), as `scan_deploy.progress.stage_bars` draws it.
 """
 
 from __future__ import annotations
@@ -14,10 +20,24 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from scan_deploy.runtime.indexer import Progress
 from scan_deploy.runtime.inner_product import gallery_engine
-from scan_deploy.runtime.retriever import Retriever
+from scan_deploy.runtime.retriever import TEXT_BATCH, Retriever
+
+from scan_deploy.errors import UserError
 
 AGREEMENT_QUERIES = 50
+MAX_BATCH = 4096
+
+
+def check_batch_sizes(batch_sizes: Sequence[int]) -> None:
+    """Every batch size is 1 to MAX_BATCH queries (a one-line UserError otherwise)."""
+    for batch in batch_sizes:
+        if not 1 <= batch <= MAX_BATCH:
+            raise UserError(
+                f"--batch: expected 1 to {MAX_BATCH} queries per call, got {batch} (the "
+                f"retriever scores {TEXT_BATCH} queries at a time: larger calls only repeat those)"
+            )
 
 
 def bench_queries(retriever: Retriever, count: int, seed: int = 0) -> list[str]:
@@ -37,19 +57,22 @@ def run_bench(
     warmup: int = 3,
     iterations: int = 20,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> dict:
+    check_batch_sizes(batch_sizes)
+    report_progress = progress or (lambda stage, advance, total: None)
     gallery = retriever.gallery_for("text", k, shortlist)
     has_index = gallery.faiss_record is not None
     rows = []
     for batch in batch_sizes:
         queries = bench_queries(retriever, batch * (warmup + iterations), seed)
-        for i in range(warmup):
-            retriever.search_text(queries[i * batch : (i + 1) * batch], k, shortlist)
         seconds = []
-        for i in range(warmup, warmup + iterations):
+        for i in range(warmup + iterations):
             start = time.perf_counter()
             retriever.search_text(queries[i * batch : (i + 1) * batch], k, shortlist)
-            seconds.append(time.perf_counter() - start)
+            if i >= warmup:
+                seconds.append(time.perf_counter() - start)
+            report_progress(f"batch {batch}", 1, warmup + iterations)
         ms = np.array(seconds) * 1e3
         rows.append(
             {
@@ -76,16 +99,20 @@ def run_bench(
         "batches": rows,
     }
     if shortlist is not None:
-        report["agreement"] = shortlist_agreement(retriever, k, shortlist, seed)
+        report["agreement"] = shortlist_agreement(retriever, k, shortlist, seed, report_progress)
     return report
 
 
-def shortlist_agreement(retriever: Retriever, k: int, shortlist: int, seed: int = 0) -> dict:
+def shortlist_agreement(
+    retriever: Retriever, k: int, shortlist: int, seed: int, progress: Progress
+) -> dict:
     """Mean fraction of exhaustive SCAN's top k that the shortlisted search also returns, and
     how often its top 1 agrees."""
     queries = bench_queries(retriever, AGREEMENT_QUERIES, seed + 1)
     exact = retriever.search_text(queries, k)
+    progress("shortlist agreement", 1, 2)
     fast = retriever.search_text(queries, k, shortlist)
+    progress("shortlist agreement", 1, 2)
     overlap = [
         len({h.index for h in a} & {h.index for h in b}) / k
         for a, b in zip(exact, fast, strict=True)

@@ -636,7 +636,7 @@ def query(
         results += list(zip(texts, retriever.search_text(texts, k, shortlist), strict=True))
     if image_features is not None:
         images = load_files(image_features, None).images
-        hits = retriever.search_image(np.asarray(images), k, shortlist)
+        hits = retriever.search_image(np.asarray(images), k, shortlist, source=image_features)
         results += [(f"{image_features.name}[{i}]", h) for i, h in enumerate(hits)]
     for name, hits in results:
         if as_json:
@@ -654,7 +654,8 @@ def query(
 def bench(
     gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
     batch: Annotated[
-        list[int] | None, typer.Option(help="Queries per call (repeat; default 1, 8, 32).")
+        list[int] | None,
+        typer.Option(help="Queries per call, 1 to 4096 (repeat; default 1, 8, 32)."),
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Hits per query.")] = 10,
     shortlist: Shortlist = None,
@@ -670,12 +671,12 @@ def bench(
 ) -> None:
     """Text->image search latency (p50/p95/p99), queries/s and pairs/s per batch size, and the
     shortlist's top-k agreement with exhaustive SCAN."""
-    from scan_deploy.runtime.bench import run_bench
+    from scan_deploy.progress import progress_bar, stage_bars
+    from scan_deploy.runtime.bench import check_batch_sizes, run_bench
     from scan_deploy.runtime.retriever import Retriever
 
     batches = batch or [1, 8, 32]
-    if min(batches) < 1:
-        raise UserError(f"--batch: expected sizes >= 1, got {batches}")
+    check_batch_sizes(batches)
     retriever = Retriever.open(
         bundle,
         gallery,
@@ -685,8 +686,10 @@ def bench(
         checkpoint=checkpoint,
         shortlist_engine=shortlist_engine,
     )
-    with err_console.status("benchmarking"):
-        report = run_bench(retriever, batches, k, shortlist, warmup, iterations)
+    with progress_bar(err_console, transient=True) as progress:
+        report = run_bench(
+            retriever, batches, k, shortlist, warmup, iterations, progress=stage_bars(progress)
+        )
     if as_json:
         print(json.dumps(report))
         return

@@ -3,8 +3,10 @@
 For checking the other backends against the model a bundle was exported from (and for running
 where only PyTorch is installed). It needs the checkpoint (`checkpoint=`: a scan-deploy
 checkpoint folder, or an original SCAN `.pth.tar`, read with the bundle's vocabulary) whose
-config and vocabulary must equal the bundle's. torch is imported when this backend is opened,
-never by `import scan_deploy.runtime`.
+config, vocabulary and weights must be the bundle's: the weights by the digest the export records
+in the manifest (`weights.sha256`, see `weights_digest`); a bundle exported before digests were
+recorded is opened with a warning that its weights cannot be checked. torch is imported when
+this backend is opened, never by `import scan_deploy.runtime`.
 
 The runners compute the graphs' outputs as `scan_deploy.export.verify.reference_outputs` does:
 - image_encoder: regions = img_enc(features), region_gram(regions), pooled_embedding(regions);
@@ -16,6 +18,8 @@ The runners compute the graphs' outputs as `scan_deploy.export.verify.reference_
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,7 +31,9 @@ from scan_deploy.runtime.backends.base import RunnerCache, as_output, prepare_fe
 
 from scan_deploy.bundle import MANIFEST, Bundle
 from scan_deploy.errors import UserError
+from scan_deploy.jsonfile import typed
 
+LOG = logging.getLogger("scan_deploy.runtime")
 INSTALL_HINT = "the torch backend needs PyTorch: pip install 'scan-deploy[reference]'"
 _FP32_LOCK = threading.Lock()
 
@@ -54,6 +60,41 @@ def check_checkpoint(bundle: Bundle, config: Any, vocab: Any, source: str | Path
             f"{source}: not the checkpoint of {bundle.path / MANIFEST}: its vocabulary "
             f"({len(vocab)} words, sha256 {vocab.sha256()[:12]}…) differs from the bundle's "
             f"({len(bundle.vocab)} words, sha256 {bundle.vocab.sha256()[:12]}…)"
+        )
+
+
+def weights_digest(state: Mapping[str, Any]) -> str:
+    """The sha256 of a model's weights as loaded (its state dict), whatever file they came from:
+    a scan-deploy checkpoint and an original `.pth.tar` of the same weights give the same digest.
+    For each tensor in name order: `name`, `dtype` and `shape` (a line each), then its bytes in
+    C order and the machine's byte order (little-endian on every platform PyTorch supports)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\n{tensor.dtype}\n{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_weights(bundle: Bundle, digest: str, source: str | Path) -> None:
+    """The checkpoint's weights digest is the one recorded at export (one-line UserError
+    otherwise); a bundle that records none gets one warning."""
+    manifest_path = bundle.path / MANIFEST
+    recorded = bundle.manifest.get("weights")
+    if recorded is None:
+        LOG.warning(
+            "%s: records no weights digest (exported before bundles recorded one): cannot check "
+            "that %s holds the bundle's weights (re-export the bundle to record it)",
+            manifest_path,
+            source,
+        )
+        return
+    expected = typed(recorded, dict, "weights", manifest_path).get("sha256")
+    typed(expected, str, "weights.sha256", manifest_path)
+    if digest != expected:
+        raise UserError(
+            f"{source}: not the checkpoint of {manifest_path}: its weights digest is "
+            f"{digest[:12]}…, the bundle was exported from weights with digest {expected[:12]}…"
         )
 
 
@@ -121,6 +162,7 @@ class TorchBackend(RunnerCache):
             )
         loaded = load_checkpoint(checkpoint, bundle.path / bundle.manifest["vocab"]["file"])
         check_checkpoint(bundle, loaded.config, loaded.vocab, checkpoint)
+        check_weights(bundle, weights_digest(loaded.model.state_dict()), checkpoint)
         self.bundle = bundle
         self.precision = precision
         self.config = loaded.config

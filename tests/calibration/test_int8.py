@@ -1,4 +1,9 @@
-"""INT8 Q/DQ graphs: what TensorRT accepts, cached ranges, excluded nodes."""
+"""INT8 Q/DQ graphs: what TensorRT accepts, cached ranges (unusable caches rebuilt), excluded
+nodes."""
+
+import json
+import logging
+import stat
 
 import numpy as np
 import onnx
@@ -9,6 +14,7 @@ from scan_deploy.calibration.int8 import quantizable_nodes, quantize
 from scan_deploy.export.lint import lint_model
 from scan_deploy.export.verify import session
 
+from scan_deploy.errors import UserError
 from scan_deploy.precomp import load_split
 from tests.calibration.tiny import fp32_graphs, make_bundle
 
@@ -56,7 +62,7 @@ def test_cached_ranges_reproduce_the_graph(calibrated):
     assert (cache / "scorer.json").is_file()
     again = quantize(graphs["scorer"], None, "max", cache / "scorer.json")
     assert first.graph.SerializeToString() == again.graph.SerializeToString()
-    with pytest.raises(ValueError, match="no calibration cache"):
+    with pytest.raises(UserError, match="missing.json: no calibration cache and no calibration"):
         quantize(graphs["scorer"], None, "max", cache / "missing.json")
 
 
@@ -73,3 +79,84 @@ def test_excluded_node_stays_float(calibrated):
         i in producers and producers[i].op_type == "DequantizeLinear"
         for i in by_name[matmuls[1]].input
     )
+
+
+def _truncated(text: str, other: str) -> str:
+    return text[: len(text) // 2]
+
+
+def _not_ranges(text: str, other: str) -> str:
+    return json.dumps({"CLS": "TensorsData", "data": [], "calibration_method": 0})
+
+
+def _other_method(text: str, other: str) -> str:
+    return other  # the same graph's ranges, by the entropy method
+
+
+def _missing_tensor(text: str, other: str) -> str:
+    payload = json.loads(text)
+    del payload["data"]["region_gram"]
+    return json.dumps(payload)
+
+
+def _not_finite(text: str, other: str) -> str:
+    payload = json.loads(text)
+    payload["data"]["region_gram"]["highest"]["data"] = float("nan")
+    return json.dumps(payload)
+
+
+@pytest.mark.parametrize(
+    "corrupt", [_truncated, _not_ranges, _other_method, _missing_tensor, _not_finite]
+)
+def test_unusable_cache_is_ignored_with_one_warning_and_rebuilt(calibrated, corrupt, caplog):
+    graphs, feeds, cache = calibrated
+    scorer, path = graphs["scorer"], cache / "scorer.json"
+    want = quantize(scorer, feeds["scorer"], "max", path)
+    good = path.read_text()
+    quantize(scorer, feeds["scorer"], "entropy", cache / "entropy.json")
+    path.write_text(corrupt(good, (cache / "entropy.json").read_text()))
+    caplog.set_level(logging.WARNING, "scan_deploy")
+    got = quantize(scorer, feeds["scorer"], "max", path)
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("scan_deploy")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{path}: unusable calibration cache (")
+    assert "\n" not in warnings[0]
+    assert got.graph.SerializeToString() == want.graph.SerializeToString()
+    assert path.read_text() == good  # rebuilt from the data, the same ranges
+    again = quantize(scorer, None, "max", path)  # and usable again, without a warning
+    assert again.graph.SerializeToString() == want.graph.SerializeToString()
+    assert len(caplog.records) == 1
+
+
+def test_unusable_cache_without_data_is_a_one_line_error(calibrated):
+    graphs, feeds, cache = calibrated
+    path = cache / "scorer.json"
+    quantize(graphs["scorer"], feeds["scorer"], "max", path)
+    truncated = path.read_bytes()[:100]
+    path.write_bytes(truncated)
+    with pytest.raises(UserError) as info:
+        quantize(graphs["scorer"], None, "max", path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: invalid JSON (") and "\n" not in message
+    assert message.endswith(", and no calibration data to rebuild it")
+    assert path.read_bytes() == truncated  # left as it was
+
+
+def test_cache_is_written_whole_and_shared(calibrated, monkeypatch):
+    graphs, feeds, cache = calibrated
+    path = cache / "scorer.json"
+    quantize(graphs["scorer"], feeds["scorer"], "max", path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's private 0600
+    assert [p.name for p in cache.iterdir()] == ["scorer.json"]
+    import scan_deploy.calibration.int8 as int8
+
+    real = int8.quantize_static
+
+    def poisoned(*args, calibration_cache_path, **kwargs):  # calibration gave an infinite range
+        real(*args, calibration_cache_path=calibration_cache_path, **kwargs)
+        payload = json.loads(calibration_cache_path.read_text())
+        payload["data"]["region_gram"]["lowest"]["data"] = float("-inf")
+        calibration_cache_path.write_text(json.dumps(payload))
+
+    monkeypatch.setattr(int8, "quantize_static", poisoned)
+    quantize(graphs["scorer"], feeds["scorer"], "max", cache / "poisoned.json")
+    assert [p.name for p in cache.iterdir()] == ["scorer.json"]  # not cached

@@ -1,11 +1,15 @@
-"""`export_bundle`: parity checks before writing, the manifest, and the bundle loader's checks."""
+"""`export_bundle`: parity checks before writing, the manifest (with the weights digest), and the
+bundle loader's checks."""
 
+import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from scan_deploy.export.verify import session
 from scan_deploy.export.writer import ParityError, ShapeRanges, export_bundle
+from scan_deploy.runtime.backends.torch_backend import weights_digest
 
 from scan_deploy.bundle import load_bundle
 from scan_deploy.checkpoint import Checkpoint
@@ -51,6 +55,11 @@ def test_refuses_non_empty_output_without_force(tmp_path):
     (tmp_path / "bundle" / "keep.txt").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         export_bundle(ckpt, tmp_path / "bundle", 17, RANGES)
+    with pytest.raises(UserError, match="not a bundle folder"):  # --force replaces bundles only
+        export_bundle(ckpt, tmp_path / "bundle", 17, RANGES, force=True)
+    (tmp_path / "bundle" / "keep.txt").unlink()
+    export_bundle(ckpt, tmp_path / "bundle", 17, RANGES)
+    (tmp_path / "bundle" / "keep.txt").write_text("x")
     export_bundle(ckpt, tmp_path / "bundle", 17, RANGES, force=True)
     assert not (tmp_path / "bundle" / "keep.txt").exists()
 
@@ -107,3 +116,29 @@ def test_shape_ranges_are_validated():
         ShapeRanges.create(max_batch=0, regions=36, max_words=10)
     assert (RANGES.regions.min, RANGES.regions.opt, RANGES.regions.max) == (5, 5, 5)
     assert (RANGES.words.min, RANGES.words.opt, RANGES.words.max) == (1, 7, 7)
+
+
+def test_manifest_records_the_weights_digest(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    manifest = export_bundle(ckpt, tmp_path / "bundle", 17, RANGES)
+    state = ckpt.model.state_dict()
+    assert manifest["weights"] == {"sha256": weights_digest(state)}
+    assert weights_digest(dict(reversed(state.items()))) == manifest["weights"]["sha256"]
+    bias = state["img_enc.fc.bias"]
+    changed = {**state, "img_enc.fc.bias": bias + 1}
+    assert weights_digest(changed) != manifest["weights"]["sha256"]
+
+
+def test_weights_digest_is_the_documented_one():
+    """Name order; per tensor `name`, `dtype`, `shape` lines, then its bytes: bundles record it,
+    so the definition must not drift."""
+    state = {"b": torch.tensor([1.5, -2.0]), "a": torch.arange(6).reshape(2, 3)}
+    expected = hashlib.sha256(
+        b"a\ntorch.int64\n(2, 3)\n"
+        + np.arange(6, dtype="<i8").tobytes()
+        + b"b\ntorch.float32\n(2,)\n"
+        + np.array([1.5, -2.0], dtype="<f4").tobytes()
+    ).hexdigest()
+    assert weights_digest(state) == expected
+    assert weights_digest({**state, "a": state["a"].reshape(3, 2)}) != expected
+    assert weights_digest({**state, "b": state["b"].double()}) != expected

@@ -1,15 +1,19 @@
 """The torch backend: the reference's runners equal the ONNX Runtime backend's (the export's
 parity tolerances), on the CPU and, where there is one, on a CUDA device; the scorer takes the
-Gram of its attention direction; checkpoints that are not the bundle's are refused."""
+Gram of its attention direction; checkpoints that are not the bundle's (config, vocabulary or
+weights) are refused."""
+
+import json
+import logging
 
 import numpy as np
 import pytest
 from scan_deploy.runtime.backends import open_backend
 
-from scan_deploy.bundle import GRAPHS
+from scan_deploy.bundle import GRAPHS, MANIFEST, load_bundle
 from scan_deploy.errors import UserError
 
-from .conftest import encoder_inputs, run_pipeline
+from .conftest import copy_bundle, encoder_inputs, run_pipeline
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -93,6 +97,57 @@ def test_mismatched_checkpoints_are_refused(tiny, tiny_i2t, tmp_path):
     save_checkpoint(tmp_path / "other", SCAN(tiny.bundle.config), vocab)
     with pytest.raises(UserError, match=r"its vocabulary \(16 words, sha256 \w+…\) differs"):
         open_backend(tiny.bundle, "torch", checkpoint=tmp_path / "other", device="cpu")
+
+
+def test_checkpoint_with_other_weights_is_refused(tiny, tmp_path):
+    from scan_deploy.runtime.backends.torch_backend import weights_digest
+
+    from scan_deploy.checkpoint import load_checkpoint, save_checkpoint
+    from scan_deploy.model import SCAN
+
+    torch.manual_seed(5)  # the bundle's config and vocabulary, other weights
+    save_checkpoint(tmp_path / "other", SCAN(tiny.bundle.config).eval(), tiny.bundle.vocab)
+    with pytest.raises(UserError) as info:
+        open_backend(tiny.bundle, "torch", checkpoint=tmp_path / "other", device="cpu")
+    theirs = weights_digest(load_checkpoint(tmp_path / "other").model.state_dict())
+    recorded = tiny.bundle.manifest["weights"]["sha256"]
+    assert theirs != recorded
+    assert str(info.value) == (
+        f"{tmp_path / 'other'}: not the checkpoint of {tiny.bundle.path / MANIFEST}: its weights "
+        f"digest is {theirs[:12]}…, the bundle was exported from weights with digest "
+        f"{recorded[:12]}…"
+    )
+
+
+def test_original_checkpoint_of_the_bundles_weights_is_accepted(tiny, tmp_path):
+    """The digest is over the loaded weights: the `.pth.tar` they came from passes too."""
+    from scan_deploy.checkpoint import load_checkpoint
+
+    from ...scan_deploy.test_checkpoint import _original_file
+
+    _original_file(tmp_path / "model_best.pth.tar", load_checkpoint(tiny.checkpoint).model)
+    backend = open_backend(tiny.bundle, "torch", checkpoint=tmp_path / "model_best.pth.tar")
+    features, _, _ = encoder_inputs(tiny.bundle, batch=2)
+    reference = open_backend(tiny.bundle, "torch", checkpoint=tiny.checkpoint)
+    np.testing.assert_array_equal(
+        backend.runner("image_encoder").run({"features": features})[0],
+        reference.runner("image_encoder").run({"features": features})[0],
+    )
+
+
+def test_bundle_without_weights_digest_opens_with_one_warning(tiny, tmp_path, caplog):
+    path = copy_bundle(tiny.bundle, tmp_path / "old")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest.pop("weights", None)  # as exported before the digest was recorded
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    caplog.set_level(logging.WARNING, "scan_deploy")
+    backend = open_backend(load_bundle(path), "torch", checkpoint=tiny.checkpoint, device="cpu")
+    assert backend.runner("image_encoder") is not None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path / MANIFEST}: records no weights digest (exported before bundles recorded one): "
+        f"cannot check that {tiny.checkpoint} holds the bundle's weights (re-export the bundle "
+        "to record it)"
+    ]
 
 
 def test_torch_backend_refusals(tiny, tmp_path):

@@ -1,0 +1,57 @@
+"""`run_bench` on a tiny gallery: every call is reported to the progress callback, and batch
+sizes outside 1..MAX_BATCH are refused in one line before anything runs."""
+
+import numpy as np
+import pytest
+from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.bench import MAX_BATCH, check_batch_sizes, run_bench
+from scan_deploy.runtime.indexer import index_gallery
+from scan_deploy.runtime.retriever import Retriever
+
+from scan_deploy.bundle import load_bundle
+from scan_deploy.errors import UserError
+from tests.export.tiny_bundle import make_bundle
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory) -> Retriever:
+    """5 seeded images (R=5, img_dim 10) with one caption each, indexed in fp32."""
+    root = tmp_path_factory.mktemp("bench")
+    bundle = load_bundle(make_bundle(root / "bundle"))
+    features = np.random.default_rng(0).standard_normal((5, 5, 10)).astype(np.float32)
+    np.save(root / "ims.npy", features)
+    (root / "caps.txt").write_text("".join(f"w{i} w{i + 1} w{i + 2}\n" for i in range(5)))
+    index_gallery(bundle, open_backend(bundle), root / "ims.npy", root / "caps.txt",
+                  root / "gallery", dtype="fp32")  # fmt: skip
+    return Retriever.open(bundle, root / "gallery")
+
+
+def test_progress_is_told_of_every_call(retriever):
+    calls = []
+    report = run_bench(retriever, (1, 3), k=2, shortlist=3, warmup=1, iterations=2,
+                       progress=lambda *call: calls.append(call))  # fmt: skip
+    assert calls == [
+        *[("batch 1", 1, 3)] * 3,
+        *[("batch 3", 1, 3)] * 3,
+        *[("shortlist agreement", 1, 2)] * 2,
+    ]
+    assert [row["batch"] for row in report["batches"]] == [1, 3]
+    assert report["warmup"] == 1 and report["iterations"] == 2
+    assert all(row["p50_ms"] > 0 and row["qps"] > 0 for row in report["batches"])
+
+
+def test_batch_sizes_outside_the_limit_are_refused_before_any_search(retriever, monkeypatch):
+    def searched(*args, **kwargs):
+        raise AssertionError("searched before the batch sizes were checked")
+
+    monkeypatch.setattr(retriever, "search_text", searched)
+    for sizes, bad in (((1, 100_000), 100_000), ((MAX_BATCH + 1,), MAX_BATCH + 1), ((0,), 0)):
+        with pytest.raises(UserError) as info:
+            run_bench(retriever, sizes, progress=lambda *call: None)
+        assert str(info.value) == (
+            f"--batch: expected 1 to 4096 queries per call, got {bad} (the retriever scores 64 "
+            "queries at a time: larger calls only repeat those)"
+        )
+    check_batch_sizes([1, MAX_BATCH])  # the limit itself is allowed
