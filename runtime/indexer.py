@@ -8,8 +8,8 @@ whole folder is written beside the target and renamed when both galleries are co
 Captions longer than the bundle's word limit are read as their first words (one warning: the
 rule is `scan_deploy.bundle`'s), so a long caption cannot blow up its shard's padded Grams. An
 item the encoder turns into NaN/Inf or an all-zero embedding (features far beyond the model's
-scale, e.g. ×1e30, overflow its L2 norm) is refused, naming the file and the item: such a
-gallery would score every query alike.
+scale, e.g. ×1e30, overflow its L2 norm) is refused, naming the file and the item
+(`scan_deploy.runtime.encoded`): such a gallery would score every query alike.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
 from scan_deploy.runtime.gallery import GalleryWriter
 
 from scan_deploy.atomic import atomic_dir, check_output_dir
@@ -67,15 +68,7 @@ def index_gallery(
             for start in range(0, len(features), IMAGE_BATCH):
                 batch = np.asarray(features[start : start + IMAGE_BATCH], np.float32)
                 regions, region_gram, pooled = runner.run({"features": batch})
-                bad = _first_degenerate(regions, pooled)
-                if bad is not None:
-                    peak = float(np.abs(batch[bad]).max())
-                    raise input_error(
-                        features_path,
-                        f"image {start + bad}",
-                        f"the image encoder's output is zero or NaN/Inf (features up to "
-                        f"{peak:.3g}): expected features of the scale the model was trained on",
-                    )
+                check_encoded_images(batch, regions, pooled, features_path, start)
                 ids = [str(i) for i in ids_range(start, batch)]
                 texts = (
                     [captions[i * per_image] for i in ids_range(start, batch)] if captions else None
@@ -97,19 +90,6 @@ def ids_range(start: int, batch: np.ndarray) -> range:
     return range(start, start + len(batch))
 
 
-def _first_degenerate(
-    embeddings: np.ndarray, pooled: np.ndarray, lengths: np.ndarray | None = None
-) -> int | None:
-    """The first item of an encoded batch with NaN/Inf in its embeddings (items, T, D) or pooled
-    embedding (items, D), or with an all-zero one (embeddings within `lengths`); None if none."""
-    t = embeddings.shape[1]
-    valid = np.arange(t) < (t if lengths is None else lengths[:, None])
-    zero = (~embeddings.any(axis=2) & valid).any(axis=1) | ~pooled.any(axis=1)
-    finite = np.isfinite(embeddings).all(axis=(1, 2)) & np.isfinite(pooled).all(axis=1)
-    bad = np.flatnonzero(zero | ~finite)
-    return int(bad[0]) if bad.size else None
-
-
 def _index_captions(writer, bundle, runner, captions_path, data, report) -> None:
     captions, per_image, cut = data.captions, data.captions_per_image, 0
     with writer:
@@ -119,10 +99,8 @@ def _index_captions(writer, bundle, runner, captions_path, data, report) -> None
             cut += chunk_cut
             tokens, lengths = pad_tokens(token_lists)
             words, caption_gram, pooled = runner.run({"tokens": tokens, "lengths": lengths})
-            bad = _first_degenerate(words, pooled, lengths)
-            if bad is not None:
-                message = "the text encoder's output is zero or NaN/Inf: the bundle is broken"
-                raise input_error(captions_path, f"line {start + bad + 1}", message)
+            lines = [f"line {j + 1}" for j in range(start, start + len(chunk))]
+            check_encoded_texts(words, pooled, lengths, captions_path, lines)
             arrays = {"words": words, "lengths": lengths, "caption_gram": caption_gram}
             ids = [f"{j // per_image}:{j % per_image}" for j in range(start, start + len(chunk))]
             writer.add({**arrays, "global": pooled}, ids, chunk)

@@ -9,7 +9,9 @@ A gallery folder holds `images/` (searched by text) and, when `index` was given 
 a time against each gallery block, images 32 at a time. Concurrent callers are safe: each graph's
 runner is used under its own lock (TensorRT execution contexts are not re-entrant), so threads
 interleave at graph granularity. Text queries longer than the bundle's word limit are read as
-their first words, with one warning (the rule is `scan_deploy.bundle`'s).
+their first words, with one warning (the rule is `scan_deploy.bundle`'s). A query the encoder
+turns into zeros or NaN/Inf (e.g. image features ×1e30) is refused as the indexer refuses such a
+gallery item (`scan_deploy.runtime.encoded`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
 from scan_deploy.runtime.gallery import Gallery, open_gallery
 from scan_deploy.runtime.inner_product import FAISS_HINT, check_engine, gallery_engine
 from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
@@ -102,24 +105,31 @@ class Retriever:
 
     def encode_text(self, texts: Sequence[str]) -> Queries:
         """Caption-side scorer inputs of `texts`, padded to their longest (in input order)."""
-        return self._encode_tokens(self._token_lists(texts))
+        return self._encode_tokens(self._token_lists(texts), texts)
 
-    def _encode_tokens(self, token_lists: list[list[int]]) -> Queries:
+    def _encode_tokens(self, token_lists: list[list[int]], texts: Sequence[str]) -> Queries:
         tokens, lengths = pad_tokens(token_lists)
         words, caption_gram, pooled = self._runners["text_encoder"].run(
             {"tokens": tokens, "lengths": lengths}
         )
+        check_encoded_texts(words, pooled, lengths, None, [f"query {t!r}" for t in texts])
         return Queries(
             {"words": words, "lengths": lengths, "caption_gram": caption_gram, "global": pooled}
         )
 
-    def encode_images(self, features: np.ndarray) -> Queries:
-        """Image-side scorer inputs of region features (images, regions, img_dim)."""
-        features = self._check_features(features)
-        outputs = [
-            self._runners["image_encoder"].run({"features": features[start : start + IMAGE_BATCH]})
-            for start in range(0, len(features), IMAGE_BATCH)
-        ]
+    def encode_images(self, features: np.ndarray, *, source: str | Path | None = None) -> Queries:
+        """Image-side scorer inputs of region features (images, regions, img_dim). `source`
+        (the features' file, if any) names them in the error for an image the encoder turns
+        into zeros or NaN/Inf (`runtime.encoded`)."""
+        return self._encode_images(self._check_features(features), source)
+
+    def _encode_images(self, features: np.ndarray, source, offset: int = 0) -> Queries:
+        outputs = []
+        for start in range(0, len(features), IMAGE_BATCH):
+            batch = features[start : start + IMAGE_BATCH]
+            regions, region_gram, pooled = self._runners["image_encoder"].run({"features": batch})
+            check_encoded_images(batch, regions, pooled, source, offset + start)
+            outputs.append((regions, region_gram, pooled))
         regions, region_gram, pooled = (
             np.concatenate(parts) for parts in zip(*outputs, strict=True)
         )
@@ -137,20 +147,29 @@ class Retriever:
         results: list[list[Hit]] = [[] for _ in texts]
         for start in range(0, len(order), TEXT_BATCH):
             chunk = order[start : start + TEXT_BATCH]
-            queries = self._encode_tokens([token_lists[i] for i in chunk])
+            queries = self._encode_tokens(
+                [token_lists[i] for i in chunk], [texts[i] for i in chunk]
+            )
             for i, hits in zip(chunk, self._search(queries, gallery, k, shortlist), strict=True):
                 results[i] = hits
         return results
 
     def search_image(
-        self, features: np.ndarray, k: int = 10, shortlist: int | None = None
+        self,
+        features: np.ndarray,
+        k: int = 10,
+        shortlist: int | None = None,
+        *,
+        source: str | Path | None = None,
     ) -> list[list[Hit]]:
-        """The k best gallery captions for each image's region features, best first."""
+        """The k best gallery captions for each image's region features, best first. An image
+        the encoder turns into zeros or NaN/Inf (e.g. features ×1e30) is a UserError naming
+        `source` (the features' file; `image features` when None) and the image."""
         gallery = self.gallery_for("image", k, shortlist)
         features = self._check_features(features)
         results: list[list[Hit]] = []
         for start in range(0, len(features), IMAGE_BATCH):
-            queries = self.encode_images(features[start : start + IMAGE_BATCH])
+            queries = self._encode_images(features[start : start + IMAGE_BATCH], source, start)
             results += self._search(queries, gallery, k, shortlist)
         return results
 

@@ -2,7 +2,8 @@
 flipped byte in an .npy header, NaN/Inf or enormous features, a bundle graph replaced by garbage
 or by another graph (its manifest sha256 updated, so only opening it can tell), features of the
 wrong shape. Each is exit code 2, one `error:` line naming the file, and nothing written. Long
-captions are read as their first words (one warning) and a UTF-8 byte order mark is dropped."""
+captions are read as their first words (one warning) and a UTF-8 byte order mark is dropped
+(from captions and from a queries file)."""
 
 from __future__ import annotations
 
@@ -136,6 +137,21 @@ def test_features_beyond_the_models_scale_are_refused(tiny, tmp_path):
     assert_nothing_written(out)
 
 
+def test_image_queries_beyond_the_models_scale_are_refused(tiny, tmp_path):
+    """The query of a ×1e30 image: hits scored against zeros, printed silently before."""
+    features = np.load(tiny["ims"])
+    features[4] *= np.float32(1e30)
+    np.save(tmp_path / "big.npy", features)
+    done = run_cli("query", tiny["gallery"], "--image-features", tmp_path / "big.npy", "-k", 3)
+    assert done.returncode == 2, done.stderr
+    lines = [ln for ln in done.stderr.strip().splitlines() if not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert lines[0].startswith(
+        f"error: {tmp_path / 'big.npy'}: image 4: the image encoder's output is zero or NaN/Inf"
+    ), lines[0]
+    assert done.stdout == ""
+
+
 # --- 3. a bundle graph replaced (its manifest sha256 updated) ----------------------------------
 
 
@@ -205,6 +221,19 @@ def test_a_byte_order_mark_is_not_part_of_the_first_caption(tiny, tmp_path):
                    "--captions", tmp_path / "caps.txt", "--out", gallery)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads((gallery / "captions" / "texts.json").read_text()) == CAPTIONS
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_query(tiny, tmp_path):
+    answers = []
+    for name, encoding in (("plain.txt", "utf-8"), ("bom.txt", "utf-8-sig")):
+        (tmp_path / name).write_text("".join(c + "\n" for c in CAPTIONS), encoding=encoding)
+        done = run_cli("query", tiny["gallery"], "--queries-file", tmp_path / name, "-k", 3,
+                       "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        answers.append([json.loads(line) for line in done.stdout.splitlines()])
+    assert (tmp_path / "bom.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert [a["query"] for a in answers[1]] == CAPTIONS
+    assert answers[1] == answers[0]
 
 
 # --- 6. features of another shape than the bundle's -------------------------------------------

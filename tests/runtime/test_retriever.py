@@ -155,6 +155,52 @@ def test_bad_queries_are_one_line_errors(indexed, caplog):
     assert "no word is in the vocabulary" in caplog.text
 
 
+def test_image_queries_beyond_the_models_scale_are_refused(indexed):
+    """×1e30 overflows the L2 norm of every region: hits scored against zeros, answered silently
+    before. Image 35 is in the second batch of 32: the error counts from the first."""
+    bundle, split, gallery, _ = indexed
+    retriever = Retriever.open(bundle, gallery)
+    features = np.array(split.images[:40], np.float32)
+    features[35] *= np.float32(1e30)
+    with pytest.raises(UserError) as err:
+        retriever.search_image(features, k=3)
+    message = str(err.value)
+    assert message.startswith(
+        "image features: image 35: the image encoder's output is zero or NaN/Inf (features up to "
+    )
+    assert message.endswith("): expected features of the scale the model was trained on")
+    assert "\n" not in message
+    with pytest.raises(UserError, match=r"^q\.npy: image 35: the image encoder's output"):
+        retriever.search_image(features, k=3, source="q.npy")
+    with pytest.raises(UserError, match="^image features: image 35: the image encoder's output"):
+        retriever.encode_images(features)
+
+
+def test_a_query_the_text_encoder_zeroes_is_refused(indexed):
+    bundle, split, gallery, _ = indexed
+    backend = open_backend(bundle)
+
+    def zero_first(outputs):
+        words, caption_gram, pooled = outputs
+        pooled[0] = 0
+        return words, caption_gram, pooled
+
+    text = backend.runner("text_encoder")
+    broken = SimpleNamespace(
+        runner=lambda graph: (
+            SimpleNamespace(run=lambda feeds: zero_first(text.run(feeds)))
+            if graph == "text_encoder"
+            else backend.runner(graph)
+        )
+    )
+    retriever = Retriever(bundle, Retriever.open(bundle, gallery).galleries, broken)
+    message = "the text encoder's output is zero or NaN/Inf: the bundle is broken"
+    with pytest.raises(UserError, match=f"^query 'a dog': {message}$"):
+        retriever.search_text(["a dog"], k=3)
+    with pytest.raises(UserError, match=f"^query 'a cat': {message}$"):
+        retriever.encode_text(["a cat", "a dog"])
+
+
 def _words(bundle, count: int) -> str:
     """`count` vocabulary words (each one token), cycling through the alphabetic ones."""
     return " ".join(islice(cycle(w for w in bundle.vocab.word2idx if w.isalpha()), count))
