@@ -1,11 +1,11 @@
 """INT8 graphs with explicit Q/DQ, through ONNX Runtime's static quantization.
 
-Settings are the ones TensorRT accepts (../shared/TENSORRT.md): QDQ format, symmetric INT8
+Settings are the ones TensorRT accepts (docs/tensorrt.md): QDQ format, symmetric INT8
 activations and weights (zero point 0), per-tensor scales, biases left in float (no int32
 DequantizeLinear), and only MatMul quantized: the GEMMs are where INT8 pays; GRU, norms, softmax
 and reductions have no INT8 path in TensorRT worth the accuracy. ONNX Runtime was chosen over
 NVIDIA Model Optimizer because `nvidia-modelopt[onnx]` replaces onnxruntime with onnxruntime-gpu,
-pulls cupy and pins an older onnx (measured, see TENSORRT.md), for the same Q/DQ placement.
+pulls cupy and pins an older onnx (measured, see docs/tensorrt.md), for the same Q/DQ placement.
 
 Activation ranges are computed once per graph and calibration set and cached as JSON (ONNX
 Runtime's own cache format), so a rerun, or a search over which nodes to leave in float, skips

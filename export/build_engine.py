@@ -3,7 +3,7 @@
 The decisions are made here, in pure Python, as a `BuildPlan` per graph (network flags by
 TensorRT major version, optimization profiles, memory pool, builder flags, DLA and hardware
 compatibility); `scan_deploy.tensorrt_api` only applies a plan with the real API. Precision
-lives in the graph (DESIGN.md §4): engines are strongly typed and no FP16/INT8 builder flag or
+lives in the graph (docs/design.md §4): engines are strongly typed and no FP16/INT8 builder flag or
 calibrator is ever set.
 
 Everything is built into a hidden staging folder under `BUNDLE/engines/` first; only when every

@@ -1,14 +1,20 @@
 """`scan-deploy check --target tensorrt`: will TensorRT's ONNX parser take these graphs?
 
 TensorRT cannot run here, so this lint encodes what its ONNX parser documents:
-- supported operators: onnx/onnx-tensorrt `docs/operators.md` (the TensorRT 8.5 matrix, opsets up
-  to 17; TensorRT 10.x supports a superset). Operators marked N there are refused, and so is any
-  operator missing from it;
-- reduce `axes`, Slice `axes`, Squeeze/Unsqueeze `axes` and TopK `K` must be constants;
-- Q/DQ: zero points must be 0 (symmetric), no int32 (bias) DequantizeLinear, no
-  DynamicQuantizeLinear / QLinearMatMul / MatMulInteger (../shared/TENSORRT.md, from
-  onnxruntime#14229, NVIDIA/TensorRT#2774 and #4698);
-- bidirectional GRU/LSTM/RNN: the same activations both ways.
+- supported operators: the TensorRT 10.x operator matrix of onnx/onnx-tensorrt
+  `docs/operators.md` at tag `release/10.1-GA` (commit 96e781103cfc; opsets 9 to 20,
+  https://github.com/onnx/onnx-tensorrt/blob/release/10.1-GA/docs/operators.md). JetPack 6 ships
+  TensorRT 10.3; 10.1 is the newest 10.x list at or below it, and every operator it marks Y is
+  still Y in the 10.15 list, so a graph that passes here parses on every 10.x from 10.1 on.
+  Operators marked N there are refused, and so is any operator missing from it (operators that
+  later 10.x releases added, such as STFT or Attention, are refused too: JetPack 6 may lack them);
+- the inputs the matrix says must be initializers: reduce `axes`, Slice/Squeeze/Unsqueeze
+  `axes`, CumSum `axis`, TopK `K` (and TopK needs `sorted=1`);
+- Q/DQ: zero points must be 0 (symmetric: "`x_zero_point` must be zero" in the matrix), no int32
+  (bias) DequantizeLinear, no DynamicQuantizeLinear / QLinearMatMul / MatMulInteger (marked N;
+  onnxruntime#14229, NVIDIA/TensorRT#2774 and #4698; docs/tensorrt.md);
+- bidirectional GRU/LSTM/RNN: the same activations both ways (the matrix's restriction);
+- IR version: at most 10, what onnx 1.16 (the ONNX submodule of onnx-tensorrt 10.1) reads.
 With `dla`: NVIDIA's "DLA Supported Layers and Restrictions" (TensorRT 10 docs): DLA needs static
 shapes (profile min = opt = max) and runs FP16/INT8 convolution-style layers only; every other layer
 falls back to the GPU (listed, not an error: engines are built with GPU fallback).
@@ -25,24 +31,26 @@ from scan_deploy.export.graph_builder import describe_value
 
 from scan_deploy.bundle import GRAPHS
 
-# onnx-tensorrt docs/operators.md, rows marked Y (TensorRT 8.5, opset <= 17).
+# onnx/onnx-tensorrt docs/operators.md at release/10.1-GA: the 150 rows marked Y.
+TENSORRT_OPS_SOURCE = "onnx/onnx-tensorrt release/10.1-GA docs/operators.md (TensorRT 10.x)"
 TENSORRT_OPS = frozenset(
     """Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization
-    Cast Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum
-    DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten
-    Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool
-    Greater GreaterOrEqual GridSample GRU HardSwish HardSigmoid Identity If ImageScaler
-    InstanceNormalization IsNaN LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM
-    LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mod Mul Neg
-    NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear
-    RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1
-    ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-    ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan
-    Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax
+    Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh
+    CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand
+    EyeLike Flatten Floor GRU Gather GatherElements GatherND Gelu Gemm GlobalAveragePool
+    GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization HardSigmoid
+    HardSwish Hardmax Identity If ImageScaler InstanceNormalization IsInf IsNaN LRN LSTM
+    LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LpNormalization LpPool
+    MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression
+    NonZero Not OneHot Or PRelu Pad ParametricSoftplus Pow QuantizeLinear RNN RandomNormal
+    RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
+    ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+    ReduceSumSquare Relu Reshape Resize ReverseSequence RoiAlign Round ScaledTanh Scan Scatter
+    ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax
     Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
     Transpose Trilu Unsqueeze Upsample Where Xor""".split()  # noqa: SIM905
 )
-MAX_IR_VERSION = 10  # onnx 1.16, the onnx-tensorrt of TensorRT 10.x (JetPack 6: 10.3)
+MAX_IR_VERSION = 10  # onnx 1.16, the ONNX of onnx-tensorrt 10.1 (TensorRT 10.x; JetPack 6: 10.3)
 QUANTIZED_OPS_REFUSED = frozenset({"DynamicQuantizeLinear", "QLinearMatMul", "MatMulInteger"})
 # DLA layer table (TensorRT 10 "DLA Supported Layers and Restrictions") as ONNX operators.
 DLA_OPS = frozenset(
@@ -56,6 +64,7 @@ CONSTANT_INPUTS = {
     "Slice": (3, "axes"),
     "Squeeze": (1, "axes"),
     "Unsqueeze": (1, "axes"),
+    "CumSum": (1, "axis"),
     "TopK": (1, "K"),
 }
 REDUCE_OPS = frozenset(op for op in TENSORRT_OPS if op.startswith("Reduce"))
@@ -100,11 +109,13 @@ def lint_model(model: onnx.ModelProto, graph: str, dla: bool = False) -> list[Fi
         if node.op_type in QUANTIZED_OPS_REFUSED:
             add("error", "not accepted by TensorRT: quantize with static symmetric Q/DQ instead")
         elif node.op_type not in TENSORRT_OPS:
-            add("error", "not in TensorRT's ONNX parser support list")
+            add("error", f"not in TensorRT's ONNX parser support list ({TENSORRT_OPS_SOURCE})")
         for message in _constant_input_problems(node, constants):
             add("error", message)
         for message in _qdq_problems(node, constants):
             add("error", message)
+        if node.op_type == "TopK" and _int_attribute(node, "sorted", 1) != 1:
+            add("error", "TopK needs sorted=1 (TensorRT returns the k values in order)")
         if node.op_type in ("GRU", "LSTM", "RNN"):
             message = _rnn_activation_problem(node)
             if message:
@@ -135,6 +146,13 @@ def lint_static_shapes(graph: str, inputs: list[dict], shape_ranges: dict) -> li
                     )
                 )
     return findings
+
+
+def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return int(attribute.i)
+    return default
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:

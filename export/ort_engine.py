@@ -9,9 +9,11 @@ provider, the ONNX Runtime version and the CPU model or GPU. The optimization le
 - cuda: `ORT_ENABLE_EXTENDED` (extended fusions run after partitioning, on CPU and CUDA nodes);
 - tensorrt: `ORT_ENABLE_BASIC`, optimized with the CPU provider: basic rewrites run before
   partitioning and suit every provider, while ONNX Runtime refuses to serialize a model with nodes
-  compiled by the TensorRT provider (onnxruntime#5840). TensorRT engines are then built and
-  cached by the provider itself (`trt_engine_cache_enable`/`trt_engine_cache_path`, keyed by ONNX
-  Runtime with TensorRT version and GPU) when the runtime first creates the session.
+  compiled by the TensorRT provider (onnxruntime#5840). TensorRT engines are then built by the
+  provider itself when the runtime first creates the session, and cached: `load_session` adds
+  the engine-cache and timing-cache options keyed like the sidecars, by the running ONNX Runtime,
+  TensorRT and GPU (`scan_deploy.runtime.backends.onnxruntime_backend.tensorrt_cache_options`,
+  docs/tensorrt.md), so a TensorRT upgrade gets a fresh cache instead of one it cannot read.
 The TensorRT provider gets `trt_fp16_enable`/`trt_int8_enable` off: with TensorRT >= 10 it then
 builds a strongly typed network (onnxruntime `tensorrt_execution_provider.cc`, #24298), so the
 FP16 and Q/DQ graphs keep the precision they carry (the flags were needed for Q/DQ graphs only
@@ -33,6 +35,12 @@ from scan_deploy.export.build_engine import (
     graph_profiles,
 )
 from scan_deploy.export.engine_profiles import Profile
+from scan_deploy.runtime.backends.onnxruntime_backend import (
+    make_cache_folders,
+    session_with_caches,
+    tensorrt_cache_options,
+    tensorrt_version,
+)
 
 from scan_deploy.bundle import Bundle
 from scan_deploy.cuda_device import DeviceInfo, cpu_device, current_device
@@ -59,7 +67,8 @@ OPTIMIZE_WITH = {
     "tensorrt": ["CPUExecutionProvider"],
 }
 TARGETS = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "trtep"}
-# TensorRT provider options holding paths, relative to `engines/` in the sidecar.
+# TensorRT provider options holding cache paths: never recorded in the sidecar (the caches are
+# keyed by the running versions when a session is created), replaced when an older sidecar has them.
 CACHE_PATHS = ("trt_engine_cache_path", "trt_timing_cache_path")
 
 
@@ -90,18 +99,14 @@ def ort_stem(
     )
 
 
-def tensorrt_ep_options(stem: str, profiles: list[Profile], options: BuildOptions) -> dict:
-    """Options of ONNX Runtime's TensorRT provider; cache paths are relative to `engines/`."""
+def tensorrt_ep_options(profiles: list[Profile], options: BuildOptions) -> dict:
+    """Options of ONNX Runtime's TensorRT provider recorded in the sidecar: the explicit
+    profile, the workspace and no FP16/INT8 flags. The caches are added by `load_session`."""
     if len(profiles) > 1:
         raise UserError(
             "--provider tensorrt: give one optimization profile (each shape option once)"
         )
-    cache = f"{stem}.trt_cache"
     result: dict[str, Any] = {
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": cache,
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": cache,
         "trt_fp16_enable": False,
         "trt_int8_enable": False,
     }
@@ -151,7 +156,7 @@ def build_ort_engines(bundle: Bundle, options: BuildOptions, stage: Path) -> lis
         stem = ort_stem(graph, options.precision, entry["sha256"], options.provider, device)
         profiles = graph_profiles(bundle, graph, options) if options.provider == "tensorrt" else []
         ep_options = (
-            tensorrt_ep_options(stem, profiles, options) if options.provider == "tensorrt" else {}
+            tensorrt_ep_options(profiles, options) if options.provider == "tensorrt" else {}
         )
         optimize_graph(bundle.path / entry["file"], stage / f"{stem}.onnx", options.provider)
         sidecar = base_sidecar(
@@ -183,13 +188,14 @@ def load_session(
     sidecar = read_sidecar(sidecar_path(path))
     provider = one_of(sidecar.get("provider"), EXECUTION_PROVIDERS, "provider", sidecar_path(path))
     check_provider(provider)
+    device = provider_device(provider)
     check_sidecar(
         sidecar,
         path,
         bundle,
         backend="onnxruntime",
         backend_version=ort.__version__,
-        device=provider_device(provider),
+        device=device,
         precision=precision,
     )
     check_engine_file(path, sidecar)
@@ -199,12 +205,29 @@ def load_session(
     options.graph_optimization_level = level
     providers = []
     for name, provider_options in chain:
-        resolved = dict(provider_options)
-        for key in CACHE_PATHS:
-            if key in resolved:
-                resolved[key] = str(path.parent / resolved[key])
+        resolved = {k: v for k, v in provider_options.items() if k not in CACHE_PATHS}
+        if name == EXECUTION_PROVIDERS["tensorrt"]:
+            resolved.pop("trt_engine_cache_enable", None)
+            resolved.pop("trt_timing_cache_enable", None)
+            caches = artifact_cache_options(path.parent, sidecar, device)
+            if make_cache_folders(caches):
+                resolved.update(caches)
         providers.append((name, resolved))
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return session_with_caches(ort, str(path), options, providers)
+
+
+def artifact_cache_options(engines: Path, sidecar: dict[str, Any], device: DeviceInfo) -> dict:
+    """The TensorRT provider's cache options for a build-engine artifact: keyed by its graph,
+    precision and source graph, and by the running ONNX Runtime, TensorRT and GPU."""
+    return tensorrt_cache_options(
+        engines,
+        sidecar["graph"],
+        sidecar["precision"],
+        sidecar["source"]["sha256"],
+        device.sm,
+        ort.__version__,
+        tensorrt_version(),
+    )
 
 
 def _session_settings(sidecar: dict[str, Any], path: Path) -> tuple[Any, list]:

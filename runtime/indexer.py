@@ -1,5 +1,5 @@
 """`scan-deploy index`: encode region features (and optionally captions) once into a gallery
-folder: `images/` for text→image search and `captions/` for image→text search (DESIGN.md §3).
+folder: `images/` for text→image search and `captions/` for image→text search (docs/formats.md).
 
 Image ids are the row numbers of the features file; caption ids are `image:k` (the k-th caption
 of that image, 5 or 1 per image as in the precomp format), so a hit names its ground truth. The

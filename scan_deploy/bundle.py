@@ -1,4 +1,4 @@
-"""The export bundle: `manifest.json` + the three ONNX graphs + `vocab.json` (DESIGN.md §3).
+"""The export bundle: `manifest.json` + the three ONNX graphs + `vocab.json` (docs/formats.md).
 
 Reading and validating a bundle needs neither torch nor onnx (the runtime uses this module): the
 manifest names every file with its sha256, the model config, the vocabulary hash, each graph's

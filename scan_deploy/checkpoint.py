@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from scan_deploy.atomic import atomic_dir, write_json
 from scan_deploy.config import ModelConfig
-from scan_deploy.errors import input_error
+from scan_deploy.errors import UserError, input_error
 from scan_deploy.jsonfile import read_json_object
 from scan_deploy.model import SCAN
+from scan_deploy.precomp import find_vocab
 from scan_deploy.vocab import Vocabulary
 
 WEIGHTS = "model.safetensors"
@@ -28,6 +29,7 @@ CONFIG = "config.json"
 VOCAB = "vocab.json"
 META = "meta.json"
 FORMAT_VERSION = 1
+NEEDS_VOCAB = "an original SCAN checkpoint needs its vocabulary: pass --vocab FILE"
 
 
 @dataclass
@@ -64,17 +66,16 @@ def save_checkpoint(
                 write_json(tmp / name, payload)
 
 
-def load_checkpoint(path: str | Path, vocab_path: str | Path | None = None) -> Checkpoint:
-    """Load our checkpoint folder, or an original SCAN `.pth.tar` (which needs `vocab_path`)."""
+def load_checkpoint(
+    path: str | Path, vocab_path: str | Path | None = None, data_dir: str | Path | None = None
+) -> Checkpoint:
+    """Load our checkpoint folder, or an original SCAN `.pth.tar`, whose vocabulary is
+    `vocab_path` or else the one in the precomp folder `data_dir` (see `load_original`)."""
     path = Path(path)
     if path.is_dir():
         return _load_folder(path)
     if path.is_file():
-        if vocab_path is None:
-            raise input_error(
-                path, None, "an original SCAN checkpoint needs its vocabulary: pass --vocab FILE"
-            )
-        return load_original(path, vocab_path)
+        return load_original(path, vocab_path, data_dir)
     raise input_error(path, None, "not found, expected a checkpoint folder or a .pth.tar file")
 
 
@@ -112,13 +113,21 @@ def build_model(
     return model.eval()
 
 
-def load_original(path: Path, vocab_path: str | Path) -> Checkpoint:
-    """Read an original SCAN checkpoint through the restricted unpickler."""
+def load_original(
+    path: Path, vocab_path: str | Path | None = None, data_dir: str | Path | None = None
+) -> Checkpoint:
+    """Read an original SCAN checkpoint through the restricted unpickler. Its vocabulary is
+    `vocab_path`, or else `{data_name}_vocab.json` in `data_dir` (`data_name`: the checkpoint's
+    training option; without it, the folder's only `*_vocab.json`)."""
     from scan_deploy.original_checkpoint import config_from_options, load_original_checkpoint
 
+    if vocab_path is None and data_dir is None:
+        raise input_error(path, None, NEEDS_VOCAB)
     original = load_original_checkpoint(path)
-    vocab = Vocabulary.load(vocab_path)
     options = dict(original.options)
+    if vocab_path is None:
+        vocab_path = _vocab_in(Path(data_dir), options.get("data_name"), path)
+    vocab = Vocabulary.load(vocab_path)
     options.setdefault("vocab_size", len(vocab))
     config = config_from_options(options, path)
     state = {f"img_enc.{k}": v for k, v in original.image_state.items()}
@@ -130,3 +139,15 @@ def load_original(path: Path, vocab_path: str | Path) -> Checkpoint:
         "eiters": original.eiters,
     }
     return Checkpoint(build_model(config, vocab, state, path), vocab, path, meta)
+
+
+def _vocab_in(data_dir: Path, data_name: Any, checkpoint: Path) -> Path:
+    """The vocabulary of the data set named `data_name` in `data_dir` (a file name; anything else
+    counts as unknown), or a UserError saying what was looked for."""
+    is_name = isinstance(data_name, str) and data_name and Path(data_name).name == data_name
+    try:
+        return find_vocab(data_dir, data_name if is_name else None)
+    except UserError as exc:
+        if not data_dir.is_dir():  # the folder itself is the mistake
+            raise
+        raise input_error(checkpoint, None, f"{NEEDS_VOCAB} ({exc})") from None

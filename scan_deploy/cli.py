@@ -6,23 +6,43 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from scan_deploy import __version__
 from scan_deploy.errors import UserError
+from scan_deploy.extras import missing_extra
+
+
+class CommandGroup(TyperGroup):
+    """Commands that need a module of an extra which is not installed say, in one line, which
+    extra to install (`scan_deploy.extras`) instead of raising ModuleNotFoundError."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as exc:
+            error = missing_extra(exc, f"{ctx.command_path} {ctx.invoked_subcommand}")
+            if error is None:
+                raise
+            raise error from None
+
 
 app = typer.Typer(
+    cls=CommandGroup,
     help="SCAN image-text matching: train, evaluate, export and deploy.",
     invoke_without_command=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Data sets in the SCAN precomp format.", invoke_without_command=True)
+data_app = typer.Typer(
+    cls=CommandGroup, help="Data sets in the SCAN precomp format.", invoke_without_command=True
+)
 app.add_typer(data_app, name="data")
 # Tables are wider than the 80 columns rich assumes when output is piped (CI logs, `| tee`).
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -40,6 +60,13 @@ GalleryBundle = Annotated[
 Shortlist = Annotated[int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")]
 ShortlistEngine = Annotated[
     str, typer.Option(help="Shortlist on auto (faiss if installed), numpy or faiss.")
+]
+DataVocab = Annotated[
+    Path | None,
+    typer.Option(help="Vocabulary of original .pth.tar checkpoints (default: the one in --data)."),
+]
+Summary = Annotated[
+    bool, typer.Option("--json", help="Print what was written as JSON (progress on stderr).")
 ]
 
 
@@ -86,11 +113,14 @@ def data_synth(
         float, typer.Option(help="Appearance jitter and feature noise (lower is easier).")
     ] = 1.0,
     force: Annotated[bool, typer.Option(help="Replace an existing synthetic data folder.")] = False,
+    as_json: Summary = False,
 ) -> None:
     """Write the synthetic benchmark (train/dev/test + vocabulary) in the precomp format."""
+    from dataclasses import asdict
+
     from scan_deploy.synth import write_synthetic
 
-    with console.status(f"writing synthetic benchmark to {out}"):
+    with err_console.status(f"writing synthetic benchmark to {out}"):
         summary = write_synthetic(
             out,
             train=train,
@@ -101,7 +131,10 @@ def data_synth(
             noise=noise,
             force=force,
         )
-    console.print(f"wrote {out}: {summary}")
+    if as_json:
+        print(json.dumps({**asdict(summary), "out": str(summary.out)}))
+    else:
+        console.print(f"wrote {out}: {summary}")
 
 
 @app.command()
@@ -134,10 +167,12 @@ def train(
     margin: float = 0.2,
     max_violation: Annotated[bool, typer.Option(help="Hardest negatives (after warm-up).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.")] = False,
+    as_json: Summary = False,
 ) -> None:
     """Train SCAN on a precomp data set; keeps the checkpoint with the best dev rsum."""
     from scan_deploy.atomic import sweep_stale
     from scan_deploy.config import ModelConfig
+    from scan_deploy.jsonfile import json_safe
     from scan_deploy.precomp import check_feature_dim, find_vocab, load_split
     from scan_deploy.progress import progress_bar
     from scan_deploy.train import BEST, LAST, Trainer, TrainOptions
@@ -187,7 +222,7 @@ def train(
     trainer = Trainer(out, train_split, dev_split, vocab, config, options)
     if resume:
         trainer.resume(out / LAST)
-    with progress_bar(console) as progress:
+    with progress_bar(err_console if as_json else console) as progress:
         task = progress.add_task("train", total=None)
 
         def on_batch(loss: float, pairs: int) -> None:
@@ -209,8 +244,12 @@ def train(
                 progress.remove_task(task)
 
         progress.update(task, description=f"train epoch {trainer.start_epoch}")
-        trainer.fit(on_batch, on_epoch)
-    console.print(f"best checkpoint: {out / 'model_best'} (dev rsum {trainer.best_rsum:.1f})")
+        history = trainer.fit(on_batch, on_epoch)
+    if as_json:
+        summary = {"best": str(out / BEST), "best_rsum": trainer.best_rsum, "epochs": history}
+        print(json.dumps(json_safe(summary)))
+    else:
+        console.print(f"best checkpoint: {out / BEST} (dev rsum {trainer.best_rsum:.1f})")
 
 
 @app.command()
@@ -224,9 +263,7 @@ def evaluate(
     ensemble: Annotated[
         list[Path] | None, typer.Option(help="More checkpoints whose similarities are averaged.")
     ] = None,
-    vocab: Annotated[
-        Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
-    ] = None,
+    vocab: DataVocab = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Recall@K, medr and meanr in both directions, and rsum, of one model or an ensemble."""
@@ -235,7 +272,7 @@ def evaluate(
     from scan_deploy.precomp import check_feature_dim, load_split
     from scan_deploy.progress import progress_bar
 
-    checkpoints = [load_checkpoint(p, vocab) for p in [checkpoint, *(ensemble or [])]]
+    checkpoints = [load_checkpoint(p, vocab, data) for p in [checkpoint, *(ensemble or [])]]
     data_split = load_split(data, split)
     for ckpt in checkpoints:
         check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
@@ -278,15 +315,28 @@ def convert(
     vocab: Annotated[Path, typer.Option(help="The vocabulary JSON it was trained with.")],
     out: Annotated[Path, typer.Option(help="Output checkpoint folder.")],
     force: Annotated[bool, typer.Option(help="Replace an existing checkpoint folder.")] = False,
+    as_json: Summary = False,
 ) -> None:
     """Convert an original SCAN checkpoint into the safe scan-deploy format (no pickle)."""
     from scan_deploy.atomic import check_output_dir
     from scan_deploy.checkpoint import WEIGHTS, load_original, save_checkpoint
+    from scan_deploy.jsonfile import json_safe
 
     check_output_dir(out, force, WEIGHTS, "checkpoint", inputs=[original, vocab])
     checkpoint = load_original(original, vocab)
     save_checkpoint(out, checkpoint.model, checkpoint.vocab, checkpoint.meta)
-    console.print(f"wrote {out} ({checkpoint.config.cross_attn}, vocab {len(checkpoint.vocab)})")
+    if as_json:
+        summary = {
+            "out": str(out),
+            **checkpoint.meta,
+            "vocab_size": len(checkpoint.vocab),
+            "config": checkpoint.config.to_dict(),
+        }
+        print(json.dumps(json_safe(summary)))
+    else:
+        console.print(
+            f"wrote {out} ({checkpoint.config.cross_attn}, vocab {len(checkpoint.vocab)})"
+        )
 
 
 @app.command("export")
@@ -294,7 +344,7 @@ def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder or original .pth.tar.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
     opset: Annotated[int, typer.Option(help="ONNX opset (13 or newer).")] = 17,
-    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch engines accept.")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch engines accept.")] = 256,
     max_words: Annotated[int, typer.Option(min=1, help="Longest caption in tokens.")] = 64,
     regions: Annotated[int, typer.Option(min=1, help="Regions per image.")] = 36,
     vocab: Annotated[
@@ -311,7 +361,7 @@ def export_command(
 
     ckpt = load_checkpoint(checkpoint, vocab)
     ranges = ShapeRanges.create(max_batch, regions, max_words)
-    with console.status("exporting and checking against PyTorch"):
+    with err_console.status("exporting and checking against PyTorch"):
         manifest = export_bundle(ckpt, out, opset, ranges, force)
     if as_json:
         print(json.dumps(manifest["export_parity"]))
@@ -342,9 +392,7 @@ def compare(
     checkpoint: Annotated[Path, typer.Argument(help="The checkpoint it was exported from.")],
     data: Annotated[Path, typer.Option(help="Precomp data folder.")],
     split: Annotated[str, typer.Option(help="Split to compare on.")] = "test",
-    vocab: Annotated[
-        Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
-    ] = None,
+    vocab: DataVocab = None,
     threads: Threads = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
@@ -357,7 +405,7 @@ def compare(
     from scan_deploy.progress import progress_bar
 
     loaded = load_bundle(bundle)
-    ckpt = load_checkpoint(checkpoint, vocab)
+    ckpt = load_checkpoint(checkpoint, vocab, data)
     data_split = load_split(data, split)
     check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
     with progress_bar(err_console, transient=True) as progress:
@@ -411,9 +459,7 @@ def calibrate(
     accept_loss: Annotated[
         bool, typer.Option(help="Write the variant even when it misses its accuracy target.")
     ] = False,
-    vocab: Annotated[
-        Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
-    ] = None,
+    vocab: DataVocab = None,
     threads: Threads = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
@@ -431,7 +477,7 @@ def calibrate(
     source = checkpoint or loaded.manifest.get("source", {}).get("checkpoint")
     if source is None or not Path(source).exists():
         raise UserError(f"{bundle}: the source checkpoint {source} is not here: pass --checkpoint")
-    ckpt = load_checkpoint(Path(source), vocab)
+    ckpt = load_checkpoint(Path(source), vocab, data)
     calibration_split, evaluation_split = load_split(data, split), load_split(data, eval_split)
     for data_split in (calibration_split, evaluation_split):
         check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
@@ -561,6 +607,7 @@ def index(
         bool, typer.Option(help="Also a float16 FAISS index for --shortlist (needs faiss).")
     ] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing gallery folder.")] = False,
+    as_json: Summary = False,
 ) -> None:
     """Encode images (and captions) once into a sharded, memory-mapped gallery for `query`."""
     from scan_deploy.bundle import load_bundle
@@ -584,6 +631,11 @@ def index(
             on_progress,
             faiss_index,
         )
+    if as_json:
+        summary = {"out": str(out), **counts, "dtype": dtype, "backend": opened.name}
+        summary.update(precision=precision, faiss_index=faiss_index)
+        print(json.dumps(summary))
+        return
     parts = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     extra = ", FAISS index" if faiss_index else ""
     console.print(f"{out}: {parts} ({dtype}, {opened.name}, {precision} graphs{extra})")

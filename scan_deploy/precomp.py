@@ -3,7 +3,8 @@
 `{split}_ims.npy` holds float32 features of shape (images, regions, features), memory-mapped when
 read so a 2 GB training split never has to fit in memory. `{split}_caps.txt` holds one caption per
 line: five per image (caption j describes image j // 5) or one per image (UTF-8; a leading byte
-order mark is dropped). The vocabulary is the one `*_vocab.json` file in the same folder.
+order mark is dropped). The vocabulary is `{data_name}_vocab.json` in the same folder (the only
+`*_vocab.json` file there when the data set's name is not known).
 
 Every `.npy` file the package reads (features, gallery shards) is opened by `open_npy` /
 `read_npy_header`: a file that is not a whole .npy file (a corrupt header, truncated, trailing
@@ -93,18 +94,24 @@ def load_files(
     return PrecompSplit(images, captions, per_image, Path(ims_path))
 
 
-def find_vocab(data_dir: str | Path) -> Path:
-    """The single `*_vocab.json` file in `data_dir`."""
+def find_vocab(data_dir: str | Path, data_name: str | None = None) -> Path:
+    """The vocabulary in `data_dir`: `{data_name}_vocab.json` when the data set's name is known,
+    otherwise the single `*_vocab.json` file there."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise input_error(data_dir, None, "data directory not found")
     found = sorted(data_dir.glob("*_vocab.json"))
-    if len(found) != 1:
-        listed = ", ".join(p.name for p in found) if found else "none"
-        raise input_error(
-            data_dir, "vocab", f"expected exactly one {{data_name}}_vocab.json, found {listed}"
-        )
-    return found[0]
+    if data_name is not None:
+        path = data_dir / f"{data_name}_vocab.json"
+        if path.is_file():
+            return path
+        expected = path.name
+    elif len(found) == 1:
+        return found[0]
+    else:
+        expected = "exactly one {data_name}_vocab.json"
+    listed = ", ".join(p.name for p in found) if found else "none"
+    raise input_error(data_dir, "vocab", f"expected {expected}, found {listed}")
 
 
 def check_feature_dim(split: PrecompSplit, img_dim: int, source: str | Path | None) -> None:

@@ -2,7 +2,7 @@
 
 The original computes, for every pair, the attended context c = Σ a·v explicitly (O(L·R·D) per pair)
 and then cos(w, c). Both terms of the cosine follow from quantities that are needed anyway
-(DESIGN.md §2):
+(docs/design.md §3):
 
     w_l·c_l = Σ_r a_{l,r} S_{r,l}           (S = V Wᵀ, the attention logits)
     |c_l|²  = a_lᵀ G a_l,  G = V Vᵀ          (the image's R×R Gram matrix, computed once per image)

@@ -13,6 +13,16 @@ and the leading provider: `scan_deploy.export.ort_engine.load_session` checks it
 session with the settings recorded there (importing neither torch nor onnx). A stale artifact
 is skipped with a warning, and the session is created from the bundle's graph instead.
 
+TensorRT execution provider caches: without them every process rebuilds its TensorRT engines.
+Sessions led by the TensorRT provider get an engine cache and a timing cache under
+`BUNDLE/engines/` (ONNX Runtime's `trt_engine_cache_*` and `trt_timing_cache_*` provider options,
+docs/tensorrt.md), keyed like the sidecars: the engine cache of a graph is
+`{graph}.{precision}.ort{version}-trt{version}.{sm}.trtep.{sha12}.trt_cache/`, and the timing
+cache, which ONNX Runtime documents as reusable across models on one GPU, is
+`timing.trt{version}.{sm}.trt_cache/`. ONNX Runtime itself keys cached engines by model and
+compute capability only; a cache it cannot deserialize (another TensorRT) is a one-line
+UserError naming the folder to delete.
+
 A graph ONNX Runtime cannot load (garbage, a truncated file, an invalid graph), or one whose
 inputs or outputs (names, dtypes, fixed dims) are not those its manifest entry records (another
 graph put in its place), is a one-line UserError naming the file when its runner is opened.
@@ -37,7 +47,12 @@ from scan_deploy.runtime.backends.base import (
 )
 
 from scan_deploy.bundle import Bundle
-from scan_deploy.engine_sidecar import EXECUTION_PROVIDERS
+from scan_deploy.engine_sidecar import (
+    ENGINES_DIR,
+    EXECUTION_PROVIDERS,
+    engine_stem,
+    version_tuple,
+)
 from scan_deploy.errors import UserError, input_error, one_of
 
 INSTALL_HINT = (
@@ -46,6 +61,20 @@ INSTALL_HINT = (
 )
 # Most preferred first.
 PROVIDER_ORDER = ("tensorrt", "cuda", "cpu")
+TRT_CACHE_SUFFIX = ".trt_cache"
+# Distributions that carry TensorRT's version: NVIDIA's pip wheels (`tensorrt` and its CUDA-major
+# packages), and JetPack's python3-libnvinfer where it installs `tensorrt` package metadata.
+TENSORRT_DISTRIBUTIONS = (
+    "tensorrt",
+    "tensorrt-cu13",
+    "tensorrt-cu12",
+    "tensorrt-cu11",
+    "tensorrt-cu13-libs",
+    "tensorrt-cu12-libs",
+)
+# What ONNX Runtime's TensorRT provider says when a cached engine does not deserialize
+# (onnxruntime tensorrt_execution_provider.cc): built by another TensorRT or for another GPU.
+STALE_CACHE_MESSAGE = "could not deserialize engine from cache"
 
 
 def import_onnxruntime() -> Any:
@@ -79,6 +108,126 @@ def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) 
             EXECUTION_PROVIDERS[chosen[0]],
         )
     return chosen
+
+
+def tensorrt_version() -> str | None:
+    """The TensorRT version installed for this Python (package metadata; `tensorrt` itself is
+    never imported here), or None when no TensorRT distribution is found."""
+    from importlib import metadata
+
+    for name in TENSORRT_DISTRIBUTIONS:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def version_tag(prefix: str, version: str | None) -> str:
+    """`ort1.20.1`, `trt10.3.0` (three parts at most); `trt` alone when the version is unknown."""
+    if not version:
+        return prefix
+    return prefix + ".".join(str(part) for part in version_tuple(version)[:3])
+
+
+def tensorrt_cache_options(
+    engines: Path,
+    graph: str,
+    precision: str,
+    source_sha256: str,
+    device_tag: str,
+    ort_version: str,
+    trt_version: str | None,
+) -> dict[str, Any]:
+    """The TensorRT provider's engine-cache and timing-cache options for one graph, as
+    absolute paths under `engines`, keyed like the sidecars (see the module docstring)."""
+    trt_tag = version_tag("trt", trt_version)
+    backend_tag = f"{version_tag('ort', ort_version)}-{trt_tag}"
+    stem = engine_stem(graph, precision, backend_tag, device_tag, "trtep", source_sha256)
+    return {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(engines / f"{stem}{TRT_CACHE_SUFFIX}"),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(engines / f"timing.{trt_tag}.{device_tag}{TRT_CACHE_SUFFIX}"),
+    }
+
+
+def tensorrt_provider_options(
+    bundle: Bundle, graph: str, precision: str, device_tag: str, ort_version: str
+) -> dict[str, Any]:
+    """The TensorRT provider's options for a session on the bundle's `graph`: the caches
+    (their folders created here; when that fails, a warning and no caches) and no FP16/INT8
+    builder flags, so the precision is the graph's own (TensorRT >= 10 builds it strongly
+    typed). No explicit profile: the provider takes its shapes from the inputs it sees and
+    widens its cached profile when a new shape falls outside it (`build-engine --backend
+    onnxruntime --provider tensorrt` records fixed profiles instead)."""
+    entry = bundle.graph(graph, precision)
+    caches = tensorrt_cache_options(
+        bundle.path / ENGINES_DIR,
+        graph,
+        precision,
+        entry["sha256"],
+        device_tag,
+        ort_version,
+        tensorrt_version(),
+    )
+    options: dict[str, Any] = {"trt_fp16_enable": False, "trt_int8_enable": False}
+    if make_cache_folders(caches):
+        options.update(caches)
+    return options
+
+
+def make_cache_folders(caches: dict[str, Any]) -> bool:
+    """Create the cache folders (ONNX Runtime creates only the last level, and refuses the
+    session when it cannot); False, with a warning, when the file system refuses."""
+    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        try:
+            Path(caches[key]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            LOG.warning(
+                "%s: cannot create the TensorRT cache folder (%s): engines are rebuilt by "
+                "every process",
+                caches[key],
+                exc.strerror or exc,
+            )
+            return False
+    return True
+
+
+def gpu_tag() -> str:
+    """`sm87` for the current CUDA device when cuda-python or pycuda can tell, else `gpu`
+    (ONNX Runtime's own cache file names carry the compute capability either way)."""
+    from scan_deploy.cuda_device import current_device
+
+    try:
+        return current_device().sm
+    except UserError:
+        return "gpu"
+
+
+def stale_cache_error(exc: Exception, caches: dict[str, Any]) -> UserError | None:
+    """A one-line UserError for a session refused because a cached TensorRT engine does not
+    deserialize (another TensorRT version or GPU), or None for any other failure."""
+    if STALE_CACHE_MESSAGE not in str(exc) or "trt_engine_cache_path" not in caches:
+        return None
+    folder = caches["trt_engine_cache_path"]
+    return UserError(
+        f"{folder}: TensorRT cannot load an engine cached there (built by another TensorRT "
+        "version or for another GPU): delete this folder, the next run rebuilds it"
+    )
+
+
+def session_with_caches(ort: Any, model: str, options: Any, providers: list[tuple]) -> Any:
+    """`ort.InferenceSession`, with a stale TensorRT cache turned into a one-line UserError."""
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:
+        for name, provider_options in providers:
+            if name == EXECUTION_PROVIDERS["tensorrt"]:
+                error = stale_cache_error(exc, provider_options)
+                if error is not None:
+                    raise error from None
+        raise
 
 
 def _load_errors(ort: Any) -> tuple[type[Exception], ...]:
@@ -159,9 +308,11 @@ class OnnxRuntimeBackend(RunnerCache):
             source = self.bundle.path / entry["file"]
             options = self.ort.SessionOptions()
             options.intra_op_num_threads = self.threads
-            names = [EXECUTION_PROVIDERS[p] for p in self.providers]
+            providers = [
+                (EXECUTION_PROVIDERS[p], self._provider_options(p, graph)) for p in self.providers
+            ]
             try:
-                session = self.ort.InferenceSession(str(source), options, providers=names)
+                session = session_with_caches(self.ort, str(source), options, providers)
             except _load_errors(self.ort) as exc:
                 reason = " ".join(str(exc).split())
                 message = f"ONNX Runtime cannot load the graph ({reason}): re-export the bundle"
@@ -176,6 +327,13 @@ class OnnxRuntimeBackend(RunnerCache):
                 ", ".join(session.get_providers()),
             )
         return OnnxRuntimeRunner(graph, entry, session, source)
+
+    def _provider_options(self, provider: str, graph: str) -> dict[str, Any]:
+        if provider != "tensorrt":
+            return {}
+        return tensorrt_provider_options(
+            self.bundle, graph, self.precision, gpu_tag(), self.ort.__version__
+        )
 
     def _artifact_session(self, graph: str) -> tuple[Any, Path | None]:
         """A session on a build-engine artifact for this graph, precision and leading provider,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from scan_deploy.export.graph_builder import with_oldest_ir_version
-from scan_deploy.export.lint import lint_bundle, lint_model
+from scan_deploy.export.lint import TENSORRT_OPS, TENSORRT_OPS_SOURCE, lint_bundle, lint_model
 from scan_deploy.export.writer import ShapeRanges, export_bundle
 
 from scan_deploy.bundle import load_bundle
@@ -42,11 +42,34 @@ def test_ir_version_newer_than_tensorrt_10_reads():
     assert op == "ir_version" and "IR version 14" in text and "<= 10" in text
 
 
+def test_the_operator_list_is_tensorrt_10s():
+    """onnx-tensorrt release/10.1-GA docs/operators.md: 150 operators marked Y."""
+    assert len(TENSORRT_OPS) == 150
+    assert "release/10.1-GA" in TENSORRT_OPS_SOURCE
+    # added to the matrix after TensorRT 8.5 (the list this lint used before)
+    assert {"CastLike", "Gelu", "LayerNormalization", "GroupNormalization", "Hardmax"} <= (
+        TENSORRT_OPS
+    )
+    # marked N in 10.1, or added only by later 10.x releases than JetPack 6's 10.3 may have
+    assert not {"Unique", "STFT", "HannWindow", "Attention", "RMSNormalization"} & TENSORRT_OPS
+    # everything the exported SCAN graphs use (GRU with sequence_lens, the scorer's masks)
+    assert {"GRU", "Gather", "MatMul", "Where", "Range", "Less", "ReduceL2", "Softmax"} <= (
+        TENSORRT_OPS
+    )
+
+
+@pytest.mark.parametrize("op", ["LayerNormalization", "Gelu", "Mish", "CastLike", "Hardmax"])
+def test_operators_tensorrt_10_added_pass(op):
+    inputs = ["x", "x"] if op == "CastLike" else ["x"]
+    assert _errors(_model([helper.make_node(op, inputs, ["y"])])) == []
+
+
 @pytest.mark.parametrize(
     "op,message",
     [
-        ("Hardmax", "support list"),
-        ("Unique", "support list"),
+        ("Unique", "support list (onnx/onnx-tensorrt release/10.1-GA"),
+        ("STFT", "support list"),
+        ("BitwiseAnd", "support list"),
         ("DynamicQuantizeLinear", "static symmetric Q/DQ"),
         ("MatMulInteger", "static symmetric Q/DQ"),
         ("QLinearMatMul", "static symmetric Q/DQ"),
@@ -74,6 +97,28 @@ def test_unsqueeze_axes_must_be_constant():
     computed = helper.make_node("Shape", ["x"], ["axes"])
     node = helper.make_node("Unsqueeze", ["x", "axes"], ["y"])
     assert [op for op, _ in _errors(_model([computed, node]))] == ["Unsqueeze"]
+
+
+def test_cumsum_axis_must_be_constant():
+    computed = helper.make_node("Shape", ["x"], ["axis"])
+    node = helper.make_node("CumSum", ["x", "axis"], ["y"])
+    assert _errors(_model([computed, node])) == [
+        ("CumSum", "input 'axis' must be a constant (initializer), not the computed 'axis'")
+    ]
+    axis = numpy_helper.from_array(np.array(1, np.int64), "axis")
+    assert _errors(_model([node], [axis])) == []
+
+
+def test_topk_must_be_sorted_with_a_constant_k():
+    k = numpy_helper.from_array(np.array([2], np.int64), "k")
+    sorted_topk = helper.make_node("TopK", ["x", "k"], ["y", "i"])
+    assert _errors(_model([sorted_topk], [k])) == []
+    unsorted = helper.make_node("TopK", ["x", "k"], ["y", "i"], sorted=0)
+    assert _errors(_model([unsorted], [k])) == [
+        ("TopK", "TopK needs sorted=1 (TensorRT returns the k values in order)")
+    ]
+    computed = helper.make_node("Shape", ["x"], ["k"])
+    assert [op for op, _ in _errors(_model([computed, sorted_topk]))] == ["TopK"]
 
 
 def _qdq(zero_point, dtype=np.int8):

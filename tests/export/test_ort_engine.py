@@ -18,7 +18,7 @@ from scan_deploy.export.ort_engine import (
 from scan_deploy.export.verify import generated_inputs, session
 
 from scan_deploy.bundle import GRAPHS, load_bundle
-from scan_deploy.cuda_device import cpu_device
+from scan_deploy.cuda_device import DeviceInfo, cpu_device
 from scan_deploy.errors import UserError
 
 from .tiny_bundle import make_bundle
@@ -170,12 +170,9 @@ def test_tensorrt_provider_options_keep_the_graph_precision():
         }
     )
     options = BuildOptions(backend="onnxruntime", provider="tensorrt", workspace_mib=512)
-    ep = tensorrt_ep_options("text_encoder.int8.x", [profile], options)
+    ep = tensorrt_ep_options([profile], options)
+    # The caches are not recorded: load_session keys them by the running versions.
     assert ep == {
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": "text_encoder.int8.x.trt_cache",
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": "text_encoder.int8.x.trt_cache",
         "trt_fp16_enable": False,
         "trt_int8_enable": False,
         "trt_profile_min_shapes": "tokens:1x1,lengths:1",
@@ -189,4 +186,84 @@ def test_tensorrt_provider_options_keep_the_graph_precision():
         "CPUExecutionProvider",
     ]
     with pytest.raises(UserError, match="give one optimization profile"):
-        tensorrt_ep_options("x", [profile, profile], options)
+        tensorrt_ep_options([profile, profile], options)
+
+
+ORIN = DeviceInfo("Orin", "8.7", 8 << 30)
+
+
+@pytest.fixture
+def tensorrt_artifacts(tmp_path, monkeypatch):
+    """build-engine --backend onnxruntime --provider tensorrt as on a Jetson (the provider and
+    the GPU stand-ins; the optimization itself runs on the CPU, as it does there), and the
+    provider list load_session creates its session with (captured, not run)."""
+    from scan_deploy.export import ort_engine
+
+    monkeypatch.setattr(ort_engine, "check_provider", lambda provider, available=None: provider)
+    monkeypatch.setattr(ort_engine, "provider_device", lambda provider: ORIN)
+    monkeypatch.setattr(ort_engine, "tensorrt_version", lambda: "10.3.0.30")
+    captured = {}
+
+    def fake_session(ort_module, model, options, providers):
+        captured.update(model=model, providers=providers, level=options.graph_optimization_level)
+        return "session"
+
+    monkeypatch.setattr(ort_engine, "session_with_caches", fake_session)
+    bundle = load_bundle(make_bundle(tmp_path / "bundle"))
+    rows = build_engines(bundle, BuildOptions(backend="onnxruntime", provider="tensorrt"))
+    return bundle, {row["graph"]: row for row in rows}, captured
+
+
+def test_tensorrt_artifact_sessions_get_caches_keyed_like_sidecars(tensorrt_artifacts):
+    bundle, rows, captured = tensorrt_artifacts
+    row = rows["text_encoder"]
+    sidecar = json.loads(Path(row["sidecar"]).read_text())
+    ((name, recorded), *_) = sidecar["build"]["session"]["providers"]
+    assert name == "TensorrtExecutionProvider"
+    assert not {k for k in recorded if "cache" in k}  # keyed at load time, never recorded
+    assert recorded["trt_profile_max_shapes"] == "tokens:8x7,lengths:8"  # the manifest's ranges
+
+    assert load_session(row["file"], bundle, precision="fp32") == "session"
+    assert captured["model"] == row["file"]
+    assert captured["level"] == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    (trt_name, trt), (cuda_name, cuda), (cpu_name, cpu) = captured["providers"]
+    assert (trt_name, cuda_name, cpu_name) == (
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    )
+    assert cuda == cpu == {}
+    engines = bundle.path / "engines"
+    version = ".".join(ort.__version__.split(".")[:3])
+    sha12 = bundle.manifest["graphs"]["text_encoder"]["sha256"][:12]
+    stem = f"text_encoder.fp32.ort{version}-trt10.3.0.sm87.trtep.{sha12}"
+    assert trt == {
+        **recorded,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(engines / f"{stem}.trt_cache"),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(engines / "timing.trt10.3.0.sm87.trt_cache"),
+    }
+    assert Path(trt["trt_engine_cache_path"]).is_dir()  # ONNX Runtime makes only the last level
+    assert Path(trt["trt_timing_cache_path"]).is_dir()
+
+
+def test_cache_paths_of_an_older_sidecar_are_replaced(tensorrt_artifacts, monkeypatch):
+    from scan_deploy.export import ort_engine
+
+    bundle, rows, captured = tensorrt_artifacts
+    sidecar_file = Path(rows["scorer"]["sidecar"])
+    sidecar = json.loads(sidecar_file.read_text())
+    sidecar["build"]["session"]["providers"][0][1].update(
+        trt_engine_cache_enable=True,
+        trt_engine_cache_path="scorer.old.trt_cache",
+        trt_timing_cache_path="scorer.old.trt_cache",
+    )
+    sidecar_file.write_text(json.dumps(sidecar))
+    monkeypatch.setattr(ort_engine, "tensorrt_version", lambda: None)  # TensorRT unknown
+    load_session(rows["scorer"]["file"], bundle)
+    trt = captured["providers"][0][1]
+    assert ".old." not in trt["trt_engine_cache_path"]
+    assert Path(trt["trt_engine_cache_path"]).name.startswith("scorer.fp32.ort")
+    assert "-trt.sm87.trtep." in trt["trt_engine_cache_path"]
+    assert Path(trt["trt_timing_cache_path"]).name == "timing.trt.sm87.trt_cache"

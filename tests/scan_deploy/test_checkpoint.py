@@ -167,3 +167,44 @@ def test_original_checkpoint_with_non_finite_weights_or_options_is_refused(tmp_p
     _original_file(path, model)
     with pytest.raises(UserError, match="model_best.pth.tar: img_enc.fc.weight: 1 of 24 values"):
         load_checkpoint(path, tmp_path / "vocab.json")
+
+
+def test_original_checkpoint_vocab_is_found_in_the_data_folder(tmp_path, tiny):
+    model, vocab = tiny
+    path, data = tmp_path / "model_best.pth.tar", tmp_path / "data"
+    data.mkdir()
+    vocab.save(data / "f30k_precomp_vocab.json")
+    _vocab(8).save(data / "coco_precomp_vocab.json")
+    _original_file(path, model, data_name="f30k_precomp")  # the name picks one of two
+    assert load_checkpoint(path, data_dir=data).vocab == vocab
+    _vocab(8).save(tmp_path / "small.json")  # --vocab, when given, wins
+    with pytest.raises(UserError, match="vocab_size: is 9 but the vocabulary has 8"):
+        load_checkpoint(path, tmp_path / "small.json", data)
+    _original_file(path, model)  # no data_name: the folder's only vocabulary
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path, data_dir=data)
+    assert str(info.value) == (
+        f"{path}: an original SCAN checkpoint needs its vocabulary: pass --vocab FILE "
+        f"({data}: vocab: expected exactly one {{data_name}}_vocab.json, "
+        "found coco_precomp_vocab.json, f30k_precomp_vocab.json)"
+    )
+    (data / "coco_precomp_vocab.json").unlink()
+    assert load_checkpoint(path, data_dir=data).vocab == vocab
+
+
+def test_original_checkpoint_vocab_not_in_the_data_folder_is_one_line(tmp_path, tiny):
+    model, vocab = tiny
+    path, data = tmp_path / "model_best.pth.tar", tmp_path / "data"
+    data.mkdir()
+    vocab.save(data / "coco_precomp_vocab.json")
+    _original_file(path, model, data_name="f30k_precomp")
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path, data_dir=data)
+    assert str(info.value) == (
+        f"{path}: an original SCAN checkpoint needs its vocabulary: pass --vocab FILE "
+        f"({data}: vocab: expected f30k_precomp_vocab.json, found coco_precomp_vocab.json)"
+    )
+    _original_file(path, model, data_name="../f30k_precomp")  # not a name: as if unknown
+    assert load_checkpoint(path, data_dir=data).vocab == vocab
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'nowhere'}: data directory")):
+        load_checkpoint(path, data_dir=tmp_path / "nowhere")

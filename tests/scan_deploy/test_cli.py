@@ -1,11 +1,15 @@
 """The command line end to end on a tiny synthetic set, and its handling of user mistakes."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from scan_deploy import __version__
+from scan_deploy.extras import missing_extra
 from tests.cli_runner import run_cli as run
 
 
@@ -28,8 +32,16 @@ def trained(tmp_path_factory):
         16,
         "--seed",
         1,
+        "--json",
     )
     assert synth.returncode == 0, synth.stderr
+    assert json.loads(synth.stdout) == {
+        "out": str(data),
+        "images": {"train": 40, "dev": 10, "test": 10},
+        "img_dim": 16,
+        "regions": 36,
+        "vocab_size": json.loads((data / "synth_vocab.json").read_text())["idx"],
+    }
     train = run(
         "train",
         "--data",
@@ -58,6 +70,30 @@ def test_version_and_help():
     for command in ([], ["data", "synth"], ["train"], ["evaluate"], ["convert"]):
         result = run(*command, "--help")
         assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_train_json_is_the_only_stdout(trained, tmp_path):
+    data, run_dir = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    args = ("--batch-size", 32, "--embed-size", 8, "--word-dim", 6, "--val-images", 10, "--bi-gru")
+    result = run(
+        "train",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        2,
+        *args,
+        "--resume",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)  # progress and epoch lines went to stderr
+    assert [e["epoch"] for e in summary["epochs"]] == [0, 1] and "epoch 1" in result.stderr
+    assert summary["best"] == str(tmp_path / "run" / "model_best")
+    assert summary["best_rsum"] == max(e["rsum"] for e in summary["epochs"])
+    assert set(summary["epochs"][1]["metrics"]) >= {"i2t", "t2i", "rsum"}
 
 
 def test_evaluate_json_and_table(trained):
@@ -167,11 +203,27 @@ def test_convert_original_checkpoint_then_evaluate(trained, tmp_path):
         data / "synth_vocab.json",
         "--out",
         tmp_path / "converted",
+        "--json",
     )
     assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["out"] == str(tmp_path / "converted") and summary["epoch"] == 0
+    assert summary["vocab_size"] == ours.config.vocab_size
+    assert summary["config"] == ours.config.to_dict()
     a = run("evaluate", tmp_path / "converted", "--data", data, "--json")
     b = run("evaluate", run_dir / "model_best", "--data", data, "--json")
     assert json.loads(a.stdout) == json.loads(b.stdout)
+    # Without --vocab, the original checkpoint's vocabulary is the one in --data.
+    c = run("evaluate", tmp_path / "model_best.pth.tar", "--data", data, "--json")
+    assert c.returncode == 0, c.stderr
+    assert json.loads(c.stdout) == json.loads(b.stdout)
+    original["opt"].data_name = "f30k_precomp"
+    torch.save(original, tmp_path / "model_best.pth.tar")
+    _one_line_error(
+        run("evaluate", tmp_path / "model_best.pth.tar", "--data", data),
+        "model_best.pth.tar: an original SCAN checkpoint needs its vocabulary: pass --vocab FILE",
+        "expected f30k_precomp_vocab.json, found synth_vocab.json",
+    )
 
 
 def test_export_compare_check(trained, tmp_path):
@@ -206,6 +258,22 @@ def test_export_compare_check(trained, tmp_path):
         f["message"] for f in json.loads(dla.stdout)["findings"] if f["severity"] == "error"
     ]
     assert messages and all("DLA needs a static profile" in m for m in messages)
+    features, captions = data / "test_ims.npy", data / "test_caps.txt"
+    gallery = tmp_path / "gallery"
+    indexed = run(
+        "index", bundle, "--features", features, "--captions", captions, "--out", gallery, "--json"
+    )
+    assert indexed.returncode == 0, indexed.stderr
+    summary = json.loads(indexed.stdout)
+    assert summary.pop("backend").startswith("onnxruntime (")  # as `bench` names it
+    assert summary == {
+        "out": str(gallery),
+        "images": 10,
+        "captions": 50,
+        "dtype": "fp16",
+        "precision": "fp32",
+        "faiss_index": False,
+    }
     scorer = bundle / "scorer.onnx"
     scorer.write_bytes(scorer.read_bytes()[:100])
     _one_line_error(run("check", bundle), "scorer.onnx", "sha256")
@@ -214,3 +282,25 @@ def test_export_compare_check(trained, tmp_path):
         "--opset",
         "13",
     )
+
+
+def _run_without(module: str, *args) -> subprocess.CompletedProcess:
+    """The CLI as if `module` were not installed."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; sys.argv = ['scan-deploy', *{args!r}];"
+        "from scan_deploy.cli import main; main()"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_a_missing_module_names_its_extra_and_other_modules_are_bugs():
+    _one_line_error(
+        _run_without("safetensors", "evaluate", "ckpt", "--data", "d"),
+        "`scan-deploy evaluate` needs safetensors: pip install 'scan-deploy[reference]'",
+    )
+    calibrate = missing_extra(ModuleNotFoundError(name="onnxruntime.quantization"), "sd calibrate")
+    assert str(calibrate) == (
+        "`sd calibrate` needs ONNX Runtime: pip install 'scan-deploy[export]' or 'scan-deploy[gpu]'"
+    )
+    bug = _run_without("scan_deploy.train", "train", "--data", "d", "--out", "o")
+    assert bug.returncode == 1 and "ModuleNotFoundError" in bug.stderr  # a bug is not hidden

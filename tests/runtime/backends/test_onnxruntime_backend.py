@@ -5,6 +5,7 @@ with a warning when stale), precision variants, and concurrent runs."""
 import json
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,194 @@ def test_a_runner_serves_threads_concurrently(tiny):
     for got, want in zip(results, expected, strict=True):
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+# The TensorRT execution provider's caches. No GPU here: these check the provider options the
+# sessions are created with, not their execution.
+
+
+def test_tensorrt_cache_options_are_keyed_like_sidecars(tmp_path):
+    from scan_deploy.runtime.backends.onnxruntime_backend import tensorrt_cache_options
+
+    sha = "0123456789abcdef" * 4
+    options = tensorrt_cache_options(tmp_path, "scorer", "fp16", sha, "sm87", "1.20.1", "10.3.0.30")
+    assert options == {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(
+            tmp_path / "scorer.fp16.ort1.20.1-trt10.3.0.sm87.trtep.0123456789ab.trt_cache"
+        ),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(tmp_path / "timing.trt10.3.0.sm87.trt_cache"),
+    }
+    # Every key fact changes the engine cache; the timing cache is shared by graphs, precisions
+    # and ONNX Runtime versions (kernel timings depend on TensorRT and the GPU only).
+    variants = [
+        ("text_encoder", "fp16", sha, "sm87", "1.20.1", "10.3.0.30"),
+        ("scorer", "int8", sha, "sm87", "1.20.1", "10.3.0.30"),
+        ("scorer", "fp16", "f" * 64, "sm87", "1.20.1", "10.3.0.30"),
+        ("scorer", "fp16", sha, "sm90", "1.20.1", "10.3.0.30"),
+        ("scorer", "fp16", sha, "sm87", "1.22.0", "10.3.0.30"),
+        ("scorer", "fp16", sha, "sm87", "1.20.1", "10.9.0.34"),
+    ]
+    engine_paths = {tensorrt_cache_options(tmp_path, *v)["trt_engine_cache_path"] for v in variants}
+    assert len(engine_paths | {options["trt_engine_cache_path"]}) == len(variants) + 1
+    timing = {tensorrt_cache_options(tmp_path, *v)["trt_timing_cache_path"] for v in variants[:3]}
+    assert timing == {options["trt_timing_cache_path"]}
+    unknown = tensorrt_cache_options(tmp_path, "scorer", "fp16", sha, "gpu", "1.20.1", None)
+    assert unknown["trt_engine_cache_path"].endswith(
+        "scorer.fp16.ort1.20.1-trt.gpu.trtep.0123456789ab.trt_cache"
+    )
+    assert unknown["trt_timing_cache_path"].endswith("timing.trt.gpu.trt_cache")
+
+
+def test_tensorrt_version_from_package_metadata_without_importing_it(monkeypatch):
+    import sys
+    from importlib import metadata
+
+    from scan_deploy.runtime.backends import onnxruntime_backend as backend
+
+    installed = {"tensorrt-cu12": "10.9.0.34"}
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert backend.tensorrt_version() == "10.9.0.34"
+    installed["tensorrt"] = "10.3.0"  # the `tensorrt` distribution comes first
+    assert backend.tensorrt_version() == "10.3.0"
+    installed.clear()
+    assert backend.tensorrt_version() is None
+    assert "tensorrt" not in sys.modules
+    assert backend.version_tag("trt", "10.3.0.30") == "trt10.3.0"
+    assert backend.version_tag("ort", "1.32.0+cpu") == "ort1.32.0"
+    assert backend.version_tag("trt", None) == "trt"
+
+
+def test_gpu_tag_falls_back_without_a_cuda_binding(monkeypatch):
+    from scan_deploy.runtime.backends.onnxruntime_backend import gpu_tag
+
+    from scan_deploy import cuda_device
+
+    def no_binding(index=None):
+        raise UserError(cuda_device.INSTALL_HINT)
+
+    monkeypatch.setattr(cuda_device, "current_device", no_binding)
+    assert gpu_tag() == "gpu"
+    orin = cuda_device.DeviceInfo("Orin", "8.7")
+    monkeypatch.setattr(cuda_device, "current_device", lambda index=None: orin)
+    assert gpu_tag() == "sm87"
+
+
+@pytest.fixture
+def tensorrt_available(monkeypatch):
+    """onnxruntime as onnxruntime-gpu with TensorRT would present itself: every provider
+    available; sessions record the providers they were asked for, then run on the CPU."""
+    from scan_deploy.runtime.backends import onnxruntime_backend as backend
+
+    monkeypatch.setattr(backend, "gpu_tag", lambda: "sm87")
+    monkeypatch.setattr(backend, "tensorrt_version", lambda: "10.3.0.30")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(ALL))
+    real = ort.InferenceSession
+    calls = []
+
+    def session(model, options=None, providers=None, **kwargs):
+        calls.append((model, providers))
+        return real(model, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    return calls
+
+
+def test_tensorrt_sessions_get_an_engine_cache_and_a_timing_cache(
+    tiny, tmp_path, tensorrt_available, caplog
+):
+    path = copy_bundle(tiny.bundle, tmp_path / "bundle")
+    bundle = load_bundle(path)
+    backend = open_backend(bundle, providers=["tensorrt", "cuda"])
+    assert backend.name == "onnxruntime (TensorrtExecutionProvider)"
+    caplog.set_level(logging.WARNING, "scan_deploy.runtime")
+    runner = backend.runner("scorer")
+    assert runner.source == bundle.graph_path("scorer")
+    ((model, providers),) = tensorrt_available
+    assert model == str(bundle.graph_path("scorer"))
+    names = [name for name, _ in providers]
+    assert names == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt = providers[0][1]
+    version = ".".join(ort.__version__.split(".")[:3])
+    sha12 = bundle.manifest["graphs"]["scorer"]["sha256"][:12]
+    engines = path / "engines"
+    assert trt == {
+        "trt_fp16_enable": False,
+        "trt_int8_enable": False,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(
+            engines / f"scorer.fp32.ort{version}-trt10.3.0.sm87.trtep.{sha12}.trt_cache"
+        ),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(engines / "timing.trt10.3.0.sm87.trt_cache"),
+    }
+    assert providers[1][1] == providers[2][1] == {}
+    assert (
+        Path(trt["trt_engine_cache_path"]).is_dir() and Path(trt["trt_timing_cache_path"]).is_dir()
+    )
+    # (the stand-in session runs on the CPU, which the backend reports)
+    assert "could not use TensorrtExecutionProvider" in caplog.text
+
+    backend.runner("text_encoder")
+    text_trt = tensorrt_available[1][1][0][1]
+    assert "text_encoder.fp32." in text_trt["trt_engine_cache_path"]
+    assert text_trt["trt_timing_cache_path"] == trt["trt_timing_cache_path"]
+
+
+def test_without_tensorrt_no_provider_gets_cache_options(tiny, tensorrt_available):
+    open_backend(tiny.bundle, providers=["cuda"]).runner("image_encoder")
+    ((_, providers),) = tensorrt_available
+    assert providers == [("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})]
+
+
+def test_a_cache_folder_that_cannot_be_made_is_a_warning(
+    tiny, tmp_path, tensorrt_available, caplog
+):
+    path = copy_bundle(tiny.bundle, tmp_path / "bundle")
+    (path / "engines").write_text("a file where the engines folder would be")
+    caplog.set_level(logging.WARNING, "scan_deploy.runtime")
+    open_backend(load_bundle(path), providers=["tensorrt"]).runner("scorer")
+    ((_, providers),) = tensorrt_available
+    assert providers[0] == (
+        "TensorrtExecutionProvider",
+        {"trt_fp16_enable": False, "trt_int8_enable": False},
+    )
+    assert "cannot create the TensorRT cache folder" in caplog.text
+    assert "engines are rebuilt by every process" in caplog.text
+
+
+def test_a_stale_engine_cache_is_one_line_naming_the_folder():
+    from types import SimpleNamespace
+
+    from scan_deploy.runtime.backends.onnxruntime_backend import session_with_caches
+
+    caches = {"trt_engine_cache_enable": True, "trt_engine_cache_path": "/b/engines/x.trt_cache"}
+    providers = [("TensorrtExecutionProvider", caches), ("CPUExecutionProvider", {})]
+
+    def failing(message):
+        def session(model, options, providers):
+            raise RuntimeError(message)
+
+        return SimpleNamespace(InferenceSession=session)
+
+    stale = (
+        "[ONNXRuntimeError] : 11 : EP_FAIL : TensorRT EP could not deserialize engine from "
+        "cache: /b/engines/x.trt_cache/TensorrtExecutionProvider_TRTKernel_graph_0_sm87.engine"
+    )
+    with pytest.raises(UserError) as err:
+        session_with_caches(failing(stale), "m.onnx", None, providers)
+    assert str(err.value) == (
+        "/b/engines/x.trt_cache: TensorRT cannot load an engine cached there (built by another "
+        "TensorRT version or for another GPU): delete this folder, the next run rebuilds it"
+    )
+    with pytest.raises(RuntimeError, match="out of memory"):  # anything else is not ours
+        session_with_caches(failing("out of memory"), "m.onnx", None, providers)
+    with pytest.raises(RuntimeError, match="could not deserialize"):  # no cache was asked for
+        session_with_caches(failing(stale), "m.onnx", None, [("CPUExecutionProvider", {})])
