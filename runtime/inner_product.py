@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from scan_deploy.errors import UserError, input_error, one_of
+from scan_deploy.extras import EXTRAS
 
 LOG = logging.getLogger("scan_deploy.runtime")
 ENGINES = ("auto", "numpy", "faiss")
-FAISS_HINT = "faiss is not installed: pip install 'scan-deploy[faiss]' (or faiss-cpu)"
+FAISS_HINT = f"faiss is not installed: {EXTRAS['faiss'].install()}"
 FAISS_INDEX_TYPE = "faiss IndexScalarQuantizer QT_fp16 METRIC_INNER_PRODUCT"
 
 

@@ -15,11 +15,13 @@ import venv
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 
 from scan_deploy.cli import app
 from scan_deploy.extras import EXTRAS
+from tests.export.tiny_bundle import make_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("scan_deploy", "export", "calibration", "runtime")
@@ -253,3 +255,18 @@ def test_data_synth_needs_no_extra(plain, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["images"] == {"train": 5, "dev": 5, "test": 5}
     assert (tmp_path / "d" / "synth_vocab.json").is_file()
+
+
+def test_the_runtime_commands_name_their_extra(plain, tmp_path):
+    """`index` reads a real bundle (torch-free), then needs ONNX Runtime for its default
+    backend, or PyTorch for `--backend torch`."""
+    bundle = make_bundle(tmp_path / "bundle")
+    np.save(tmp_path / "ims.npy", np.zeros((2, 5, 10), np.float32))
+    index = ("index", str(bundle), "--features", "ims.npy", "--out", "g")
+    for args, extra in (
+        ((), "export"),
+        (("--backend", "torch", "--checkpoint", "c"), "reference"),
+    ):
+        line = _one_line_error(_run(plain, *index, *args, cwd=tmp_path))
+        assert f"pip install 'scan-deploy[{extra}]'" in line, line
+    assert not (tmp_path / "g").exists()

@@ -54,10 +54,11 @@ from scan_deploy.engine_sidecar import (
     version_tuple,
 )
 from scan_deploy.errors import UserError, input_error, one_of
+from scan_deploy.extras import EXTRAS
 
 INSTALL_HINT = (
-    "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu "
-    "(CUDA and TensorRT execution providers)"
+    f"ONNX Runtime is not installed: {EXTRAS['onnxruntime'].install()} (on Jetson: NVIDIA's "
+    "onnxruntime-gpu wheel)"
 )
 # Most preferred first.
 PROVIDER_ORDER = ("tensorrt", "cuda", "cpu")
