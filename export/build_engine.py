@@ -156,8 +156,8 @@ class BuildPlan:
     hardware_compatibility_level: str | None  # HardwareCompatibilityLevel member
     timing_cache: Path | None
     # ProfilingVerbosity member: DLA builds keep DETAILED layer information in the engine so the
-    # engine inspector can report layer types; GPU builds keep TensorRT's default.
-    profiling_verbosity: str = "LAYER_NAMES_ONLY"
+    # engine inspector can report layer types; GPU builds (None) keep TensorRT's default.
+    profiling_verbosity: str | None = None
 
 
 def network_flags(tensorrt_version: str) -> tuple[str, ...]:
@@ -232,7 +232,7 @@ def make_plan(
         dla_core=options.dla_core,
         hardware_compatibility_level="AMPERE_PLUS" if options.hardware_compat else None,
         timing_cache=options.timing_cache,
-        profiling_verbosity="LAYER_NAMES_ONLY" if options.dla_core is None else "DETAILED",
+        profiling_verbosity=None if options.dla_core is None else "DETAILED",
     )
 
 

@@ -12,18 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from scan_deploy.bundle import DIM_RANGES
 from scan_deploy.errors import UserError
 
 Shape = tuple[int, ...]
-
-# The manifest's symbolic dims, by the shape range they take their sizes from.
-DIM_RANGES = {
-    "batch": "batch",
-    "images": "batch",
-    "captions": "batch",
-    "regions": "regions",
-    "words": "words",
-}
 
 
 @dataclass(frozen=True)

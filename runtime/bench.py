@@ -7,11 +7,12 @@ Queries are the gallery's own texts (the first caption of each indexed image), d
 a gallery indexed without captions is benchmarked on seeded random word sequences from the
 vocabulary.
 
-A batch is at most MAX_BATCH queries (4096): the retriever scores queries TEXT_BATCH (64) at a
-time, so a larger call only repeats those batches (queries/s no longer changes) while one timed
-call takes minutes on a large gallery. `progress(stage, advance, total)` is told of every call
-(warm-up and timed: stage `batch N`, total warm-up + iterations; then `shortlist agreement`,
-total 2), as `scan_deploy.progress.stage_bars` draws it.
+A batch is at most MAX_BATCH queries (4096): the retriever scores queries in batches of the
+engine's optimal size (`Retriever.sizes.text_batch`), so a larger call only repeats those batches
+(queries/s no longer changes) while one timed call takes minutes on a large gallery.
+`progress(stage, advance, total)` is told of every call (warm-up and timed: stage `batch N`,
+total warm-up + iterations; then `shortlist agreement`, total 2), as
+`scan_deploy.progress.stage_bars` draws it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from scan_deploy.runtime.indexer import Progress
 from scan_deploy.runtime.inner_product import gallery_engine
-from scan_deploy.runtime.retriever import TEXT_BATCH, Retriever
+from scan_deploy.runtime.retriever import Retriever
 
 from scan_deploy.errors import UserError
 
@@ -36,7 +37,8 @@ def check_batch_sizes(batch_sizes: Sequence[int]) -> None:
         if not 1 <= batch <= MAX_BATCH:
             raise UserError(
                 f"--batch: expected 1 to {MAX_BATCH} queries per call, got {batch} (the "
-                f"retriever scores {TEXT_BATCH} queries at a time: larger calls only repeat those)"
+                "retriever scores queries in batches the engine takes: larger calls only repeat "
+                "those)"
             )
 
 

@@ -5,11 +5,13 @@ Image ids are the row numbers of the features file; caption ids are `image:k` (t
 of that image, 5 or 1 per image as in the precomp format), so a hit names its ground truth. The
 whole folder is written beside the target and renamed when both galleries are complete.
 
-Captions longer than the bundle's word limit are read as their first words (one warning: the
-rule is `scan_deploy.bundle`'s), so a long caption cannot blow up its shard's padded Grams. An
-item the encoder turns into NaN/Inf or an all-zero embedding (features far beyond the model's
-scale, e.g. ×1e30, overflow its L2 norm) is refused, naming the file and the item
-(`scan_deploy.runtime.encoded`): such a gallery would score every query alike.
+Images and captions are encoded in batches of the engine's optimal size, and captions longer
+than the engine's word limit are read as their first words (one warning: the rule is
+`scan_deploy.bundle`'s), so a long caption cannot blow up its shard's padded Grams nor fall
+outside the scorer's profile (`backends.base.CallSizes`). An item the encoder turns into NaN/Inf
+or an all-zero embedding (features far beyond the model's scale, e.g. ×1e30, overflow its L2
+norm) is refused, naming the file and the item (`scan_deploy.runtime.encoded`): such a gallery
+would score every query alike.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
 from scan_deploy.runtime.gallery import GalleryWriter
 
@@ -27,8 +30,6 @@ from scan_deploy.bundle import Bundle
 from scan_deploy.errors import input_error
 from scan_deploy.precomp import check_feature_dim, load_files
 
-IMAGE_BATCH = 32
-CAPTION_BATCH = 64
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -59,14 +60,15 @@ def index_gallery(
     features, captions, per_image = data.images, data.captions, data.captions_per_image
     runner = backend.runner("image_encoder")  # both graphs opened (and checked) before any work
     text_runner = backend.runner("text_encoder") if captions else None
+    sizes = CallSizes.of(backend)
     counts = {"images": len(features)}
     with atomic_dir(out) as tmp:
         images = GalleryWriter(
             tmp / "images", "images", bundle, dtype, shard_size, faiss_index=faiss_index
         )
         with images as writer:
-            for start in range(0, len(features), IMAGE_BATCH):
-                batch = np.asarray(features[start : start + IMAGE_BATCH], np.float32)
+            for start in range(0, len(features), sizes.image_batch):
+                batch = np.asarray(features[start : start + sizes.image_batch], np.float32)
                 regions, region_gram, pooled = runner.run({"features": batch})
                 check_encoded_images(batch, regions, pooled, features_path, start)
                 ids = [str(i) for i in ids_range(start, batch)]
@@ -82,7 +84,7 @@ def index_gallery(
             writer = GalleryWriter(
                 tmp / "captions", "captions", bundle, dtype, shard_size, faiss_index=faiss_index
             )
-            _index_captions(writer, bundle, text_runner, captions_path, data, report)
+            _index_captions(writer, bundle, text_runner, captions_path, data, report, sizes)
     return counts
 
 
@@ -90,12 +92,12 @@ def ids_range(start: int, batch: np.ndarray) -> range:
     return range(start, start + len(batch))
 
 
-def _index_captions(writer, bundle, runner, captions_path, data, report) -> None:
+def _index_captions(writer, bundle, runner, captions_path, data, report, sizes) -> None:
     captions, per_image, cut = data.captions, data.captions_per_image, 0
     with writer:
-        for start in range(0, len(captions), CAPTION_BATCH):
-            chunk = captions[start : start + CAPTION_BATCH]
-            token_lists, chunk_cut = bundle.encode_captions(chunk)
+        for start in range(0, len(captions), sizes.text_batch):
+            chunk = captions[start : start + sizes.text_batch]
+            token_lists, chunk_cut = bundle.encode_captions(chunk, sizes.max_tokens)
             cut += chunk_cut
             tokens, lengths = pad_tokens(token_lists)
             words, caption_gram, pooled = runner.run({"tokens": tokens, "lengths": lengths})
@@ -105,4 +107,4 @@ def _index_captions(writer, bundle, runner, captions_path, data, report) -> None
             ids = [f"{j // per_image}:{j % per_image}" for j in range(start, start + len(chunk))]
             writer.add({**arrays, "global": pooled}, ids, chunk)
             report("captions", len(chunk), len(captions))
-    bundle.warn_cut(cut, len(captions), "captions")
+    bundle.warn_cut(cut, len(captions), "captions", sizes.max_tokens)

@@ -5,13 +5,15 @@
     hits = retriever.search_image(region_features, k=10, shortlist=1000) # captions for each image
 
 A gallery folder holds `images/` (searched by text) and, when `index` was given captions,
-`captions/` (searched by image). Queries are batched: captions sorted by length and scored 64 at
-a time against each gallery block, images 32 at a time. Concurrent callers are safe: each graph's
-runner is used under its own lock (TensorRT execution contexts are not re-entrant), so threads
-interleave at graph granularity. Text queries longer than the bundle's word limit are read as
-their first words, with one warning (the rule is `scan_deploy.bundle`'s). A query the encoder
-turns into zeros or NaN/Inf (e.g. image features ×1e30) is refused as the indexer refuses such a
-gallery item (`scan_deploy.runtime.encoded`).
+`captions/` (searched by image). Queries are batched, and every call sized by the engine the
+backend runs (`backends.base.CallSizes`: its optimization profile, or the manifest's shape
+ranges): captions sorted by length and encoded and scored `text_batch` at a time, images
+`image_batch` at a time, against gallery blocks as large as the scorer takes. Concurrent callers
+are safe: each graph's runner is used under its own lock (TensorRT execution contexts are not
+re-entrant), so threads interleave at graph granularity. Text queries longer than the engine's
+word limit are read as their first words, with one warning (the rule is `scan_deploy.bundle`'s).
+A query the encoder turns into zeros or NaN/Inf (e.g. image features ×1e30) is refused as the
+indexer refuses such a gallery item (`scan_deploy.runtime.encoded`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
 from scan_deploy.runtime.gallery import Gallery, open_gallery
 from scan_deploy.runtime.inner_product import FAISS_HINT, check_engine, gallery_engine
@@ -34,8 +37,6 @@ from scan_deploy.errors import UserError, input_error
 from scan_deploy.precomp import check_finite_features
 
 LOG = logging.getLogger("scan_deploy.runtime")
-TEXT_BATCH = 64
-IMAGE_BATCH = 32
 KINDS_BY_QUERY = {"text": "images", "image": "captions"}
 
 
@@ -63,6 +64,7 @@ class Retriever:
         self.shortlist_engine = check_engine(shortlist_engine)
         self.threads = threads
         self._runners = {name: _Locked(backend.runner(name)) for name in GRAPHS}
+        self.sizes = CallSizes.of(backend)
 
     @classmethod
     def open(
@@ -124,9 +126,9 @@ class Retriever:
         return self._encode_images(self._check_features(features), source)
 
     def _encode_images(self, features: np.ndarray, source, offset: int = 0) -> Queries:
-        outputs = []
-        for start in range(0, len(features), IMAGE_BATCH):
-            batch = features[start : start + IMAGE_BATCH]
+        outputs, step = [], self.sizes.image_batch
+        for start in range(0, len(features), step):
+            batch = features[start : start + step]
             regions, region_gram, pooled = self._runners["image_encoder"].run({"features": batch})
             check_encoded_images(batch, regions, pooled, source, offset + start)
             outputs.append((regions, region_gram, pooled))
@@ -145,8 +147,9 @@ class Retriever:
         token_lists = self._token_lists(texts)
         order = np.argsort([-len(t) for t in token_lists], kind="stable")
         results: list[list[Hit]] = [[] for _ in texts]
-        for start in range(0, len(order), TEXT_BATCH):
-            chunk = order[start : start + TEXT_BATCH]
+        step = self.sizes.text_batch
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
             queries = self._encode_tokens(
                 [token_lists[i] for i in chunk], [texts[i] for i in chunk]
             )
@@ -168,19 +171,21 @@ class Retriever:
         gallery = self.gallery_for("image", k, shortlist)
         features = self._check_features(features)
         results: list[list[Hit]] = []
-        for start in range(0, len(features), IMAGE_BATCH):
-            queries = self._encode_images(features[start : start + IMAGE_BATCH], source, start)
+        step = self.sizes.image_batch
+        for start in range(0, len(features), step):
+            queries = self._encode_images(features[start : start + step], source, start)
             results += self._search(queries, gallery, k, shortlist)
         return results
 
     def _search(self, queries: Queries, gallery: Gallery, k: int, size: int | None):
         scorer, cross_attn = self._runners["scorer"], self.bundle.config.cross_attn
+        block = self.sizes.block(gallery.kind)
         if size is None or size >= gallery.count:
-            scores, indices = exhaustive(scorer, queries, gallery, k, cross_attn)
+            scores, indices = exhaustive(scorer, queries, gallery, k, cross_attn, block)
         else:
             engine, threads = self.shortlist_engine, self.threads
             scores, indices = reranked(
-                scorer, queries, gallery, k, size, cross_attn, engine, threads
+                scorer, queries, gallery, k, size, cross_attn, block, engine, threads
             )
         texts = gallery.texts
         return [
@@ -206,11 +211,12 @@ class Retriever:
         return gallery
 
     def _token_lists(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of text queries, cut to the bundle's word limit (`Bundle.encode_captions`)."""
+        """Token ids of text queries, cut to the engine's word limit (`Bundle.encode_captions`)."""
         if any(not text.strip() for text in texts):
             raise input_error(None, "query", "empty query: expected some words")
-        token_lists, cut = self.bundle.encode_captions(texts)
-        self.bundle.warn_cut(cut, len(texts), "queries")
+        limit = self.sizes.max_tokens
+        token_lists, cut = self.bundle.encode_captions(texts, limit)
+        self.bundle.warn_cut(cut, len(texts), "queries", limit)
         unknown = self.bundle.vocab(self.bundle.vocab.UNK)
         for text, tokens in zip(texts, token_lists, strict=True):
             if all(t == unknown for t in tokens[1:-1]):

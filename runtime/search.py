@@ -5,7 +5,8 @@ The scorer graph computes similarity(image, caption) for either search direction
 are the caption side against gallery images; image queries are the image side against gallery
 captions. Blocks of gallery items are read (and dequantized) from the memory-mapped shards one at
 a time, scored against every query of a batch in one scorer call, and merged into each query's
-top k.
+top k. A block holds `block` items: the most the backend's scorer takes
+(`runtime.backends.base.CallSizes`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from scan_deploy.runtime.inner_product import (
     search_faiss_index,
     top_inner_products,
 )
-
-GALLERY_BLOCK = 256  # gallery items per scorer call
 
 
 @dataclass(frozen=True)
@@ -95,14 +94,15 @@ def score(scorer, queries: Queries, items: dict[str, np.ndarray], cross_attn: st
 
 
 def exhaustive(
-    scorer, queries: Queries, gallery: Gallery, k: int, cross_attn: str
+    scorer, queries: Queries, gallery: Gallery, k: int, cross_attn: str, block: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact SCAN scores of every query against every gallery item, streamed block by block."""
+    """Exact SCAN scores of every query against every gallery item, streamed `block` items at
+    a time."""
     top = TopK(queries.count, k)
     names = _item_arrays(gallery)
     for shard in gallery.shards:
-        for start in range(0, shard.count, GALLERY_BLOCK):
-            stop = min(start + GALLERY_BLOCK, shard.count)
+        for start in range(0, shard.count, block):
+            stop = min(start + block, shard.count)
             items = {name: shard.block(name, start, stop) for name in names}
             top.update(
                 score(scorer, queries, items, cross_attn), shard.offset + np.arange(start, stop)
@@ -135,10 +135,12 @@ def reranked(
     k: int,
     size: int,
     cross_attn: str,
+    block: int,
     engine: str = "auto",
     threads: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shortlist `size` candidates per query (on `engine`), then exact SCAN on those only."""
+    """Shortlist `size` candidates per query (on `engine`), then exact SCAN on those only,
+    `block` candidates per scorer call."""
     candidates = shortlist(queries, gallery, size, engine, threads)
     if gallery.larger_than_memory():  # the rows come from disk: queue all the reads at once
         gallery.prefetch(candidates.ravel())
@@ -148,8 +150,8 @@ def reranked(
     names = _item_arrays(gallery)
     for q in range(queries.count):
         one, top = queries.take(np.array([q])), TopK(1, keep)
-        for start in range(0, candidates.shape[1], GALLERY_BLOCK):
-            chosen = candidates[q, start : start + GALLERY_BLOCK]
+        for start in range(0, candidates.shape[1], block):
+            chosen = candidates[q, start : start + block]
             items = {name: gallery.rows(name, chosen) for name in names}
             top.update(score(scorer, one, items, cross_attn), chosen)
         (scores[q],), (indices[q],) = top.result()

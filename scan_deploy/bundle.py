@@ -4,12 +4,18 @@ Reading and validating a bundle needs neither torch nor onnx (the runtime uses t
 manifest names every file with its sha256, the model config, the vocabulary hash, each graph's
 inputs/outputs (names, dtypes, symbolic dims) and the shape ranges engines are built for.
 
-The word limit: the graphs are exported for captions of at most `shape_ranges.words.max` tokens
-(`<start>`, the words, `<end>`; `export --max-words`). `Bundle.encode_captions` is how the
-runtime tokenizes captions (`index`) and text queries (`query`): a caption longer than the limit
-keeps its first `max - 1` tokens and its `<end>`, i.e. it is read as its first `max - 2` words,
+Shape ranges: the graphs' symbolic dims (`batch`, `images`, `captions`, `regions`, `words`) take
+the sizes of the manifest's `shape_ranges` (min/opt/max of batch, regions, words; `export
+--max-batch/--max-words/--regions`), which engines are built for (`DIM_RANGES`, `dim_sizes`).
+
+The word limit: a caption is at most `max_tokens` tokens (`<start>`, the words, `<end>`), the
+engine's limit (`runtime.backends.base.CallSizes`: the manifest's `words.max` for ONNX Runtime,
+the optimization profile for TensorRT). `Bundle.encode_captions` is how the runtime tokenizes
+captions (`index`) and text queries (`query`): a caption longer than the limit keeps its first
+`max_tokens - 1` tokens and its `<end>`, i.e. it is read as its first `max_tokens - 2` words,
 with one logged warning saying how many captions were cut. Without the limit one long caption
-would pad every caption Gram of its gallery shard to its length (quadratic in it).
+would pad every caption Gram of its gallery shard to its length (quadratic in it), and would
+fall outside the engine's profile.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import UserError, input_error, one_of
@@ -32,6 +38,22 @@ VOCAB = "vocab.json"
 GRAPHS = ("image_encoder", "text_encoder", "scorer")
 PRECISIONS = ("fp32", "fp16", "int8")
 LOG = logging.getLogger(__name__)
+# The graphs' symbolic dims, by the manifest shape range they take their sizes from.
+DIM_RANGES = {
+    "batch": "batch",
+    "images": "batch",
+    "captions": "batch",
+    "regions": "regions",
+    "words": "words",
+}
+
+
+class DimSizes(NamedTuple):
+    """The sizes a symbolic dim takes: calls run at `opt` where they can, never beyond `max`."""
+
+    min: int
+    opt: int
+    max: int
 
 
 def sha256_file(path: str | Path) -> str:
@@ -80,27 +102,36 @@ class Bundle:
     def precisions(self) -> list[str]:
         return ["fp32", *self.manifest.get("variants", {})]
 
-    @property
-    def max_tokens(self) -> int:
-        """The word limit: the most tokens (`<start>` and `<end>` included) of a caption."""
-        return int(self.manifest["shape_ranges"]["words"]["max"])
+    def dim_sizes(self, graph: str, precision: str = "fp32") -> dict[str, DimSizes]:
+        """The manifest's sizes of every symbolic dim of a graph's inputs (`DIM_RANGES`)."""
+        ranges = self.manifest["shape_ranges"]
+        return {
+            dim: DimSizes(*(int(ranges[DIM_RANGES[dim]][b]) for b in ("min", "opt", "max")))
+            for value in self.graph(graph, precision)["inputs"]
+            for dim in value["shape"]
+            if isinstance(dim, str) and dim in DIM_RANGES
+        }
 
-    def encode_captions(self, captions: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Token ids of `captions` (`<start>` ... `<end>`), each cut to the word limit: a longer
-        one keeps its first `max_tokens - 1` tokens and `<end>`. Also how many were cut."""
-        limit = self.max_tokens
+    def encode_captions(
+        self, captions: Sequence[str], max_tokens: int
+    ) -> tuple[list[list[int]], int]:
+        """Token ids of `captions` (`<start>` ... `<end>`), each cut to `max_tokens` (the
+        engine's word limit): a longer one keeps its first `max_tokens - 1` tokens and `<end>`.
+        Also how many were cut."""
         encoded = [self.vocab.encode(caption) for caption in captions]
-        kept = [ids if len(ids) <= limit else [*ids[: limit - 1], ids[-1]] for ids in encoded]
-        return kept, sum(len(ids) > limit for ids in encoded)
+        kept = [
+            ids if len(ids) <= max_tokens else [*ids[: max_tokens - 1], ids[-1]] for ids in encoded
+        ]
+        return kept, sum(len(ids) > max_tokens for ids in encoded)
 
-    def warn_cut(self, cut: int, total: int, what: str) -> None:
+    @staticmethod
+    def warn_cut(cut: int, total: int, what: str, max_tokens: int) -> None:
         """The one warning for the `cut` of `total` captions (or queries) `encode_captions` cut."""
         if cut:
-            limit = self.max_tokens
             LOG.warning(
-                "%d of %d %s longer than the bundle's limit of %d tokens: each read as its "
+                "%d of %d %s longer than the engine's limit of %d tokens: each read as its "
                 "first %d words",
-                *(cut, total, what, limit, max(limit - 2, 0)),
+                *(cut, total, what, max_tokens, max(max_tokens - 2, 0)),
             )
 
 

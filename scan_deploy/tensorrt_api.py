@@ -2,14 +2,14 @@
 and loads an engine after checking its sidecar against the running TensorRT and GPU.
 
 Written against the Python API documented for both TensorRT 10.x (JetPack 6 ships 10.3) and
-11.x (none of it is on 11.x's removed-API list): `Logger`, `Builder`, `create_network(flags)`,
+11.x (none of it is on 11.x's removed-API list): `ILogger`, `Builder`, `create_network(flags)`,
 `INetworkDefinition.num_layers/get_layer`, `ILayer.name`,
 `OnnxParser.parse/num_errors/get_error` (errors give `desc()`, `node()`, `node_name()`,
 `node_operator()`), `create_builder_config`,
 `set_memory_pool_limit(MemoryPoolType.WORKSPACE, n)`, `set_flag(BuilderFlag.X)`,
 `create_optimization_profile`/`set_shape`/`add_optimization_profile`, `create_timing_cache`/
 `set_timing_cache`/`ITimingCache.serialize`, `hardware_compatibility_level`,
-`default_device_type`, `DLA_core`, `can_run_on_DLA(layer)`, `profiling_verbosity`,
+`default_device_type`, `DLA_core`, `can_run_on_DLA(layer)`, `profiling_verbosity` (DLA only),
 `build_serialized_network`, `Runtime.deserialize_cuda_engine`, `Runtime.DLA_core`,
 `Runtime.engine_host_code_allowed`, `ICudaEngine.create_engine_inspector` and
 `EngineInspector.get_engine_information(LayerInformationFormat.JSON)`.
@@ -24,12 +24,21 @@ Where 10.x and 11.x differ:
   `Layers` list is read.
 - DLA: TensorRT 11.0-11.3 has none; 11.4.1 brings it back on Jetson AGX Orin (JetPack >= 7.2.2).
 
-Nothing here can run without TensorRT and a GPU; the logic around it is tested in pure Python.
+TensorRT's messages go through one `ILogger` subclass (`tensorrt_logger`), never `trt.Logger`,
+which prints to stdout (pyCore.cpp@v10.3.0:698-759), where `--json` output goes: warnings go to
+the `scan_deploy` log (one `warning:` line each on stderr under the CLI), errors are kept and the
+last one ends the one-line UserError of the call that failed.
+
+Tested against the TensorRT API emulator of the test suite (tests/emulators, a test double); it
+has never run on TensorRT itself.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +49,7 @@ if TYPE_CHECKING:
     from scan_deploy.bundle import Bundle
     from scan_deploy.export.build_engine import BuildPlan
 
+LOG = logging.getLogger("scan_deploy.tensorrt")
 INSTALL_HINT = (
     "TensorRT is not installed: on x86_64 or SBSA run `pip install tensorrt` (NVIDIA's "
     "CUDA 12/13 wheels, tensorrt-cu12 / tensorrt-cu13); on Jetson install JetPack's "
@@ -60,6 +70,38 @@ def version() -> str:
     return import_tensorrt().__version__
 
 
+@functools.cache
+def tensorrt_logger(trt: Any) -> Any:
+    """The process's one `trt.ILogger` (a custom logger subclasses it and calls its `__init__`:
+    TensorRT's Python API reference, infer/Core/Logger.html). TensorRT uses the logger of a
+    Builder or Runtime for everything created through it, so this one lives as long as `trt`."""
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: collections.deque[str] = collections.deque(maxlen=16)
+
+        def log(self, severity: Any, msg: str) -> None:
+            text = " ".join(str(msg).split())
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(text)
+                LOG.debug("TensorRT error: %s", text)
+            elif severity == trt.ILogger.WARNING:
+                LOG.warning("TensorRT: %s", text)
+            else:
+                LOG.debug("TensorRT: %s", text)
+
+    return Logger()
+
+
+def logged_reason() -> str:
+    """The last error TensorRT logged (then forgotten): why the call that just failed failed."""
+    errors = tensorrt_logger(import_tensorrt()).errors
+    reason = errors[-1] if errors else "TensorRT logged no reason"
+    errors.clear()
+    return reason
+
+
 @dataclass(frozen=True)
 class BuiltEngine:
     data: bytes
@@ -71,7 +113,7 @@ def build_engine(plan: BuildPlan, timing_cache: bytes | None = None) -> BuiltEng
     """Parse the plan's ONNX graph and build a serialized engine as the plan says.
     `timing_cache` (a serialized cache, b"" or None) is used and returned updated."""
     trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     for name in plan.network_flags:
@@ -80,7 +122,8 @@ def build_engine(plan: BuildPlan, timing_cache: bytes | None = None) -> BuiltEng
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(plan.source.read_bytes()):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        raise UserError(parser_report(plan.source, errors))
+        report = parser_report(plan.source, errors)
+        raise UserError(report or f"{plan.source}: TensorRT ONNX parser failed: {logged_reason()}")
     config = builder.create_builder_config()
     if plan.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
@@ -93,7 +136,8 @@ def build_engine(plan: BuildPlan, timing_cache: bytes | None = None) -> BuiltEng
     config.default_device_type = getattr(trt.DeviceType, plan.default_device)
     if plan.dla_core is not None:
         config.DLA_core = plan.dla_core
-    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, plan.profiling_verbosity)
+    if plan.profiling_verbosity is not None:
+        config.profiling_verbosity = getattr(trt.ProfilingVerbosity, plan.profiling_verbosity)
     for profile in plan.profiles:
         trt_profile = builder.create_optimization_profile()
         for name, shapes in profile.inputs.items():
@@ -121,8 +165,7 @@ def build_engine(plan: BuildPlan, timing_cache: bytes | None = None) -> BuiltEng
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(
-            f"{plan.source}: TensorRT could not build the {plan.graph} engine "
-            "(its log above says why)"
+            f"{plan.source}: TensorRT could not build the {plan.graph} engine: {logged_reason()}"
         )
     data = bytes(serialized)
     if placement is not None:
@@ -137,7 +180,8 @@ def build_engine(plan: BuildPlan, timing_cache: bytes | None = None) -> BuiltEng
 
 
 def parser_report(source: Path, errors: list[Any]) -> str:
-    """One line per ONNX parser error: `FILE: node N (NAME, OP): DESCRIPTION`."""
+    """One line per ONNX parser error: `FILE: node N (NAME, OP): DESCRIPTION` ("" for none: a
+    refusal the parser only logged, e.g. a network that already has layers)."""
     lines = []
     for error in errors:
         where = f"node {error.node()}"
@@ -145,7 +189,7 @@ def parser_report(source: Path, errors: list[Any]) -> str:
         if name or op:
             where += f" ({', '.join(x for x in (name, op) if x)})"
         lines.append(f"{source}: TensorRT ONNX parser: {where}: {error.desc()}")
-    return "\n".join(lines) or f"{source}: TensorRT ONNX parser failed without an error message"
+    return "\n".join(lines)
 
 
 def dla_placement(names: list[str], on_dla: list[bool]) -> dict[str, list]:
@@ -195,7 +239,7 @@ def load_engine(path: str | Path, bundle: Bundle, precision: str | None = None) 
         precision=precision,
     )
     check_engine_file(path, sidecar)
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime = trt.Runtime(tensorrt_logger(trt))
     build = sidecar["build"]
     if build.get("dla_core") is not None:
         runtime.DLA_core = build["dla_core"]
@@ -204,7 +248,7 @@ def load_engine(path: str | Path, bundle: Bundle, precision: str | None = None) 
         runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
-        raise UserError(f"{path}: TensorRT could not deserialize the engine (its log says why)")
+        raise UserError(f"{path}: TensorRT could not deserialize the engine: {logged_reason()}")
     return engine
 
 
@@ -226,8 +270,9 @@ class EngineTensor:
     dtype: str
 
 
-def engine_tensors(engine: Any) -> list[EngineTensor]:
-    """The engine's I/O tensors, in the engine's order."""
+def engine_tensors(engine: Any, path: str | Path = "engine") -> list[EngineTensor]:
+    """The engine's I/O tensors, in the engine's order; a UserError for a type numpy cannot hold
+    (`trt.nptype` refuses BF16, FP8, INT4...)."""
     import numpy as np
 
     trt = import_tensorrt()
@@ -235,7 +280,14 @@ def engine_tensors(engine: Any) -> list[EngineTensor]:
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)
         is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+        trt_type = engine.get_tensor_dtype(name)
+        try:
+            dtype = np.dtype(trt.nptype(trt_type)).name
+        except TypeError:
+            raise UserError(
+                f"{path}: tensor {name!r} is {trt_type.name}, which numpy cannot hold "
+                "(rebuild the engine from this bundle's graphs)"
+            ) from None
         tensors.append(EngineTensor(name, is_input, dtype))
     return tensors
 
@@ -263,13 +315,20 @@ def create_execution_context(engine: Any, path: str | Path = "engine") -> Any:
 
 
 def set_optimization_profile(context: Any, index: int, stream_handle: int) -> None:
-    if not context.set_optimization_profile_async(index, stream_handle):
-        raise UserError(f"TensorRT refused to switch to optimization profile {index}")
+    """`set_optimization_profile_async` returns True or raises RuntimeError (pyCore.cpp)."""
+    try:
+        context.set_optimization_profile_async(index, stream_handle)
+    except RuntimeError as exc:
+        raise UserError(
+            f"TensorRT refused to switch to optimization profile {index}: {exc}"
+        ) from None
 
 
 def set_input_shape(context: Any, name: str, shape: Shape) -> None:
     if not context.set_input_shape(name, tuple(int(d) for d in shape)):
-        raise UserError(f"TensorRT refused the shape {tuple(shape)} of input {name!r}")
+        raise UserError(
+            f"TensorRT refused the shape {tuple(shape)} of input {name!r}: {logged_reason()}"
+        )
 
 
 def tensor_shape(context: Any, name: str) -> Shape:
@@ -279,10 +338,12 @@ def tensor_shape(context: Any, name: str) -> Shape:
 
 def set_tensor_address(context: Any, name: str, address: int) -> None:
     if not context.set_tensor_address(name, int(address)):
-        raise UserError(f"TensorRT refused the device address of tensor {name!r}")
+        raise UserError(
+            f"TensorRT refused the device address of tensor {name!r}: {logged_reason()}"
+        )
 
 
 def execute_async(context: Any, stream_handle: int) -> None:
     """Enqueue the engine on the stream (`execute_async_v3`)."""
     if not context.execute_async_v3(stream_handle):
-        raise UserError("TensorRT could not enqueue the engine (its log above says why)")
+        raise UserError(f"TensorRT could not enqueue the engine: {logged_reason()}")

@@ -13,6 +13,11 @@ Backends live one per module, each importing its library lazily (`onnxruntime`, 
 cuda-python or pycuda, `torch`), so `import scan_deploy.runtime.backends` needs numpy only and
 the runtime never imports torch or onnx unless the torch backend is asked for.
 
+The shape contract: `backend.sizes(graph)` is what each symbolic dim of a graph's inputs may take
+on that backend (the TensorRT engine's optimization profile; the manifest's shape ranges for
+ONNX Runtime and torch, which run any shape but were exported for those), and `CallSizes.of`
+turns it into the batch, gallery block and word limit the runtime uses: no constant of its own.
+
 Feeds are checked against the manifest before any backend sees them (`prepare_feeds`): every
 input present, of the graph's rank, fixed dims as exported and symbolic dims (`batch`,
 `words`, ...) of one size across the inputs sharing them; arrays are cast to the input's dtype.
@@ -25,12 +30,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle
+from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle, DimSizes
 from scan_deploy.engine_sidecar import ENGINES_DIR, read_sidecar
 from scan_deploy.errors import UserError, one_of
 
@@ -58,10 +64,46 @@ class Backend(Protocol):
         """The runner of `graph`, created on first use and then reused."""
         ...
 
+    def sizes(self, graph: str) -> dict[str, DimSizes]:
+        """The sizes each symbolic dim of `graph`'s inputs may take on this backend."""
+        ...
+
+
+@dataclass(frozen=True)
+class CallSizes:
+    """How many items the runtime puts in one call, from the engine it runs (`Backend.sizes`):
+    encoder batches and query batches at the optimal batch, gallery blocks at the largest the
+    scorer takes, captions cut to the tokens both the text encoder and the scorer take."""
+
+    image_batch: int  # images per image-encoder call (index, image queries)
+    text_batch: int  # captions per text-encoder call (index, text queries)
+    image_block: int  # gallery images per scorer call
+    caption_block: int  # gallery captions per scorer call
+    max_tokens: int  # tokens per caption, <start> and <end> included (`Bundle.encode_captions`)
+
+    @classmethod
+    def of(cls, backend: Backend) -> CallSizes:
+        image, text, scorer = (backend.sizes(graph) for graph in GRAPHS)
+        return cls(
+            image_batch=min(image["batch"].opt, scorer["images"].max),
+            text_batch=min(text["batch"].opt, scorer["captions"].max),
+            image_block=scorer["images"].max,
+            caption_block=scorer["captions"].max,
+            max_tokens=min(text["words"].max, scorer["words"].max),
+        )
+
+    def block(self, kind: str) -> int:
+        """Gallery items per scorer call for a gallery of `kind` (images or captions)."""
+        return self.image_block if kind == "images" else self.caption_block
+
 
 class RunnerCache:
     """The `runner(graph)` of every backend: each graph's runner is opened once, on first use,
-    under a lock, since several threads may ask for it at once. Backends implement `_open`."""
+    under a lock, since several threads may ask for it at once. Backends implement `_open`,
+    and set `bundle` and `precision`."""
+
+    bundle: Bundle
+    precision: str
 
     def __init__(self) -> None:
         self._runners: dict[str, Runner] = {}
@@ -76,6 +118,11 @@ class RunnerCache:
 
     def _open(self, graph: str) -> Runner:
         raise NotImplementedError
+
+    def sizes(self, graph: str) -> dict[str, DimSizes]:
+        """The manifest's shape ranges (`Bundle.dim_sizes`): backends that run any shape."""
+        check_graph(graph)
+        return self.bundle.dim_sizes(graph, self.precision)
 
 
 def open_backend(

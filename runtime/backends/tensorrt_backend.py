@@ -16,14 +16,19 @@ and a device buffer that grow as larger shapes come. One run:
    `set_tensor_address` for every I/O tensor;
 4. host -> device copies, `execute_async_v3`, device -> host copies, one stream synchronize.
 An execution context is not re-entrant, so a runner serializes its runs with a lock.
+
+The runtime sizes its calls to the engine (`sizes`, `base.CallSizes`): the symbolic dims of the
+engine's largest optimization profile (by the volume of its max shapes), so that every call it
+makes fits one profile.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scan_deploy.runtime.backends.base import (
@@ -33,7 +38,7 @@ from scan_deploy.runtime.backends.base import (
     prepare_feeds,
 )
 
-from scan_deploy.bundle import Bundle
+from scan_deploy.bundle import Bundle, DimSizes
 from scan_deploy.engine_sidecar import build_engine_command
 from scan_deploy.errors import UserError
 
@@ -87,10 +92,14 @@ def covers(profile: ProfileShapes, shapes: Mapping[str, Shape]) -> bool:
 
 
 def select_profile(
-    profiles: Sequence[ProfileShapes], shapes: Mapping[str, Shape], current: int | None = None
+    profiles: Sequence[ProfileShapes],
+    shapes: Mapping[str, Shape],
+    current: int | None = None,
+    source: str | Path = "engine",
 ) -> int:
     """The optimization profile to run `shapes` with: the current one when it covers them (no
-    switch), else the first that does; a UserError listing the ranges when none does."""
+    switch), else the first that does; a UserError naming the engine file `source` and listing
+    the ranges when none does."""
     if current is not None and 0 <= current < len(profiles) and covers(profiles[current], shapes):
         return current
     for index, profile in enumerate(profiles):
@@ -102,9 +111,28 @@ def select_profile(
         for p in profiles
     )
     raise UserError(
-        f"input shapes {given} are outside every optimization profile of the engine ({ranges}); "
-        "rebuild it with --min-shapes/--max-shapes that cover them"
+        f"{source}: input shapes {given} are outside every optimization profile of the engine "
+        f"({ranges}); rebuild it with --min-shapes/--max-shapes that cover them"
     )
+
+
+def profile_sizes(
+    inputs: Sequence[Mapping[str, Any]], profiles: Sequence[ProfileShapes]
+) -> dict[str, DimSizes]:
+    """The sizes each symbolic dim of `inputs` (the manifest's entries) takes in the largest
+    profile (by the volume of its max shapes; the first of equals): min, opt and max of the
+    dim's axis, the tightest over the inputs sharing the dim."""
+    largest = max(profiles, key=lambda p: math.prod(math.prod(high) for _, _, high in p.values()))
+    bounds: dict[str, list[tuple[int, int, int]]] = {}
+    for value in inputs:
+        low, opt, high = largest[value["name"]]
+        for axis, dim in enumerate(value["shape"]):
+            if isinstance(dim, str):
+                bounds.setdefault(dim, []).append((low[axis], opt[axis], high[axis]))
+    return {
+        dim: DimSizes(max(b[0] for b in found), min(b[1] for b in found), min(b[2] for b in found))
+        for dim, found in bounds.items()
+    }
 
 
 def _dims(shape: Shape) -> str:
@@ -123,9 +151,10 @@ class TensorRTRunner:
         self.source = path
         self._trt = tensorrt_api
         self._engine = engine  # the context needs its engine alive
-        self._in, self._out = io_order(graph, entry, tensorrt_api.engine_tensors(engine))
+        self._in, self._out = io_order(graph, entry, tensorrt_api.engine_tensors(engine, path))
         self._dtypes = {t.name: t.dtype for t in (*self._in, *self._out)}
         self.profiles = tensorrt_api.engine_profiles(engine, [t.name for t in self._in])
+        self.sizes = profile_sizes(self.inputs, self.profiles)
         self._context = tensorrt_api.create_execution_context(engine, path)
         self._stream = Stream()
         self._buffers = {t.name: TensorBuffer() for t in (*self._in, *self._out)}
@@ -140,7 +169,7 @@ class TensorRTRunner:
     def _run(self, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
         trt, context, stream = self._trt, self._context, self._stream
         shapes = {name: array.shape for name, array in arrays.items()}
-        profile = select_profile(self.profiles, shapes, self._profile)
+        profile = select_profile(self.profiles, shapes, self._profile, self.source)
         if profile != self._profile:
             trt.set_optimization_profile(context, profile, stream.handle)
             self._profile = profile
@@ -178,6 +207,10 @@ class TensorRTBackend(RunnerCache):
         self.precision = precision
         self.version = tensorrt_api.version()  # TensorRT missing: UserError with the install hint
         self.name = f"tensorrt {self.version}"
+
+    def sizes(self, graph: str) -> dict[str, DimSizes]:
+        """The engine's: its largest optimization profile (`profile_sizes`)."""
+        return cast(TensorRTRunner, self.runner(graph)).sizes
 
     def _open(self, graph: str) -> TensorRTRunner:
         from scan_deploy import tensorrt_api

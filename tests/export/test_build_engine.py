@@ -1,11 +1,14 @@
 """build-engine: option checks, the TensorRT build plan (TensorRT 10 vs 11, DLA, compatibility),
-engine names, the missing-TensorRT path, and the command line. TensorRT itself is not run."""
+engine names, the missing-TensorRT path, and the command line; TensorRT builds on the TensorRT API
+emulator (a test double: TensorRT itself is not run)."""
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 from scan_deploy.export.build_engine import (
@@ -17,6 +20,7 @@ from scan_deploy.export.build_engine import (
     tensorrt_stem,
 )
 from scan_deploy.export.engine_profiles import InputRange
+from scan_deploy.runtime.backends import open_backend
 from typer.testing import CliRunner
 
 from scan_deploy import cli
@@ -24,6 +28,7 @@ from scan_deploy.bundle import GRAPHS, Bundle, load_bundle
 from scan_deploy.cuda_device import DeviceInfo
 from scan_deploy.errors import UserError
 
+from ..runtime.tensorrt_emulator import VERSIONS, emulated_tensorrt
 from .tiny_bundle import add_variant, make_bundle
 
 SHA = {"fp32": "1" * 64, "fp16": "2" * 64, "int8": "3" * 64}
@@ -86,7 +91,7 @@ def test_default_plan(tmp_path):
     assert plan.builder_flags == ()  # never FP16/INT8: precision is in the graph
     assert plan.default_device == "GPU" and plan.dla_core is None
     assert plan.workspace_bytes is None and plan.hardware_compatibility_level is None
-    assert plan.profiling_verbosity == "LAYER_NAMES_ONLY"
+    assert plan.profiling_verbosity is None  # TensorRT's default
     (profile,) = plan.profiles
     assert profile.inputs["tokens"] == InputRange((1, 1), (32, 16), (64, 64))
     assert profile.inputs["lengths"] == InputRange((1,), (32,), (64,))
@@ -295,3 +300,54 @@ def test_backends_and_providers_are_defined_once():
     assert not hasattr(build_engine, "PROVIDERS")
     with pytest.raises(UserError, match="--provider: got 'rocm', expected one of cpu, cuda, tens"):
         BuildOptions(backend="onnxruntime", provider="rocm")
+
+
+# --- On the TensorRT API emulator (tests/emulators: a test double, TensorRT itself not run) ---
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cli_builds_tensorrt_engines(tiny, tmp_path, version):
+    bundle = shutil.copytree(tiny, tmp_path / "bundle")
+    cache = tmp_path / "timing.cache"
+    args = ["build-engine", str(bundle), "--timing-cache", str(cache), "--json"]
+    with emulated_tensorrt(version) as trt:
+        result = CliRunner().invoke(cli.app, args)
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.stdout)
+        assert [row["graph"] for row in rows] == list(GRAPHS)
+        sidecar = json.loads(Path(rows[0]["sidecar"]).read_text())
+        major = version.split(".")[0]
+        assert sidecar["build"]["network_flags"] == (["STRONGLY_TYPED"] if major == "10" else [])
+        assert sidecar["build"]["builder_flags"] == []  # precision is the graph's
+        assert sidecar["backend_version"] == trt.__version__
+        assert sidecar["device"]["compute_capability"] == "9.0"
+        assert Path(rows[0]["file"]).name.startswith(
+            f"image_encoder.fp32.trt{trt.__version__}.sm90"
+        )
+        assert cache.stat().st_size > 0
+        again = CliRunner().invoke(cli.app, args)  # the timing cache is read back
+        assert again.exit_code == 0, again.output
+
+
+def test_a_timing_cache_from_another_device_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    bundle = shutil.copytree(tiny, tmp_path / "bundle")
+    cache = tmp_path / "timing.cache"
+    with emulated_tensorrt("10.3", compute_capability="8.7"):
+        build_engines(load_bundle(bundle), BuildOptions(graphs=("scorer",), timing_cache=cache))
+    with emulated_tensorrt("10.3", compute_capability="9.0"):
+        code, err = _main(monkeypatch, capsys, bundle, "--timing-cache", cache)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{cache}: the timing cache is from another device or TensorRT version" in err
+    assert len(list((bundle / "engines").glob("*.engine"))) == 1  # only the first build's
+
+
+def test_hardware_compatible_engines_run_on_another_ampere_gpu(tiny, tmp_path):
+    bundle = shutil.copytree(tiny, tmp_path / "bundle")
+    with emulated_tensorrt("10.16", compute_capability="8.7"):
+        build_engines(load_bundle(bundle), BuildOptions(hardware_compat=True))
+    with emulated_tensorrt("10.16", compute_capability="9.0"):
+        backend = open_backend(load_bundle(bundle), "tensorrt")
+        regions, _, _ = backend.runner("image_encoder").run(
+            {"features": np.ones((2, 5, 10), np.float32)}
+        )
+    assert regions.shape == (2, 5, 8)

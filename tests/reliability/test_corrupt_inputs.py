@@ -194,7 +194,7 @@ def test_a_long_caption_is_read_as_its_first_words(tiny, tmp_path):
     done = run_cli("index", tiny["bundle"], "--features", tiny["ims"],
                    "--captions", tmp_path / "caps.txt", "--out", gallery)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    warning = "warning: 1 of 6 captions longer than the bundle's limit of 7 tokens: each read as "
+    warning = "warning: 1 of 6 captions longer than the engine's limit of 7 tokens: each read as "
     assert [line for line in done.stderr.splitlines() if "warning" in line] == [
         warning + "its first 5 words"
     ]

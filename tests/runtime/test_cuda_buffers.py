@@ -1,6 +1,6 @@
-"""CUDA buffers: growth arithmetic everywhere; real round trips (numpy -> pinned -> device ->
-pinned -> numpy, with resizes) where cuda-python or pycuda and a CUDA device are present, else
-skipped with the reason."""
+"""CUDA buffers: growth arithmetic everywhere; round trips (numpy -> pinned -> device -> pinned ->
+numpy, with resizes) on the emulated cuda-python of the TensorRT API emulator, and on a real
+device where cuda-python or pycuda and a CUDA device are present (else skipped with the reason)."""
 
 import numpy as np
 import pytest
@@ -16,6 +16,8 @@ from scan_deploy.runtime.cuda_buffers import (
 )
 
 from scan_deploy.errors import UserError
+
+from .tensorrt_emulator import emulated_tensorrt
 
 
 def test_grown_capacity():
@@ -37,12 +39,18 @@ def test_nbytes_of():
         nbytes_of((-1, 3), np.float32)
 
 
-@pytest.fixture(scope="module")
-def cuda():
+@pytest.fixture(params=["device", "emulated"])
+def cuda(request):
+    """The CUDA binding of this machine (skipped without one), and the emulated cuda-python of
+    the TensorRT API emulator (a test double: copies run when the stream is synchronized)."""
+    if request.param == "emulated":
+        with emulated_tensorrt():
+            yield cuda_buffers.cuda_api()
+        return
     reason = cuda_buffers.cuda_unavailable()
     if reason is not None:
         pytest.skip(f"no CUDA buffers here: {reason}")
-    return cuda_buffers.cuda_api()
+    yield cuda_buffers.cuda_api()
 
 
 def test_round_trip_with_resize(cuda):
@@ -80,6 +88,7 @@ def test_round_trip_with_resize(cuda):
         with pytest.raises(UserError, match="do not fit"):
             device.copy_in(pinned.view(second.shape, second.dtype), stream)
         device.copy_in(pinned.write(first), stream)
+        stream.synchronize()  # the copy reads the pinned memory until then
         out = pinned.view(first.shape, first.dtype)
         out[...] = 0
         device.copy_out(out, stream)

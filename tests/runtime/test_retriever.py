@@ -157,7 +157,7 @@ def test_bad_queries_are_one_line_errors(indexed, caplog):
 
 def test_image_queries_beyond_the_models_scale_are_refused(indexed):
     """×1e30 overflows the L2 norm of every region: hits scored against zeros, answered silently
-    before. Image 35 is in the second batch of 32: the error counts from the first."""
+    before. Image 35 is in the third batch of 16 (the bundle's): the error counts from the first."""
     bundle, split, gallery, _ = indexed
     retriever = Retriever.open(bundle, gallery)
     features = np.array(split.images[:40], np.float32)
@@ -191,7 +191,8 @@ def test_a_query_the_text_encoder_zeroes_is_refused(indexed):
             SimpleNamespace(run=lambda feeds: zero_first(text.run(feeds)))
             if graph == "text_encoder"
             else backend.runner(graph)
-        )
+        ),
+        sizes=backend.sizes,
     )
     retriever = Retriever(bundle, Retriever.open(bundle, gallery).galleries, broken)
     message = "the text encoder's output is zero or NaN/Inf: the bundle is broken"
@@ -209,11 +210,11 @@ def _words(bundle, count: int) -> str:
 def test_long_queries_are_read_as_their_first_words(indexed, caplog):
     bundle, _, gallery, _ = indexed
     retriever = Retriever.open(bundle, gallery)
-    assert bundle.max_tokens == 30  # the fixture's export --max-words
+    assert retriever.sizes.max_tokens == 30  # the fixture's export --max-words (ONNX Runtime)
     caplog.set_level(logging.WARNING, "scan_deploy")
     long_hits = retriever.search_text([_words(bundle, 1000)], k=5)
     assert retriever.search_text([_words(bundle, 28)], k=5) == long_hits
-    message = "1 of 1 queries longer than the bundle's limit of 30 tokens: each read as its first"
+    message = "1 of 1 queries longer than the engine's limit of 30 tokens: each read as its first"
     assert [r.getMessage() for r in caplog.records] == [message + " 28 words"]
 
 
@@ -240,7 +241,7 @@ def test_index_reads_long_captions_as_their_first_words(trained, tmp_path, caplo
     for name in ("words", "lengths", "caption_gram", "global"):
         np.testing.assert_array_equal(long.rows(name, everything), cut.rows(name, everything))
     assert long.texts[2] == _words(bundle, 1000)
-    message = "1 of 4 captions longer than the bundle's limit of 30 tokens: each read as its first"
+    message = "1 of 4 captions longer than the engine's limit of 30 tokens: each read as its first"
     assert [r.getMessage() for r in caplog.records] == [message + " 28 words"]
 
 
@@ -276,7 +277,8 @@ def test_a_caption_the_text_encoder_zeroes_is_refused(trained, tmp_path):
             SimpleNamespace(run=lambda feeds: zero_third(text.run(feeds)))
             if graph == "text_encoder"
             else backend.runner(graph)
-        )
+        ),
+        sizes=backend.sizes,
     )
     np.save(tmp_path / "ims.npy", np.load(data / "test_ims.npy")[:4])
     captions = tmp_path / "caps.txt"

@@ -39,32 +39,11 @@ def tiny(tmp_path_factory) -> Tiny:
 @pytest.fixture(scope="session")
 def tiny_i2t(tmp_path_factory) -> Tiny:
     """An i2t variant (bi-GRU, Mean aggregation, softmax norm): the scorer takes caption_gram."""
-    torch = pytest.importorskip("torch")
-    from scan_deploy.export.writer import export_bundle
+    pytest.importorskip("torch")
+    from ..tiny_i2t import make_i2t_bundle
 
-    from scan_deploy.checkpoint import load_checkpoint, save_checkpoint
-    from scan_deploy.config import ModelConfig
-    from scan_deploy.model import SCAN
-    from scan_deploy.vocab import Vocabulary
-
-    from ...export.tiny_bundle import RANGES
-
-    root = tmp_path_factory.mktemp("backends_i2t")
-    vocab = Vocabulary.build([" ".join(f"w{i}" for i in range(12))], threshold=1)
-    config = ModelConfig(
-        vocab_size=len(vocab),
-        img_dim=10,
-        embed_size=8,
-        word_dim=6,
-        bi_gru=True,
-        cross_attn="i2t",
-        agg_func="Mean",
-        raw_feature_norm="softmax",
-    )
-    torch.manual_seed(1)
-    save_checkpoint(root / "checkpoint", SCAN(config).eval(), vocab)
-    export_bundle(load_checkpoint(root / "checkpoint"), root / "bundle", 17, RANGES)
-    return Tiny(load_bundle(root / "bundle"), root / "checkpoint")
+    bundle, checkpoint = make_i2t_bundle(tmp_path_factory.mktemp("backends_i2t"))
+    return Tiny(load_bundle(bundle), checkpoint)
 
 
 def copy_bundle(bundle: Bundle, target: Path) -> Path:

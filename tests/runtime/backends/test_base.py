@@ -1,5 +1,6 @@
 """The shared part of the backends: option checks of open_backend, feed checks, engine discovery,
-and the import discipline (the runtime loads neither torch nor onnx)."""
+the sizes of the runtime's calls (the shape contract), and the import discipline (the runtime
+loads neither torch nor onnx)."""
 
 import json
 import logging
@@ -7,11 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 from scan_deploy.runtime.backends import BACKENDS, open_backend
-from scan_deploy.runtime.backends.base import as_output, find_engines, prepare_feeds
+from scan_deploy.runtime.backends.base import CallSizes, as_output, find_engines, prepare_feeds
 
 from scan_deploy.errors import UserError
 
@@ -174,3 +176,23 @@ def test_runtime_imports_neither_torch_nor_onnx(tiny, tmp_path, artifacts):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_call_sizes_come_from_the_manifest_on_onnx_runtime_and_torch(tiny):
+    """The tiny bundle: batch 1..8 (opt 8), words 1..7. `export`'s defaults (max batch 256, opt
+    32, 64 words) give gallery blocks of 256 and query batches of 32."""
+    import inspect
+
+    from scan_deploy.export.writer import ShapeRanges
+
+    from scan_deploy import cli
+    from scan_deploy.bundle import Bundle
+
+    expected = CallSizes(image_batch=8, text_batch=8, image_block=8, caption_block=8, max_tokens=7)
+    assert CallSizes.of(open_backend(tiny.bundle)) == expected
+    assert CallSizes.of(open_backend(tiny.bundle, "torch", checkpoint=tiny.checkpoint)) == expected
+    max_batch = inspect.signature(cli.export_command).parameters["max_batch"].default
+    ranges = ShapeRanges.create(max_batch, 36, 64)
+    manifest = {**tiny.bundle.manifest, "shape_ranges": asdict(ranges)}
+    default = Bundle(tiny.bundle.path, manifest, tiny.bundle.config, tiny.bundle.vocab)
+    assert CallSizes.of(open_backend(default)) == CallSizes(32, 32, 256, 256, 64)

@@ -1,0 +1,8 @@
+"""What the emulator refuses to guess."""
+
+
+class NotEmulated(AssertionError):
+    """A call or behaviour TENSORRT_API.md does not document (or marks UNCONFIRMED): the emulator
+    will not invent it, so a test that reaches it fails loudly instead of passing on a guess.
+    An AssertionError, so no `except UserError` / `except RuntimeError` of the code under test
+    swallows it."""
