@@ -30,10 +30,15 @@ query (`Retriever.search_text`, text encoding included) is timed on random vocab
 
 `--captions` (default 100) is the number of queries of the batched run.
 
+The bundle is exported with `scan-deploy export`'s default shape ranges (`--max-batch`,
+`--max-words`), and every call is sized as the runtime sizes it on that bundle and backend
+(`CallSizes.of(backend)`): gallery blocks of `image_block` images, query batches of
+`text_batch` captions.
+
 Reported: p50/p95/p99 latency of one query, exhaustive, search only and end to end; batched
-queries (sorted by length, 64 per scorer call, as `search_text` does) in pairs/s vs the single
-path; the shortlist search on the large gallery (shortlist engine `auto`, and which engine that
-resolved to) split into shortlist and re-rank stages, its top-10 and top-1 agreement with
+queries (sorted by length, `text_batch` per scorer call, as `search_text` does) in pairs/s vs the
+single path; the shortlist search on the large gallery (shortlist engine `auto`, and which engine
+that resolved to) split into shortlist and re-rank stages, its top-10 and top-1 agreement with
 exhaustive SCAN on a subset of queries (sized by `--agreement-budget`); resident set (VmRSS,
 VmHWM, RssAnon, RssFile, ru_maxrss) before/after querying vs the gallery's size on disk, and one
 cold-cache query; GFLOP/s of the logits GEMM (2·N·R·D·T per query, T the padded words of the
@@ -50,6 +55,7 @@ dequantization of one stored `regions` block (`to_float32`) vs numpy's plain `as
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -60,7 +66,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -72,13 +78,15 @@ from onnx import TensorProto
 from scan_deploy.export.writer import ShapeRanges, export_bundle
 from scan_deploy.runtime import search
 from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.dequantize import to_float32
 from scan_deploy.runtime.gallery import Gallery, GalleryWriter, open_gallery, stored_arrays
 from scan_deploy.runtime.inner_product import FAISS_HINT, faiss_installed, gallery_engine
-from scan_deploy.runtime.retriever import TEXT_BATCH, Retriever
-from scan_deploy.runtime.search import GALLERY_BLOCK, Queries, exhaustive, reranked
+from scan_deploy.runtime.retriever import Retriever
+from scan_deploy.runtime.search import Queries, exhaustive, reranked
 from workload import gemm_peak, workload_parser
 
+from scan_deploy import cli
 from scan_deploy.allocator import keep_freed_memory
 from scan_deploy.bundle import load_bundle
 from scan_deploy.checkpoint import Checkpoint
@@ -187,10 +195,10 @@ def cropped(queries: Queries, rows: np.ndarray) -> Queries:
     return Queries(arrays)
 
 
-def text_batches(queries: Queries) -> list[Queries]:
-    """Longest first, TEXT_BATCH per batch, each cut to its longest: as `search_text` batches."""
+def text_batches(queries: Queries, batch: int) -> list[Queries]:
+    """Longest first, `batch` per batch, each cut to its longest: as `search_text` batches."""
     order = np.argsort(-queries.arrays["lengths"], kind="stable")
-    return [cropped(queries, order[s : s + TEXT_BATCH]) for s in range(0, len(order), TEXT_BATCH)]
+    return [cropped(queries, order[s : s + batch]) for s in range(0, len(order), batch)]
 
 
 def random_texts(bundle, count: int, seed: int) -> list[str]:
@@ -210,7 +218,12 @@ def build_bundle(path: Path, args) -> Path:
     )
     torch.manual_seed(args.seed)
     checkpoint = Checkpoint(SCAN(config).eval(), vocab, path.parent / "ckpt", {"epoch": 0})
-    ranges = ShapeRanges.create(max_batch=TEXT_BATCH, regions=args.regions, max_words=64)
+    defaults = inspect.signature(cli.export_command).parameters  # `scan-deploy export`'s
+    ranges = ShapeRanges.create(
+        max_batch=defaults["max_batch"].default,
+        regions=args.regions,
+        max_words=defaults["max_words"].default,
+    )
     export_bundle(checkpoint, path, 17, ranges)
     return path
 
@@ -385,9 +398,10 @@ def drop_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def gemm_alone(items: int, regions: int, dim: int, words: int, threads: int) -> float:
+def gemm_alone(items: int, regions: int, dim: int, words: int, threads: int, block: int) -> float:
     """Seconds of the logits GEMM alone, as the scorer computes it (ONNX Runtime MatMul of the
-    flattened regions and the transposed words), blocked as `exhaustive` feeds the scorer."""
+    flattened regions and the transposed words), in blocks of `block` items as `exhaustive`
+    feeds the scorer."""
     value = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph(
         [
@@ -401,10 +415,10 @@ def gemm_alone(items: int, regions: int, dim: int, words: int, threads: int) -> 
     session = ort_session(graph, threads)
     rng = np.random.default_rng(0)
     feeds = {
-        "regions": rng.standard_normal((GALLERY_BLOCK * regions, dim), np.float32),
+        "regions": rng.standard_normal((block * regions, dim), np.float32),
         "words": rng.standard_normal((words, dim), np.float32),
     }
-    blocks = math.ceil(items / GALLERY_BLOCK)
+    blocks = math.ceil(items / block)
     session.run(None, feeds)
     start = time.perf_counter()
     for _ in range(blocks):
@@ -435,13 +449,13 @@ def read_bandwidth(megabytes: int = 1024) -> dict[str, float]:
     return out
 
 
-def dequantize_rates(gallery: Gallery, repeats: int = 5) -> dict:
-    """G elements/s of turning one stored `regions` block (read into memory first) into float32:
-    the runtime's `to_float32`, as `Shard.block` calls it, vs numpy's plain `astype(float32)`
-    (times the per-row scale for int8), the baseline it replaced; and whether both give the
-    same bits."""
+def dequantize_rates(gallery: Gallery, block: int, repeats: int = 5) -> dict:
+    """G elements/s of turning one stored `regions` block of `block` rows (read into memory
+    first) into float32: the runtime's `to_float32`, as `Shard.block` calls it, vs numpy's plain
+    `astype(float32)` (times the per-row scale for int8), the baseline it replaced; and whether
+    both give the same bits."""
     shard = gallery.shards[0]
-    stop = min(GALLERY_BLOCK, shard.count)
+    stop = min(block, shard.count)
     raw = np.ascontiguousarray(shard.load("regions")[:stop])
     scale = None
     if "regions_scale" in shard.files:
@@ -531,25 +545,28 @@ def agreement(exact: np.ndarray, fast: np.ndarray) -> dict[str, float]:
 # The benchmarks
 
 
-def bench_single(scorer: TimedRunner, gallery: Gallery, queries: Queries, args) -> dict:
+def bench_single(
+    scorer: TimedRunner, gallery: Gallery, queries: Queries, args, sizes: CallSizes
+) -> dict:
     """One query per `exhaustive` call: latency, its split (scorer, reads, the rest), GFLOP/s."""
-    timed = TimedGallery(gallery)
+    timed, block = TimedGallery(gallery), sizes.block(gallery.kind)
     seconds, scorer_s, read_s, flops = [], [], [], []
     for i in range(args.warmup + args.iterations):
         one = cropped(queries, [i])
         scorer.reset()
         timed.seconds = 0.0
         start = time.perf_counter()
-        exhaustive(scorer, one, timed, args.k, "t2i")
+        exhaustive(scorer, one, timed, args.k, "t2i", block)
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
             scorer_s.append(scorer.seconds)
             read_s.append(timed.seconds)
             flops.append(2 * gallery.count * args.regions * args.dim * one.arrays["words"].shape[1])
     words = int(np.median(queries.arrays["lengths"][args.warmup : len(seconds) + args.warmup]))
-    gemm = gemm_alone(gallery.count, args.regions, args.dim, words, args.threads)
+    gemm = gemm_alone(gallery.count, args.regions, args.dim, words, args.threads, block)
     by_words = {
-        t: gemm_alone(gallery.count, args.regions, args.dim, t, args.threads) for t in (16, 17)
+        t: gemm_alone(gallery.count, args.regions, args.dim, t, args.threads, block)
+        for t in (16, 17)
     }
     other = np.array(seconds) - np.array(scorer_s) - np.array(read_s)
     elements = gallery.count * args.regions * (args.dim + args.regions)
@@ -566,7 +583,7 @@ def bench_single(scorer: TimedRunner, gallery: Gallery, queries: Queries, args) 
         "gflops_scorer": float(np.sum(flops) / np.sum(scorer_s) / 1e9),
         "gflop_per_query": float(np.mean(flops) / 1e9),
         "scorer_calls": scorer.calls,
-        "dequantize": dequantize_rates(gallery),
+        "dequantize": dequantize_rates(gallery, block),
     }
 
 
@@ -585,16 +602,18 @@ def bench_end_to_end(retriever: Retriever, texts: list[str], args) -> dict:
     return {**stats(seconds), "text_encode_ms": 1e3 * float(np.median(encode))}
 
 
-def bench_batched(scorer: TimedRunner, gallery: Gallery, queries: Queries, args):
-    """All queries, TEXT_BATCH per `exhaustive` call; returns the report and the top-k."""
+def bench_batched(scorer: TimedRunner, gallery: Gallery, queries: Queries, args, sizes: CallSizes):
+    """All queries, `text_batch` per `exhaustive` call; returns the report and the top-k."""
+    batch_size, block = sizes.text_batch, sizes.block(gallery.kind)
     scorer.reset()
     timed = TimedGallery(gallery)
     top = np.empty((queries.count, args.k), np.int64)
     order = np.argsort(-queries.arrays["lengths"], kind="stable")
     flops = 0
     start = time.perf_counter()
-    for s, batch in zip(range(0, queries.count, TEXT_BATCH), text_batches(queries), strict=True):
-        _, top[order[s : s + TEXT_BATCH]] = exhaustive(scorer, batch, timed, args.k, "t2i")
+    batches = text_batches(queries, batch_size)
+    for s, batch in zip(range(0, queries.count, batch_size), batches, strict=True):
+        _, top[order[s : s + batch_size]] = exhaustive(scorer, batch, timed, args.k, "t2i", block)
         captions, words = batch.arrays["words"].shape[:2]  # padded: what the GEMM computes
         flops += 2 * gallery.count * args.regions * args.dim * captions * words
     seconds = time.perf_counter() - start
@@ -610,10 +629,12 @@ def bench_batched(scorer: TimedRunner, gallery: Gallery, queries: Queries, args)
     return report, top
 
 
-def bench_reranked(scorer: TimedRunner, gallery: Gallery, queries: Queries, args, first: int):
+def bench_reranked(
+    scorer: TimedRunner, gallery: Gallery, queries: Queries, args, sizes: CallSizes, first: int
+):
     """One query per `reranked` call: total, shortlist-stage and re-rank-stage latency, and the
     re-rank split (gallery reads vs scorer); returns the report and each query's top-k."""
-    timed = TimedGallery(gallery)
+    timed, block = TimedGallery(gallery), sizes.block(gallery.kind)
     shortlist_s, totals, reads, scoring = [], [], [], []
     top = np.empty((queries.count, args.k), np.int64)
     with timed_shortlist(shortlist_s):
@@ -623,7 +644,7 @@ def bench_reranked(scorer: TimedRunner, gallery: Gallery, queries: Queries, args
             start = time.perf_counter()
             one = cropped(queries, [i])
             _, top[i : i + 1] = reranked(
-                scorer, one, timed, args.k, args.shortlist, "t2i", SHORTLIST_ENGINE
+                scorer, one, timed, args.k, args.shortlist, "t2i", block, SHORTLIST_ENGINE
             )
             totals.append(time.perf_counter() - start)
             reads.append(timed.seconds)
@@ -643,7 +664,9 @@ def bench_reranked(scorer: TimedRunner, gallery: Gallery, queries: Queries, args
     return report, top
 
 
-def bench_large(scorer: TimedRunner, gallery: Gallery, args, speedup: float) -> dict:
+def bench_large(
+    scorer: TimedRunner, gallery: Gallery, args, sizes: CallSizes, speedup: float
+) -> dict:
     """Shortlisted search on the large gallery, its side-by-sides (shortlist engines,
     dequantization), agreement, cold cache; the resident set is sampled before and after each
     phase, its peak reset before each."""
@@ -651,10 +674,10 @@ def bench_large(scorer: TimedRunner, gallery: Gallery, args, speedup: float) -> 
     bandwidth = read_bandwidth()
     memory_report = {"before": memory()}
     with phase(memory_report, "shortlist_queries"):
-        report, top = bench_reranked(scorer, gallery, queries, args, args.warmup)
+        report, top = bench_reranked(scorer, gallery, queries, args, sizes, args.warmup)
     with phase(memory_report, "side_by_side"):
         report["engines"] = shortlist_engines(gallery, queries, args)
-        report["dequantize"] = dequantize_rates(gallery)
+        report["dequantize"] = dequantize_rates(gallery, sizes.block(gallery.kind))
     has_index = gallery.faiss_record is not None
     from_index = has_index and gallery_engine(SHORTLIST_ENGINE, has_index) == "faiss"
     report["shortlist_reads"] = "the float16 FAISS index" if from_index else "the float32 globals"
@@ -663,10 +686,10 @@ def bench_large(scorer: TimedRunner, gallery: Gallery, args, speedup: float) -> 
     report["larger_than_memory"] = gallery.larger_than_memory()
     report["bandwidth_reference"] = bandwidth
     with phase(memory_report, "exhaustive_agreement"):
-        report["agreement"] = large_agreement(scorer, gallery, queries, top, args, speedup)
+        report["agreement"] = large_agreement(scorer, gallery, queries, top, args, sizes, speedup)
     if not args.no_cold:
         with phase(memory_report, "cold_query"):
-            report["cold"] = cold_query(scorer, gallery, queries, args)
+            report["cold"] = cold_query(scorer, gallery, queries, args, sizes)
     report["memory"] = memory_report
     return report
 
@@ -679,7 +702,7 @@ def phase(report: dict, name: str):
     report[name] = {**memory(), "peak_reset": reset}
 
 
-def cold_query(scorer, gallery: Gallery, queries: Queries, args) -> dict:
+def cold_query(scorer, gallery: Gallery, queries: Queries, args, sizes: CallSizes) -> dict:
     start = time.perf_counter()
     drop_cache(gallery.path)
     dropped = time.perf_counter() - start
@@ -687,19 +710,22 @@ def cold_query(scorer, gallery: Gallery, queries: Queries, args) -> dict:
     with timed_shortlist(shortlist_s):
         start = time.perf_counter()
         one = cropped(queries, [0])
-        reranked(scorer, one, gallery, args.k, args.shortlist, "t2i", SHORTLIST_ENGINE)
+        block = sizes.block(gallery.kind)
+        reranked(scorer, one, gallery, args.k, args.shortlist, "t2i", block, SHORTLIST_ENGINE)
         total = time.perf_counter() - start
     return {"total_ms": 1e3 * total, "shortlist_ms": 1e3 * shortlist_s[0], "drop_s": dropped}
 
 
-def large_agreement(scorer, gallery: Gallery, queries: Queries, fast, args, speedup) -> dict:
+def large_agreement(
+    scorer, gallery: Gallery, queries: Queries, fast, args, sizes: CallSizes, speedup
+) -> dict:
     """Exhaustive SCAN over the whole large gallery on as many of the timed queries as
     `--agreement-budget` affords, vs their shortlisted top-k. The count is estimated from one
     query's exhaustive time and the batched/single `speedup` measured on the small gallery."""
-    first = args.warmup
+    first, batch, block = args.warmup, sizes.text_batch, sizes.block(gallery.kind)
     probe = cropped(queries, [first])
     start = time.perf_counter()
-    _, exact0 = exhaustive(scorer, probe, gallery, args.k, "t2i")
+    _, exact0 = exhaustive(scorer, probe, gallery, args.k, "t2i", block)
     one = time.perf_counter() - start
     affordable = (args.agreement_budget - one) / (one / speedup)
     extra = int(min(queries.count - first - 1, max(0.0, affordable)))
@@ -709,9 +735,9 @@ def large_agreement(scorer, gallery: Gallery, queries: Queries, fast, args, spee
         order = rows[np.argsort(-queries.arrays["lengths"][rows], kind="stable")]
         start_all = time.perf_counter()
         parts = {}
-        for s in range(0, len(order), TEXT_BATCH):
-            chunk = order[s : s + TEXT_BATCH]
-            _, indices = exhaustive(scorer, cropped(queries, chunk), gallery, args.k, "t2i")
+        for s in range(0, len(order), batch):
+            chunk = order[s : s + batch]
+            _, indices = exhaustive(scorer, cropped(queries, chunk), gallery, args.k, "t2i", block)
             parts.update(zip(chunk.tolist(), indices, strict=True))
         exact += [parts[int(r)][None] for r in rows]
         batched_s = time.perf_counter() - start_all
@@ -829,7 +855,8 @@ def print_report(r: dict, args) -> None:
     print(f"  GEMM by words  the same GEMM alone at {steps}")
     print(fmt_dequantize(s["dequantize"], small["dtype"]))
     single_pairs = small["count"] / (s["mean_ms"] / 1e3)
-    print(f"\n[2] batched: {b['queries']} queries x {small['count']} images, {TEXT_BATCH} per call")
+    per_call = r["call_sizes"]["text_batch"]
+    print(f"\n[2] batched: {b['queries']} queries x {small['count']} images, {per_call} per call")
     print(
         f"  {b['seconds']:.2f} s, {b['pairs_per_s']:,.0f} pairs/s vs single {single_pairs:,.0f} "
         f"({b['pairs_per_s'] / single_pairs:.1f}x); GEMM {b['gflops_total']:.1f} GFLOP/s whole, "
@@ -866,7 +893,7 @@ def print_large(r: dict, args) -> None:
     print(
         f"  re-rank split  Gallery.rows {L['rerank_rows_ms']:.1f} ms + scorer "
         f"{L['rerank_scorer_ms']:.1f} ms; {L['shards_touched_per_block']:.1f} shards touched per "
-        f"{GALLERY_BLOCK}-candidate block"
+        f"{r['call_sizes']['image_block']}-candidate block"
     )
     print(fmt_dequantize(L["dequantize"], large["dtype"]))
     g = L["agreement"]
@@ -930,18 +957,20 @@ def run(args, work: Path) -> dict:
     )
     bundle = load_bundle(bundle_path)
     backend = open_backend(bundle, "onnxruntime", "fp32", threads=args.threads, providers=["cpu"])
+    sizes = CallSizes.of(backend)  # as the retriever sizes its calls on this bundle and backend
+    report["call_sizes"] = asdict(sizes)
     scorer = TimedRunner(backend.runner("scorer"))
     small = open_gallery(small_path, verify=False)
     queries = make_queries(small, max(args.captions, args.warmup + args.iterations), args.seed)
     log("single queries")
-    report["single"] = bench_single(scorer, small, queries, args)
+    report["single"] = bench_single(scorer, small, queries, args, sizes)
     retriever = Retriever(bundle, {"images": small}, backend)
     texts = random_texts(bundle, args.warmup + args.iterations, args.seed)
     report["end_to_end"] = bench_end_to_end(retriever, texts, args)
     log("batched queries")
     batch = queries.take(np.arange(args.captions))
-    report["batched"], exact = bench_batched(scorer, small, batch, args)
-    _, fast = bench_reranked(scorer, small, batch, args, 0)
+    report["batched"], exact = bench_batched(scorer, small, batch, args, sizes)
+    _, fast = bench_reranked(scorer, small, batch, args, sizes, 0)
     report["small_agreement"] = agreement(exact, fast)
     count = affordable(args, args.large_dtype, work)
     report["large_cap"] = {
@@ -964,7 +993,7 @@ def run(args, work: Path) -> dict:
     large = open_gallery(large_path, verify=False)
     single_pairs = small.count / (report["single"]["mean_ms"] / 1e3)
     speedup = report["batched"]["pairs_per_s"] / single_pairs
-    report["large"] = bench_large(scorer, large, args, speedup)
+    report["large"] = bench_large(scorer, large, args, sizes, speedup)
     report["wall_s"] = time.perf_counter() - wall
     return report
 
