@@ -6,7 +6,7 @@ the gates' targets), with the time of each full pass. Run by hand on a machine w
 
 ONNX Runtime's CUDA and TensorRT providers are not exercised here (they need onnxruntime-gpu);
 this is the torch-CUDA path of the gates. The CUDA device is described through
-`scan_deploy.cuda_device` (cuda-python or pycuda), as engine sidecars record it.
+`scan_deploy.engines.cuda_device` (cuda-python or pycuda), as engine sidecars record it.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
-    from scan_deploy.cuda_device import current_device
+    from scan_deploy.engines.cuda_device import current_device
 
     device = current_device()
     print(f"device: {device}")

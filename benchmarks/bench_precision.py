@@ -51,8 +51,9 @@ from workload import gemm_peak
 
 from scan_deploy.allocator import keep_freed_memory
 from scan_deploy.batching import pad_tokens
-from scan_deploy.bundle import GRAPHS, Bundle, load_bundle
+from scan_deploy.bundle import Bundle, load_bundle
 from scan_deploy.checkpoint import Checkpoint, load_checkpoint
+from scan_deploy.choices import Graph
 from scan_deploy.config import ModelConfig
 from scan_deploy.evaluate import encode_captions, encode_images, split_similarities
 from scan_deploy.metrics import KS, recall_metrics
@@ -212,7 +213,7 @@ def measure_latency(
     spinning on the two cores.)
     """
     cells: dict[tuple[str, str], tuple[Callable[[], object], Callable]] = {}
-    for graph in GRAPHS:
+    for graph in Graph:
         for column in TORCH_COLUMNS:
             cells[graph, column] = (torch_fns[graph], partial(torch_precision, column))
         for precision, graphs in sessions.items():
@@ -487,7 +488,7 @@ def main() -> None:
     inputs = latency_inputs(checkpoint, split)
     feeds = ort_feeds(bundle.config, inputs)
     torch_fns = torch_ops(checkpoint, inputs)
-    paths = {p: {g: str(bundle.graph_path(g, p)) for g in GRAPHS} for p in bundle.precisions()}
+    paths = {p: {g: str(bundle.graph_path(g, p)) for g in Graph} for p in bundle.precisions()}
     sessions = {
         p: {g: session(path, args.threads) for g, path in gs.items()} for p, gs in paths.items()
     }

@@ -90,6 +90,7 @@ from scan_deploy import cli
 from scan_deploy.allocator import keep_freed_memory
 from scan_deploy.bundle import load_bundle
 from scan_deploy.checkpoint import Checkpoint
+from scan_deploy.choices import ShortlistEngine
 from scan_deploy.config import ModelConfig
 from scan_deploy.model import SCAN
 from scan_deploy.vocab import Vocabulary
@@ -97,7 +98,7 @@ from scan_deploy.vocab import Vocabulary
 MIB = 1024 * 1024
 FLOAT = TensorProto.FLOAT
 WRITE_BATCH = 1024  # images per GalleryWriter.add
-SHORTLIST_ENGINE = "auto"  # of the latency rows; the engine it resolves to is printed
+SHORTLIST_ENGINE = ShortlistEngine.AUTO  # of the latency rows; the engine it resolves to is printed
 SHORTLIST_SIZES = (1000, 2000, 5000, 10000)  # exact top-k recall inside the shortlist, by size
 TARGETS = {"single_p50_ms": 50.0, "shortlist_p50_ms": 200.0, "agreement": 0.99}
 

@@ -39,8 +39,9 @@ from scan_deploy.export.graph_builder import describe_value
 from scan_deploy.export.verify import session
 
 from scan_deploy.atomic import atomic_path, write_json
-from scan_deploy.bundle import GRAPHS, MANIFEST, Bundle, sha256_file
+from scan_deploy.bundle import MANIFEST, Bundle, sha256_file
 from scan_deploy.checkpoint import Checkpoint
+from scan_deploy.choices import Graph, Precision
 from scan_deploy.errors import one_of
 from scan_deploy.evaluate import split_similarities
 from scan_deploy.jsonfile import json_safe
@@ -52,7 +53,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    precision: str
+    precision: Precision  # fp16 or int8 (a member or its value)
     method: str = "max"  # INT8 only
     samples: int = 256
     seed: int = 0
@@ -61,8 +62,9 @@ class CalibrationSettings:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        one_of(self.precision, TARGETS, "--precision")
-        one_of(self.method, int8.METHODS, "--method")
+        precision = Precision.parse(self.precision, "precision", among=TARGETS)
+        object.__setattr__(self, "precision", precision)
+        one_of(self.method, int8.METHODS, "method")
 
 
 def calibrate_bundle(
@@ -77,7 +79,7 @@ def calibrate_bundle(
     with `written` telling whether the bundle changed."""
     check_same_model(bundle, checkpoint)
     report_progress = progress or (lambda stage, done, total: None)
-    fp32 = {name: _named_nodes(onnx.load(str(bundle.graph_path(name)))) for name in GRAPHS}
+    fp32 = {name: _named_nodes(onnx.load(str(bundle.graph_path(name)))) for name in Graph}
     sample = sample_split(calibration_split, settings.samples, settings.seed)
     report_progress("reference on the calibration sample", 0, 1)
     sample_reference = split_similarities(checkpoint, sample)
@@ -159,7 +161,7 @@ def _builder(
             ),
         }
     else:
-        feeds = dict.fromkeys(GRAPHS)
+        feeds = dict.fromkeys(Graph)
 
     def build_int8(kept: list[Unit]) -> dict[str, onnx.ModelProto]:
         return {
@@ -182,7 +184,7 @@ def _cache_key(bundle: Bundle, split: PrecompSplit, settings: CalibrationSetting
     source = split.features_path
     stat = source.stat() if source is not None and source.exists() else None
     identity = {
-        "graphs": {name: bundle.graph(name)["sha256"] for name in GRAPHS},
+        "graphs": {name: bundle.graph(name)["sha256"] for name in Graph},
         "features": str(source.resolve()) if source else None,
         "size": stat.st_size if stat else None,
         "mtime_ns": stat.st_mtime_ns if stat else None,
@@ -212,7 +214,8 @@ def _refusal(gate: dict, decision, units: list[Unit], settings: CalibrationSetti
     if not gate["passed"] and not settings.accept_loss:
         return (
             f"worst |ΔR@K| {gate['worst_delta_recall']:.2f} misses the "
-            f"{TARGETS[settings.precision]} target (pass --accept-loss to write it anyway)"
+            f"{TARGETS[settings.precision]} target (pass accept_loss=True, on the command line "
+            "--accept-loss, to write it anyway)"
         )
     return None
 

@@ -26,7 +26,7 @@ CAPTION_BATCH = 64
 def sample_split(split: PrecompSplit, samples: int, seed: int) -> PrecompSplit:
     """`samples` images drawn without replacement (seeded), with all their captions, in memory."""
     if samples < 1:
-        raise input_error(None, "--samples", f"expected at least 1, got {samples}")
+        raise input_error(None, "samples", f"expected at least 1, got {samples}")
     count = min(samples, split.num_images)
     chosen = np.sort(np.random.default_rng(seed).choice(split.num_images, count, replace=False))
     per_image = split.captions_per_image

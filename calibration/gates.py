@@ -14,12 +14,13 @@ import onnx
 from scan_deploy.export.compare import graph_sample, ort_similarities
 from scan_deploy.export.verify import compare_graphs, session
 
-from scan_deploy.bundle import GRAPHS, Bundle
+from scan_deploy.bundle import Bundle
 from scan_deploy.checkpoint import Checkpoint
+from scan_deploy.choices import Graph, Precision
 from scan_deploy.metrics import KS, recall_metrics
 from scan_deploy.precomp import PrecompSplit
 
-TARGETS = {"fp16": 0.3, "int8": 1.0}
+TARGETS = {Precision.FP16: 0.3, Precision.INT8: 1.0}
 Graphs = dict[str, onnx.ModelProto]
 
 
@@ -84,7 +85,7 @@ def run_gate(
         "blame": [],
     }
     if not report["passed"]:
-        for name in GRAPHS:
+        for name in Graph:
             alone = {**fp32, name: variant[name]}
             alone_sims = pipeline_similarities(bundle, alone, split, threads)
             report["blame"].append(

@@ -9,7 +9,6 @@ from dataclasses import asdict
 
 import numpy as np
 from scan_deploy.export.verify import compare_graphs, session
-from scan_deploy.runtime.backends.torch_backend import check_weights, weights_digest
 
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
@@ -18,6 +17,7 @@ from scan_deploy.errors import UserError
 from scan_deploy.evaluate import split_similarities
 from scan_deploy.metrics import recall_metrics
 from scan_deploy.precomp import PrecompSplit
+from scan_deploy.weights import check_weights, weights_digest
 
 GRAPH_SAMPLE = 64  # images (and their first captions) used for the per-graph error statistics
 

@@ -20,7 +20,7 @@ class GraphBuilder:
     def __init__(self, opset: int) -> None:
         if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
             raise UserError(
-                f"--opset: got {opset}, expected {MIN_OPSET}..{onnx.defs.onnx_opset_version()}"
+                f"opset: got {opset}, expected {MIN_OPSET}..{onnx.defs.onnx_opset_version()}"
             )
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []

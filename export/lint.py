@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 from scan_deploy.export.graph_builder import describe_value
 
-from scan_deploy.bundle import GRAPHS
+from scan_deploy.choices import Graph
 
 # onnx/onnx-tensorrt docs/operators.md at release/10.1-GA: the 150 rows marked Y.
 TENSORRT_OPS_SOURCE = "onnx/onnx-tensorrt release/10.1-GA docs/operators.md (TensorRT 10.x)"
@@ -211,7 +211,7 @@ def lint_bundle(bundle, dla: bool = False) -> list[Finding]:
     the file, then the rules above."""
     findings = []
     for precision in bundle.precisions():
-        for name in GRAPHS:
+        for name in Graph:
             label = name if precision == "fp32" else f"{name}.{precision}"
             findings += _lint_entry(bundle, label, bundle.graph(name, precision), dla)
     return findings

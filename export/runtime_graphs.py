@@ -1,6 +1,7 @@
 """The small ONNX graphs the runtime ships as package data (it cannot import onnx to build
-them): `python -m scan_deploy.export.runtime_graphs` rewrites them, and a test checks the
-shipped files against what this module builds."""
+them), by file name: `python -m scan_deploy.export.runtime_graphs runtime/graphs` rewrites them,
+and a test checks the shipped files (`scan_deploy.runtime.dequantize`) against what this module
+builds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 from scan_deploy.export.graph_builder import DEFAULT_OPSET, with_oldest_ir_version
-from scan_deploy.runtime.dequantize import CAST_FLOAT16, DEQUANTIZE_INT8
 
 
 def cast_float16() -> onnx.ModelProto:
@@ -44,16 +44,23 @@ def _one_node(
     return with_oldest_ir_version(model)
 
 
-RUNTIME_GRAPHS = {CAST_FLOAT16: cast_float16, DEQUANTIZE_INT8: dequantize_int8}
+RUNTIME_GRAPHS = {"cast_float16.onnx": cast_float16, "dequantize_int8.onnx": dequantize_int8}
 
 
-def write_runtime_graphs() -> list[Path]:
-    for path, build in RUNTIME_GRAPHS.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(build(), path)
-    return list(RUNTIME_GRAPHS)
+def write_runtime_graphs(folder: Path) -> list[Path]:
+    """Write every runtime graph into `folder` (the runtime's `graphs/`); returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, build in RUNTIME_GRAPHS.items():
+        onnx.save(build(), folder / name)
+        written.append(folder / name)
+    return written
 
 
 if __name__ == "__main__":
-    for written in write_runtime_graphs():
-        print(written)
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m scan_deploy.export.runtime_graphs FOLDER (runtime/graphs)")
+    for path in write_runtime_graphs(Path(sys.argv[1])):
+        print(path)

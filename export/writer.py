@@ -1,7 +1,7 @@
 """`scan-deploy export`: build the three graphs, check them (ONNX checker, then ONNX Runtime against
 PyTorch on generated inputs, as timm does), and write the bundle atomically. The manifest records
-a digest of the checkpoint's weights (`weights.sha256`: `torch_backend.weights_digest`) so that
-the torch backend can refuse a checkpoint with other weights."""
+a digest of the checkpoint's weights (`weights.sha256`: `scan_deploy.weights.weights_digest`) so
+that the torch backend can refuse a checkpoint with other weights."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ from scan_deploy.export.encoders import image_encoder_graph, text_encoder_graph
 from scan_deploy.export.graph_builder import describe_value
 from scan_deploy.export.scorer import scorer_graph
 from scan_deploy.export.verify import OutputError, compare_graphs, generated_inputs, session
-from scan_deploy.runtime.backends.torch_backend import weights_digest
 
 from scan_deploy import __version__
 from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
 from scan_deploy.bundle import FORMAT_VERSION, MANIFEST, VOCAB, sha256_file
+from scan_deploy.bundle import MARKER as BUNDLE_MARKER
 from scan_deploy.checkpoint import Checkpoint
 from scan_deploy.errors import UserError
+from scan_deploy.weights import weights_digest
 
 
 class ParityError(UserError):
@@ -54,6 +55,10 @@ class ShapeRanges:
 
     @classmethod
     def create(cls, max_batch: int, regions: int, max_words: int) -> ShapeRanges:
+        if max_words < 3:  # the word limit counts <start> and <end>
+            raise UserError(
+                f"max_words: got {max_words}, expected at least 3 (<start>, a word and <end>)"
+            )
         return cls(
             DimRange(1, min(32, max_batch), max_batch),
             DimRange(regions, regions, regions),
@@ -103,7 +108,7 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write the bundle folder `out`; returns the manifest."""
     out = Path(out)
-    check_output_dir(out, force, MANIFEST, "bundle", inputs=[checkpoint.path])
+    check_output_dir(out, force, BUNDLE_MARKER, inputs=[checkpoint.path])
     model = checkpoint.model.eval()
     graphs = build_graphs(model, opset)
     parity = check_parity(model, graphs, ranges)

@@ -25,6 +25,7 @@ from scan_deploy.runtime.indexer import Progress
 from scan_deploy.runtime.inner_product import gallery_engine
 from scan_deploy.runtime.retriever import Retriever
 
+from scan_deploy.choices import ShortlistEngine
 from scan_deploy.errors import UserError
 
 AGREEMENT_QUERIES = 50
@@ -36,7 +37,7 @@ def check_batch_sizes(batch_sizes: Sequence[int]) -> None:
     for batch in batch_sizes:
         if not 1 <= batch <= MAX_BATCH:
             raise UserError(
-                f"--batch: expected 1 to {MAX_BATCH} queries per call, got {batch} (the "
+                f"batch_sizes: expected 1 to {MAX_BATCH} queries per call, got {batch} (the "
                 "retriever scores queries in batches the engine takes: larger calls only repeat "
                 "those)"
             )
@@ -94,8 +95,8 @@ def run_bench(
         "k": k,
         "shortlist": shortlist,
         "shortlist_engine": gallery_engine(retriever.shortlist_engine, has_index),
-        "faiss_index": gallery_engine(retriever.shortlist_engine, has_index) == "faiss"
-        and has_index,
+        "faiss_index": has_index
+        and gallery_engine(retriever.shortlist_engine, has_index) == ShortlistEngine.FAISS,
         "warmup": warmup,
         "iterations": iterations,
         "batches": rows,

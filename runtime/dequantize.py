@@ -5,8 +5,8 @@ use F16C), and its int8 × scale at ~1.3–1.6; ONNX Runtime's kernels do the sa
 at ~4.0 (Cast: 6.7–8×) and ~3.0 (DequantizeLinear per row: 1.9–2.6×) on one thread
 (benchmarks/bench_query.py, one 256-image block of R=36, D=1024). So blocks go through two one-node
 graphs shipped with the package (`graphs/*.onnx`, written by `python -m
-scan_deploy.export.runtime_graphs`) when onnxruntime is installed, and through numpy otherwise
-(a Jetson with only TensorRT). Every path gives the same float32 bits.
+scan_deploy.export.runtime_graphs runtime/graphs`) when onnxruntime is installed, and through
+numpy otherwise (a Jetson with only TensorRT). Every path gives the same float32 bits.
 """
 
 from __future__ import annotations

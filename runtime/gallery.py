@@ -69,16 +69,17 @@ from scan_deploy.runtime.inner_product import (
     write_faiss_index,
 )
 
-from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
-from scan_deploy.bundle import GRAPHS, Bundle, check_sha256, sha256_file
+from scan_deploy.atomic import Marker, atomic_dir, check_output_dir, write_json
+from scan_deploy.bundle import Bundle, check_sha256, sha256_file
+from scan_deploy.choices import GalleryDtype, Graph
 from scan_deploy.errors import input_error, one_of
 from scan_deploy.jsonfile import read_json_object, typed
 from scan_deploy.precomp import open_npy, read_npy_header
 
 FORMAT_VERSION = 1
 KINDS = ("images", "captions")
-DTYPES = ("fp32", "fp16", "int8")
 MANIFEST = "manifest.json"
+MARKER = Marker(MANIFEST, ("format_version", "kind", "shards", "bundle"), "gallery")
 IDS = "ids.json"
 TEXTS = "texts.json"
 SCALE_SUFFIX = "_scale"
@@ -99,7 +100,11 @@ GRAMS = {"images": "region_gram", "captions": "caption_gram"}
 EMBEDDINGS = {"images": "regions", "captions": "words"}
 # Arrays stored in the gallery dtype; `global` is always float32 and `lengths` int64.
 QUANTIZED = ("regions", "region_gram", "words", "caption_gram")
-_STORAGE = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+_STORAGE = {
+    GalleryDtype.FP32: np.dtype(np.float32),
+    GalleryDtype.FP16: np.dtype(np.float16),
+    GalleryDtype.INT8: np.dtype(np.int8),
+}
 _FIXED = {"global": np.dtype(np.float32), "lengths": np.dtype(np.int64)}
 _FP16_MAX = float(np.finfo(np.float16).max)
 _FIX = "re-run scan-deploy index"
@@ -109,13 +114,13 @@ class _Aborted(Exception):
     """Thrown into the temp-folder context to discard a gallery that will not be finished."""
 
 
-def stored_arrays(kind: str, dtype: str) -> dict[str, np.dtype]:
+def stored_arrays(kind: str, dtype: GalleryDtype) -> dict[str, np.dtype]:
     """The files of one shard of a `kind`/`dtype` gallery: stored array name → numpy dtype."""
     stored = {}
     for name in ITEM_AXES[kind]:
         if name in QUANTIZED:
             stored[name] = _STORAGE[dtype]
-            if dtype == "int8":
+            if dtype == GalleryDtype.INT8:
                 stored[name + SCALE_SUFFIX] = np.dtype(np.float32)
         else:
             stored[name] = _FIXED[name]
@@ -150,7 +155,7 @@ class GalleryWriter:
         path: str | Path,
         kind: str,
         bundle: Bundle,
-        dtype: str = "fp16",
+        dtype: GalleryDtype | str = GalleryDtype.FP16,
         shard_size: int = 4096,
         force: bool = False,
         faiss_index: bool = False,
@@ -159,10 +164,10 @@ class GalleryWriter:
         one_of(kind, KINDS, "kind")
         if faiss_index:
             require_faiss()
-        one_of(dtype, DTYPES, "dtype")
+        dtype = GalleryDtype.parse(dtype, "dtype")
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise input_error(None, "shard_size", f"got {shard_size!r}, expected an integer ≥ 1")
-        check_output_dir(self.path, force, MANIFEST, "gallery")
+        check_output_dir(self.path, force, MARKER)
         self.kind = kind
         self.dtype = dtype
         self.shard_size = shard_size
@@ -235,7 +240,7 @@ class GalleryWriter:
                 "dtype": self.dtype,
                 "count": self._count,
                 "shard_size": self.shard_size,
-                "quantization": QUANTIZATION if self.dtype == "int8" else None,
+                "quantization": QUANTIZATION if self.dtype == GalleryDtype.INT8 else None,
                 "bundle": self.bundle_identity,
                 "ids": _write_list(self._tmp, IDS, self._ids),
                 "texts": None
@@ -373,9 +378,9 @@ class GalleryWriter:
             batch[gram] = np.matmul(embeddings, np.swapaxes(embeddings, 1, 2))
         stored = {}
         for name, value in batch.items():
-            if name not in QUANTIZED or self.dtype == "fp32":
+            if name not in QUANTIZED or self.dtype == GalleryDtype.FP32:
                 stored[name] = value
-            elif self.dtype == "fp16":
+            elif self.dtype == GalleryDtype.FP16:
                 peak = float(np.abs(value).max()) if value.size else 0.0
                 if peak > _FP16_MAX:
                     raise input_error(
@@ -437,7 +442,7 @@ def bundle_identity(bundle: Bundle) -> dict[str, Any]:
     """What a gallery records about the bundle it was encoded with."""
     return {
         "path": str(Path(bundle.path).absolute()),
-        "graphs": {name: bundle.manifest["graphs"][name]["sha256"] for name in GRAPHS},
+        "graphs": {name: bundle.manifest["graphs"][name]["sha256"] for name in Graph},
         "vocab": {"words_sha256": bundle.manifest["vocab"]["words_sha256"]},
         "embed_size": int(bundle.config.embed_size),
         "cross_attn": bundle.config.cross_attn,
@@ -497,7 +502,7 @@ class Shard:
     offset: int = 0
     root: Path = field(default=Path("."), repr=False)
     files: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
-    dtype: str = "fp32"
+    dtype: GalleryDtype = GalleryDtype.FP32
     headers: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     def path(self, name: str) -> Path:
@@ -601,7 +606,7 @@ class Gallery:
 
     path: Path
     kind: str
-    dtype: str
+    dtype: GalleryDtype
     count: int
     manifest: dict[str, Any]
     shards: list[Shard]
@@ -650,7 +655,7 @@ class Gallery:
                 f"gallery built with another bundle (embed_size {recorded['embed_size']}, the "
                 f"bundle at {bundle.path} has {actual['embed_size']}): {_FIX}",
             )
-        for name in GRAPHS:
+        for name in Graph:
             mine, theirs = recorded["graphs"].get(name), actual["graphs"][name]
             if mine != theirs:
                 raise input_error(
@@ -751,12 +756,13 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     what = "the manifest of a gallery folder (scan-deploy index)"
     manifest = read_json_object(where, what, FORMAT_VERSION)
     kind = one_of(manifest.get("kind"), KINDS, "kind", where)
-    dtype = one_of(manifest.get("dtype"), DTYPES, "dtype", where)
+    dtype = GalleryDtype.parse(manifest.get("dtype"), "dtype", where)
     count = typed(manifest.get("count"), int, "count", where)
     bundle = typed(manifest.get("bundle"), dict, "bundle", where)
     embed_size = typed(bundle.get("embed_size"), int, "bundle.embed_size", where)
     typed(bundle.get("graphs"), dict, "bundle.graphs", where)
     typed(bundle.get("vocab"), dict, "bundle.vocab", where)
+    typed(bundle.get("path"), str, "bundle.path", where)  # query's bundle without --bundle
     entries = typed(manifest.get("shards"), list, "shards", where)
     if count < 1:
         raise input_error(where, "count", f"got {count}, expected at least one item")
@@ -908,7 +914,6 @@ def _read_list(
 
 
 __all__ = [
-    "DTYPES",
     "FORMAT_VERSION",
     "KINDS",
     "Gallery",

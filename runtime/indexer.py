@@ -17,16 +17,18 @@ would score every query alike.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
-from scan_deploy.runtime.gallery import GalleryWriter
+from scan_deploy.runtime.gallery import MARKER, GalleryWriter
 
 from scan_deploy.atomic import atomic_dir, check_output_dir
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
+from scan_deploy.choices import GalleryDtype
 from scan_deploy.errors import input_error
 from scan_deploy.precomp import check_feature_dim, load_files
 
@@ -39,7 +41,7 @@ def index_gallery(
     features_path: Path,
     captions_path: Path | None,
     out: Path,
-    dtype: str = "fp16",
+    dtype: GalleryDtype | str = GalleryDtype.FP16,
     shard_size: int = 4096,
     force: bool = False,
     progress: Progress | None = None,
@@ -49,8 +51,9 @@ def index_gallery(
     also a FAISS index of each gallery's pooled embeddings for the shortlist."""
     report = progress or (lambda stage, done, total: None)
     out = Path(out)
-    inputs = [p for p in (features_path, captions_path, bundle.path) if p is not None]
-    check_output_dir(out, force, "images/manifest.json", "gallery", inputs)
+    checkpoint = getattr(backend, "checkpoint", None)  # the torch backend's
+    inputs = [p for p in (features_path, captions_path, bundle.path, checkpoint) if p is not None]
+    check_output_dir(out, force, replace(MARKER, file=f"images/{MARKER.file}"), inputs)
     data = load_files(features_path, captions_path)  # checks NaN/Inf in bounded chunks
     expected = bundle.manifest["shape_ranges"]["regions"]["opt"]
     if data.num_regions != expected:

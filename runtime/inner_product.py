@@ -21,40 +21,43 @@ from typing import Any
 
 import numpy as np
 
-from scan_deploy.errors import UserError, input_error, one_of
+from scan_deploy.choices import ShortlistEngine
+from scan_deploy.errors import UserError, input_error
 from scan_deploy.extras import EXTRAS
 
 LOG = logging.getLogger("scan_deploy.runtime")
-ENGINES = ("auto", "numpy", "faiss")
 FAISS_HINT = f"faiss is not installed: {EXTRAS['faiss'].install()}"
 FAISS_INDEX_TYPE = "faiss IndexScalarQuantizer QT_fp16 METRIC_INNER_PRODUCT"
 
 
-def check_engine(engine: str) -> str:
-    """`engine` when it is one of ENGINES (`faiss` only when FAISS is installed)."""
-    if one_of(engine, ENGINES, "--shortlist-engine") == "faiss":
+def check_engine(engine: ShortlistEngine | str) -> ShortlistEngine:
+    """The shortlist engine `engine` names (`faiss` only when FAISS is installed)."""
+    engine = ShortlistEngine.parse(engine, "shortlist_engine")
+    if engine == ShortlistEngine.FAISS:
         require_faiss()
     return engine
 
 
-def gallery_engine(engine: str, has_index: bool) -> str:
+def gallery_engine(engine: ShortlistEngine, has_index: bool) -> ShortlistEngine:
     """`numpy` or `faiss`: what a shortlist with `engine` runs on for a gallery with or without a
     FAISS index. `auto` takes FAISS only for the index: `faiss.knn` over the float32 globals
     measured slower than numpy's GEMM (1M images: 605 vs 410 ms)."""
-    if engine != "auto":
+    if engine != ShortlistEngine.AUTO:
         return engine
-    return "faiss" if has_index and faiss_installed() else "numpy"
+    if has_index and faiss_installed():
+        return ShortlistEngine.FAISS
+    return ShortlistEngine.NUMPY
 
 
 def top_inner_products(
-    queries: np.ndarray, items: np.ndarray, k: int, engine: str, threads: int = 0
+    queries: np.ndarray, items: np.ndarray, k: int, engine: ShortlistEngine, threads: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, indices), each (queries, min(k, items)), of the largest `queries @ items.T` per
     query, in no particular order; `engine` numpy or faiss (`threads` OpenMP threads, 0: all)."""
     k = min(k, len(items))
     if not k:
         return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
-    if engine == "faiss":
+    if engine == ShortlistEngine.FAISS:
         faiss = _faiss_in_this_thread(threads)
         return faiss.knn(queries, items, k, metric=faiss.METRIC_INNER_PRODUCT)
     scores = queries @ items.T

@@ -32,7 +32,8 @@ from scan_deploy.runtime.inner_product import FAISS_HINT, check_engine, gallery_
 from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
 
 from scan_deploy.batching import pad_tokens
-from scan_deploy.bundle import GRAPHS, Bundle, load_bundle
+from scan_deploy.bundle import Bundle, load_bundle
+from scan_deploy.choices import Backend, Graph, Precision, Provider, ShortlistEngine
 from scan_deploy.errors import UserError, input_error
 from scan_deploy.precomp import check_finite_features
 
@@ -57,13 +58,13 @@ class Retriever:
         bundle: Bundle,
         galleries: dict[str, Gallery],
         backend,
-        shortlist_engine: str = "auto",
+        shortlist_engine: ShortlistEngine | str = ShortlistEngine.AUTO,
         threads: int = 0,
     ) -> None:
         self.bundle, self.galleries, self.backend = bundle, galleries, backend
         self.shortlist_engine = check_engine(shortlist_engine)
         self.threads = threads
-        self._runners = {name: _Locked(backend.runner(name)) for name in GRAPHS}
+        self._runners = {name: _Locked(backend.runner(name)) for name in Graph}
         self.sizes = CallSizes.of(backend)
 
     @classmethod
@@ -71,17 +72,17 @@ class Retriever:
         cls,
         bundle: str | Path | Bundle | None,
         gallery: str | Path,
-        backend: str = "onnxruntime",
-        precision: str = "fp32",
+        backend: Backend | str = Backend.ONNXRUNTIME,
+        precision: Precision | str = Precision.FP32,
         *,
         threads: int = 0,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[Provider | str] | None = None,
         checkpoint: str | Path | None = None,
         verify: bool = True,
-        shortlist_engine: str = "auto",
+        shortlist_engine: ShortlistEngine | str = ShortlistEngine.AUTO,
     ) -> Retriever:
         """`bundle` None: the bundle the gallery was indexed with (its recorded path).
-        `shortlist_engine`: `inner_product.ENGINES` (auto: FAISS for a gallery indexed with
+        `shortlist_engine`: a `ShortlistEngine` (auto: FAISS for a gallery indexed with
         `--faiss-index` when faiss is installed, else numpy); a gallery's FAISS index is opened
         and checked here when it will be used. `threads` (0: the libraries' defaults) sizes ONNX
         Runtime's intra-op pool and FAISS's OpenMP threads."""
@@ -96,9 +97,9 @@ class Retriever:
         for part in galleries.values():
             if part.faiss_record is None:
                 continue
-            if gallery_engine(engine, has_index=True) == "faiss":
+            if gallery_engine(engine, has_index=True) == ShortlistEngine.FAISS:
                 part.faiss_index()
-            elif engine == "auto":
+            elif engine == ShortlistEngine.AUTO:
                 LOG.warning("unused FAISS index in %s: %s", part.path, FAISS_HINT)
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
@@ -205,9 +206,9 @@ class Retriever:
             )
         gallery = self.galleries[kind]
         if not 1 <= k <= gallery.count:
-            raise input_error(None, "-k", f"expected 1..{gallery.count} (gallery size), got {k}")
+            raise input_error(None, "k", f"expected 1..{gallery.count} (gallery size), got {k}")
         if shortlist is not None and not k <= shortlist:
-            raise input_error(None, "--shortlist", f"expected at least k = {k}, got {shortlist}")
+            raise input_error(None, "shortlist", f"expected at least k = {k}, got {shortlist}")
         return gallery
 
     def _token_lists(self, texts: Sequence[str]) -> list[list[int]]:

@@ -22,6 +22,8 @@ from scan_deploy.runtime.inner_product import (
     top_inner_products,
 )
 
+from scan_deploy.choices import ShortlistEngine
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -111,14 +113,18 @@ def exhaustive(
 
 
 def shortlist(
-    queries: Queries, gallery: Gallery, size: int, engine: str = "auto", threads: int = 0
+    queries: Queries,
+    gallery: Gallery,
+    size: int,
+    engine: ShortlistEngine | str = ShortlistEngine.AUTO,
+    threads: int = 0,
 ) -> np.ndarray:
     """(queries, size) gallery indices with the largest pooled-embedding inner products, best
-    first; `engine` one of `inner_product.ENGINES`, `threads` FAISS's (0: its default)."""
+    first; `engine` a `ShortlistEngine`, `threads` FAISS's (0: its default)."""
     pooled, top = queries.arrays["global"], TopK(queries.count, size)
     has_index = gallery.faiss_record is not None
     engine = gallery_engine(check_engine(engine), has_index)
-    if engine == "faiss" and has_index:
+    if engine == ShortlistEngine.FAISS and has_index:
         index = gallery.faiss_index()
         top.update(*search_faiss_index(index, pooled, min(size, gallery.count), threads))
         return top.result()[1]
@@ -136,7 +142,7 @@ def reranked(
     size: int,
     cross_attn: str,
     block: int,
-    engine: str = "auto",
+    engine: ShortlistEngine | str = ShortlistEngine.AUTO,
     threads: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Shortlist `size` candidates per query (on `engine`), then exact SCAN on those only,

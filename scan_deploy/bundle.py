@@ -27,16 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from scan_deploy.atomic import Marker
+from scan_deploy.choices import Graph, Precision
 from scan_deploy.config import ModelConfig
-from scan_deploy.errors import UserError, input_error, one_of
-from scan_deploy.jsonfile import read_json_object
+from scan_deploy.errors import UserError, input_error
+from scan_deploy.jsonfile import read_json_object, typed
 from scan_deploy.vocab import Vocabulary
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
-GRAPHS = ("image_encoder", "text_encoder", "scorer")
-PRECISIONS = ("fp32", "fp16", "int8")
+MARKER = Marker(MANIFEST, ("format_version", "graphs", "opset", "shape_ranges"), "bundle")
 LOG = logging.getLogger(__name__)
 # The graphs' symbolic dims, by the manifest shape range they take their sizes from.
 DIM_RANGES = {
@@ -144,29 +145,62 @@ def load_bundle(path: str | Path) -> Bundle:
     for key in ("model", "vocab", "graphs", "shape_ranges", "opset"):
         if key not in manifest:
             raise input_error(manifest_path, key, "missing from the manifest")
+    _check_shape_ranges(manifest["shape_ranges"], manifest_path)
     config = ModelConfig.from_dict(manifest["model"], source=manifest_path)
     _check_file(path, manifest["vocab"], manifest_path, "vocab")
+    typed(manifest["vocab"].get("words_sha256"), str, "vocab.words_sha256", manifest_path)
     vocab = Vocabulary.load(path / manifest["vocab"]["file"])
     if len(vocab) != config.vocab_size:
         raise input_error(
             manifest_path, "vocab", f"has {len(vocab)} words, the model expects {config.vocab_size}"
         )
-    for name in GRAPHS:
+    typed(manifest["graphs"], dict, "graphs", manifest_path)
+    for name in Graph:
         if name not in manifest["graphs"]:
             raise input_error(manifest_path, f"graphs.{name}", "missing from the manifest")
         _check_file(path, manifest["graphs"][name], manifest_path, f"graphs.{name}")
-    for precision, variant in manifest.get("variants", {}).items():
-        one_of(precision, PRECISIONS[1:], f"variants.{precision}", manifest_path)
-        for name in GRAPHS:
+    variants = typed(manifest.get("variants", {}), dict, "variants", manifest_path)
+    for precision, variant in variants.items():
+        Precision.parse(
+            precision,
+            f"variants.{precision}",
+            manifest_path,
+            among=(Precision.FP16, Precision.INT8),
+        )
+        typed(variant, dict, f"variants.{precision}", manifest_path)
+        graphs = typed(
+            variant.get("graphs", {}), dict, f"variants.{precision}.graphs", manifest_path
+        )
+        for name in Graph:
             field = f"variants.{precision}.graphs.{name}"
-            if name not in variant.get("graphs", {}):
+            if name not in graphs:
                 raise input_error(manifest_path, field, "missing from the manifest")
             _check_file(path, variant["graphs"][name], manifest_path, field)
     return Bundle(path, manifest, config, vocab)
 
 
-def _check_file(root: Path, entry: dict[str, Any], manifest_path: Path, field: str) -> None:
-    file_path = root / entry["file"]
+def _check_shape_ranges(ranges: Any, manifest_path: Path) -> None:
+    """Each dim's min/opt/max are integers with 1 <= min <= opt <= max, and `words.max` leaves
+    room for a word between `<start>` and `<end>`."""
+    typed(ranges, dict, "shape_ranges", manifest_path)
+    for dim in dict.fromkeys([*DIM_RANGES.values(), *ranges]):  # batch, regions, words, others
+        field = f"shape_ranges.{dim}"
+        bounds = typed(ranges.get(dim), dict, field, manifest_path)
+        low, opt, high = (
+            typed(bounds.get(b), int, f"{field}.{b}", manifest_path) for b in DimSizes._fields
+        )
+        if not 1 <= low <= opt <= high:
+            message = f"got min {low}, opt {opt}, max {high}, expected 1 <= min <= opt <= max"
+            raise input_error(manifest_path, field, message)
+    if ranges["words"]["max"] < 3:
+        message = f"got {ranges['words']['max']}, expected at least 3 (<start>, a word and <end>)"
+        raise input_error(manifest_path, "shape_ranges.words.max", message)
+
+
+def _check_file(root: Path, entry: Any, manifest_path: Path, field: str) -> None:
+    typed(entry, dict, field, manifest_path)
+    file_path = root / typed(entry.get("file"), str, f"{field}.file", manifest_path)
+    expected = typed(entry.get("sha256"), str, f"{field}.sha256", manifest_path)
     if not file_path.is_file():
         raise input_error(file_path, None, f"missing (named by {manifest_path.name} {field})")
-    check_sha256(file_path, sha256_file(file_path), entry["sha256"], "re-export the bundle")
+    check_sha256(file_path, sha256_file(file_path), expected, "re-export the bundle")

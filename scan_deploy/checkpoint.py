@@ -8,6 +8,8 @@ optional `meta.json` (epoch, best rsum, ...). A training run's `last/` folder al
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scan_deploy.atomic import atomic_dir, write_json
+from scan_deploy.atomic import Marker, atomic_dir, write_json
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import UserError, input_error
 from scan_deploy.jsonfile import read_json_object
-from scan_deploy.model import SCAN
+from scan_deploy.model import SCAN, weight_shapes
 from scan_deploy.precomp import find_vocab
 from scan_deploy.vocab import Vocabulary
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+MARKER = Marker(CONFIG, ("format_version", "vocab_size", "embed_size", "cross_attn"), "checkpoint")
 VOCAB = "vocab.json"
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -98,12 +101,14 @@ def build_model(
 ) -> SCAN:
     """A SCAN model with `state` loaded, after checking config, vocab and weights agree and
     every weight is finite."""
+    config_path = source.parent / CONFIG if source.suffix == ".safetensors" else source
     if len(vocab) != config.vocab_size:
         raise input_error(
-            source.parent / CONFIG if source.suffix == ".safetensors" else source,
+            config_path,
             "vocab_size",
             f"is {config.vocab_size} but the vocabulary has {len(vocab)} words",
         )
+    check_weight_shapes(config, state, source, config_path)
     model = SCAN(config)
     model.load_weights(state, str(source))
     for name, tensor in model.state_dict().items():  # after the float32 cast: overflow shows
@@ -111,6 +116,57 @@ def build_model(
             bad = int((~torch.isfinite(tensor)).sum())
             raise input_error(source, name, f"{bad} of {tensor.numel()} values are NaN or infinite")
     return model.eval()
+
+
+def check_weight_shapes(
+    config: ModelConfig, state: dict[str, torch.Tensor], source: Path, config_path: Path
+) -> None:
+    """The weights `state` (read from `source`) are the ones `config` implies, names and shapes,
+    checked before the model is built: building it from a corrupt config (num_layers 100000,
+    embed_size 1000000000) would hang or run out of memory. The one-line error names the config
+    field that disagrees, or else the weight."""
+    weights = source.name if source != config_path else "the checkpoint"
+
+    def mismatch(field: str | None, name: str, problem: str, otherwise: str) -> UserError:
+        if field is None:
+            return input_error(source, name, otherwise)
+        value = json.dumps(getattr(config, field))
+        return input_error(config_path, field, f"is {value} but {weights} {problem}")
+
+    implied = set()
+    for name, dims in weight_shapes(config):  # stops at the first weight the file lacks
+        implied.add(name)
+        if name not in state:
+            raise mismatch(
+                _field_of(name), name, f"has no {name}", "missing from the checkpoint weights"
+            )
+        shape, sizes = tuple(state[name].shape), tuple(size for size, _ in dims)
+        if shape != sizes:
+            field = None  # a tensor of another rank: no size to blame
+            if len(shape) == len(sizes):
+                field = next(f for (n, f), m in zip(dims, shape, strict=True) if n != m)
+            raise mismatch(
+                field,
+                name,
+                f"has {name} of shape {shape}, the config implies {sizes}",
+                f"shape {shape} does not match the config, expected {sizes}",
+            )
+    unexpected = sorted(set(state) - implied)
+    if unexpected:
+        name = unexpected[0]
+        otherwise = "unexpected weight (does the config match the checkpoint?)"
+        raise mismatch(_field_of(name), name, f"also has {name}", otherwise)
+
+
+def _field_of(name: str) -> str | None:
+    """The config field that decides whether the weight `name` exists."""
+    if name.endswith("_reverse"):
+        return "bi_gru"
+    if re.fullmatch(r"txt_enc\.rnn\.\w+_l[1-9][0-9]*", name):
+        return "num_layers"
+    if name in ("img_enc.fc.weight", "img_enc.fc.weight_v", "img_enc.fc.weight_g"):
+        return "precomp_enc_type"
+    return None
 
 
 def load_original(

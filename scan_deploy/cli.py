@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from scan_deploy import __version__
+from scan_deploy import __version__, choices
 from scan_deploy.errors import UserError
 from scan_deploy.extras import missing_extra
 
@@ -51,15 +51,16 @@ err_console = Console(stderr=True)
 
 # Options several commands share, declared once.
 Threads = Annotated[int, typer.Option(help="ONNX Runtime (and FAISS) threads (0: default).")]
-Backend = Annotated[str, typer.Option(help="onnxruntime, tensorrt or torch.")]
-GraphPrecision = Annotated[str, typer.Option(help="Graphs: fp32, fp16 or int8.")]
+Backend = Annotated[choices.Backend, typer.Option(help="Inference backend.")]
+GraphPrecision = Annotated[choices.Precision, typer.Option(help="Precision of the graphs.")]
 TorchCheckpoint = Annotated[Path | None, typer.Option(help="Checkpoint, for --backend torch only.")]
 GalleryBundle = Annotated[
     Path | None, typer.Option(help="Bundle (default: the one the gallery was indexed with).")
 ]
 Shortlist = Annotated[int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")]
 ShortlistEngine = Annotated[
-    str, typer.Option(help="Shortlist on auto (faiss if installed), numpy or faiss.")
+    choices.ShortlistEngine,
+    typer.Option(help="Shortlist on auto (faiss if installed), numpy or faiss."),
 ]
 DataVocab = Annotated[
     Path | None,
@@ -210,6 +211,8 @@ def train(
         seed=seed,
         device=device,
     )
+    if file := next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None):
+        raise UserError(f"{file}: is a file, expected a folder (--out: the training run's folder)")
     for name in (LAST, BEST):  # what a killed run left, first
         sweep_stale(out / name)
     if not resume and ((out / LAST).exists() or (out / BEST).exists()):
@@ -319,10 +322,10 @@ def convert(
 ) -> None:
     """Convert an original SCAN checkpoint into the safe scan-deploy format (no pickle)."""
     from scan_deploy.atomic import check_output_dir
-    from scan_deploy.checkpoint import WEIGHTS, load_original, save_checkpoint
+    from scan_deploy.checkpoint import MARKER, load_original, save_checkpoint
     from scan_deploy.jsonfile import json_safe
 
-    check_output_dir(out, force, WEIGHTS, "checkpoint", inputs=[original, vocab])
+    check_output_dir(out, force, MARKER, inputs=[original, vocab])
     checkpoint = load_original(original, vocab)
     save_checkpoint(out, checkpoint.model, checkpoint.vocab, checkpoint.meta)
     if as_json:
@@ -345,7 +348,7 @@ def export_command(
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
     opset: Annotated[int, typer.Option(help="ONNX opset (13 or newer).")] = 17,
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch engines accept.")] = 256,
-    max_words: Annotated[int, typer.Option(min=1, help="Longest caption in tokens.")] = 64,
+    max_words: Annotated[int, typer.Option(min=3, help="Longest caption in tokens.")] = 64,
     regions: Annotated[int, typer.Option(min=1, help="Regions per image.")] = 36,
     vocab: Annotated[
         Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
@@ -444,7 +447,9 @@ def compare(
 def calibrate(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
     data: Annotated[Path, typer.Option(help="Precomp data folder.")],
-    precision: Annotated[str, typer.Option(help="fp16 or int8.")] = "int8",
+    precision: Annotated[
+        choices.Precision, typer.Option(help="Variant to write: fp16 or int8.")
+    ] = choices.Precision.INT8,
     checkpoint: Annotated[
         Path | None,
         typer.Option(help="FP32 reference checkpoint (default: the one the bundle came from)."),
@@ -597,10 +602,12 @@ def index(
         Path | None,
         typer.Option(help="Captions (1 or 5 per image, one a line) for image->text search."),
     ] = None,
-    dtype: Annotated[str, typer.Option(help="Storage: fp32, fp16 or int8.")] = "fp16",
+    dtype: Annotated[
+        choices.GalleryDtype, typer.Option(help="Storage of the gallery's features.")
+    ] = choices.GalleryDtype.FP16,
     shard_size: Annotated[int, typer.Option(min=1, help="Items per shard.")] = 4096,
-    backend: Backend = "onnxruntime",
-    precision: GraphPrecision = "fp32",
+    backend: Backend = choices.Backend.ONNXRUNTIME,
+    precision: GraphPrecision = choices.Precision.FP32,
     threads: Threads = 0,
     checkpoint: TorchCheckpoint = None,
     faiss_index: Annotated[
@@ -653,10 +660,10 @@ def query(
         Path | None, typer.Option(help="Image queries: region features (.npy) -> captions.")
     ] = None,
     shortlist: Shortlist = None,
-    shortlist_engine: ShortlistEngine = "auto",
+    shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
     bundle: GalleryBundle = None,
-    backend: Backend = "onnxruntime",
-    precision: GraphPrecision = "fp32",
+    backend: Backend = choices.Backend.ONNXRUNTIME,
+    precision: GraphPrecision = choices.Precision.FP32,
     threads: Threads = 0,
     checkpoint: TorchCheckpoint = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per query.")] = False,
@@ -711,12 +718,12 @@ def bench(
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Hits per query.")] = 10,
     shortlist: Shortlist = None,
-    shortlist_engine: ShortlistEngine = "auto",
+    shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per batch size.")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="Timed calls per batch size.")] = 20,
     bundle: GalleryBundle = None,
-    backend: Backend = "onnxruntime",
-    precision: GraphPrecision = "fp32",
+    backend: Backend = choices.Backend.ONNXRUNTIME,
+    precision: GraphPrecision = choices.Precision.FP32,
     threads: Threads = 0,
     checkpoint: TorchCheckpoint = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -785,14 +792,17 @@ def _read_lines(path: Path) -> list[str]:
 @app.command("build-engine")
 def build_engine_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
-    backend: Annotated[str, typer.Option(help="tensorrt or onnxruntime.")] = "tensorrt",
-    precision: Annotated[str, typer.Option(help="Graph precision: fp32, fp16 or int8.")] = "fp32",
+    backend: Annotated[
+        choices.Backend, typer.Option(help="tensorrt or onnxruntime.")
+    ] = choices.Backend.TENSORRT,
+    precision: GraphPrecision = choices.Precision.FP32,
     graph: Annotated[
-        list[str] | None, typer.Option(help="Graph to build (repeat; default: all three).")
+        list[choices.Graph] | None,
+        typer.Option(help="Graph to build (repeat; default: all three)."),
     ] = None,
     provider: Annotated[
-        str, typer.Option(help="ONNX Runtime execution provider: cpu, cuda or tensorrt.")
-    ] = "cpu",
+        choices.Provider, typer.Option(help="ONNX Runtime execution provider.")
+    ] = choices.Provider.CPU,
     min_shapes: Annotated[
         list[str] | None,
         typer.Option("--min-shapes", help="trtexec syntax name:1x5x8,... (repeat per profile)."),
@@ -825,14 +835,14 @@ def build_engine_command(
 ) -> None:
     """Build TensorRT engines or ONNX Runtime optimized models from a bundle's graphs, each with
     a JSON sidecar under BUNDLE/engines/ (backend version, device, profiles, source sha256)."""
-    from scan_deploy.bundle import GRAPHS, load_bundle
-    from scan_deploy.export.build_engine import BuildOptions, build_engines
-    from scan_deploy.export.engine_profiles import format_shape
+    from scan_deploy.bundle import load_bundle
+    from scan_deploy.engines.build import BuildOptions, build_engines
+    from scan_deploy.engines.profiles import format_shape
 
     options = BuildOptions(
         backend=backend,
         precision=precision,
-        graphs=tuple(graph or GRAPHS),
+        graphs=tuple(graph or choices.Graph),
         provider=provider,
         min_shapes=tuple(min_shapes or ()),
         opt_shapes=tuple(opt_shapes or ()),

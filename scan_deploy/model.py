@@ -7,6 +7,7 @@ original checkpoints load without renaming; our model nests them under `img_enc.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -132,6 +133,33 @@ class SCAN(nn.Module):
                     f"expected {tuple(tensor.shape)}{_shape_hint(name, self.config)}",
                 )
         self.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+
+
+Size = tuple[int, str]  # a weight's size along one axis, with the config field it comes from
+
+
+def weight_shapes(config: ModelConfig) -> Iterator[tuple[str, tuple[Size, ...]]]:
+    """The name and shape of every weight of `SCAN(config)`, in its state dict's order, computed
+    without allocating anything and one at a time: a checkpoint's weights are checked against a
+    config before the model is built, which a corrupt config (num_layers 100000, embed_size 1e9)
+    would make hang or run out of memory (`checkpoint.build_model`)."""
+    embed, gates = (config.embed_size, "embed_size"), (3 * config.embed_size, "embed_size")
+    image = (config.img_dim, "img_dim")
+    if config.precomp_enc_type == "weight_norm":
+        yield from [("img_enc.fc.weight_v", (embed, image)), ("img_enc.fc.weight_g", ())]
+    else:
+        yield "img_enc.fc.weight", (embed, image)
+    yield "img_enc.fc.bias", (embed,)
+    yield "txt_enc.embed.weight", ((config.vocab_size, "vocab_size"), (config.word_dim, "word_dim"))
+    directions = ("", "_reverse") if config.bi_gru else ("",)
+    inputs = (config.word_dim, "word_dim")
+    for layer in range(config.num_layers):
+        for suffix in directions:
+            yield f"txt_enc.rnn.weight_ih_l{layer}{suffix}", (gates, inputs)
+            yield f"txt_enc.rnn.weight_hh_l{layer}{suffix}", (gates, embed)
+            yield f"txt_enc.rnn.bias_ih_l{layer}{suffix}", (gates,)
+            yield f"txt_enc.rnn.bias_hh_l{layer}{suffix}", (gates,)
+        inputs = (len(directions) * config.embed_size, "embed_size")
 
 
 def _shape_hint(name: str, config: ModelConfig) -> str:

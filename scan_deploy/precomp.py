@@ -156,6 +156,8 @@ def read_npy_header(path: Path, fix: str = "") -> NpyHeader:
         raise input_error(path, "format", f"not a readable .npy file ({reason}){fix}") from None
     if dtype.hasobject:
         raise input_error(path, "dtype", f"holds Python objects, expected numbers{fix}")
+    if any(n < 0 for n in shape):  # (1, -1, -1) passes the size check below, then np.memmap fails
+        raise input_error(path, "shape", f"got {tuple(shape)}, expected sizes >= 0{fix}")
     needed = offset + math.prod(shape) * dtype.itemsize
     if size != needed:
         problem = "truncated" if size < needed else "has trailing bytes"

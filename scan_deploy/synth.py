@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
+from scan_deploy.atomic import Marker, atomic_dir, check_output_dir, write_json
 from scan_deploy.errors import input_error
 from scan_deploy.precomp import write_split_chunks
 from scan_deploy.vocab import Vocabulary
@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 WORLD_SEED = 20180718  # the world is the same for every `seed`: only the sampled scenes change
 SPLITS = ("train", "dev", "test")
 DATA_NAME = "synth"
+MARKER = Marker(f"{DATA_NAME}.json", ("format_version", "images", "noise"), "synthetic data")
 
 # --- the world's words -------------------------------------------------------------------------
 # Each concept lists its synonyms; the tags decide which semantic relations it can take part in.
@@ -218,6 +219,9 @@ HIDDEN = 256
 MIN_OBJECTS, MAX_OBJECTS = 2, 6
 INPUT_JITTER = 0.05  # per input dimension, times `noise`: how much one instance varies
 FEATURE_NOISE = 0.5  # per feature, times `noise`: sensor noise, partly averaged out by a linear map
+# From noise 10 on the features no longer correlate with the clean ones; far larger values only
+# overflow float32 (1e300: NaN features).
+MAX_NOISE = 100.0
 FEATURE_SCALE = 1.5  # mean about 0.45, half the values 0: the order of bottom-up features
 
 
@@ -631,6 +635,8 @@ class SynthParams:
             )
         if not math.isfinite(self.noise) or self.noise < 0:
             raise input_error(None, "noise", f"got {self.noise}, expected a finite number >= 0")
+        if self.noise > MAX_NOISE:
+            raise input_error(None, "noise", f"got {self.noise:g}, expected at most {MAX_NOISE:g}")
         if not 2 <= self.num_categories <= len(CATEGORIES):
             raise input_error(
                 None, "num_categories", f"got {self.num_categories}, expected 2..{len(CATEGORIES)}"
@@ -669,7 +675,7 @@ def write_synthetic(
         images, img_dim, regions, seed, vocab_threshold, noise, num_categories, attribute_prob
     )
     params.validate()
-    check_output_dir(out, force, f"{DATA_NAME}.json", "synthetic data")
+    check_output_dir(out, force, MARKER)
     world = World.create(num_categories, img_dim)
     with atomic_dir(out) as tmp:
         captions = {split: _write_split(tmp, split, world, params) for split in SPLITS}

@@ -34,6 +34,13 @@ BEST = "model_best"
 LAST = "last"
 OPTIMIZER = "optimizer.safetensors"
 TRAIN_STATE = "train_state.json"
+# Why a loss or weight becomes NaN/inf. The L2 normalisation is the original SCAN's
+# `X / (sqrt(sum X^2) + eps)`, whose gradient at X = 0 is NaN: a region whose features are all
+# zero is zero after a fresh model's fc (its bias starts at 0).
+NON_FINITE_HINT = (
+    "try a lower --lr; check the model options and the features: a region whose features are "
+    "all zero (or any the image encoder maps to zero) makes the L2 normalisation's gradient NaN"
+)
 
 
 @dataclass(frozen=True)
@@ -245,7 +252,7 @@ class Trainer:
             if not math.isfinite(value):
                 raise UserError(
                     f"epoch {epoch}, batch {batches + 1}: the loss is {value}, training stopped "
-                    "(try a lower --lr; check the model options and the features)"
+                    f"({NON_FINITE_HINT})"
                 )
             total, batches = total + value, batches + 1
             if on_batch is not None:
@@ -258,7 +265,7 @@ class Trainer:
             if not torch.isfinite(tensor).all():
                 raise UserError(
                     f"epoch {epoch}: weight {name} is NaN or infinite, training stopped "
-                    "(try a lower --lr)"
+                    f"({NON_FINITE_HINT})"
                 )
 
     def _load_optimizer(self, last_dir: Path, state: dict) -> None:

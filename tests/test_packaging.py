@@ -1,6 +1,6 @@
-"""The distribution: the wheel maps export/, calibration/ and runtime/ into scan_deploy, every
-import is declared, and `pip install scan-deploy` with no extras gives a working command line
-that names the extra a command needs."""
+"""The distribution: the wheel maps export/, calibration/, engines/ and runtime/ into scan_deploy,
+every import is declared, and `pip install scan-deploy` with no extras gives a working command
+line that names the extra a command needs."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from scan_deploy.extras import EXTRAS
 from tests.export.tiny_bundle import make_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("scan_deploy", "export", "calibration", "runtime")
+SOURCES = ("scan_deploy", "export", "calibration", "engines", "runtime")
 # Imported, but installed with TensorRT or CUDA rather than by an extra; each has its own one-line
-# install hint (scan_deploy/tensorrt_api.py, scan_deploy/cuda_device.py, runtime/cuda_buffers.py).
+# install hint (engines/tensorrt_api.py, engines/cuda_device.py, engines/cuda_buffers.py).
 NOT_FROM_EXTRAS = {"tensorrt", "pycuda", "cuda"}
 # The distributions that provide each third-party module.
 DISTRIBUTIONS = {
@@ -67,11 +67,13 @@ def test_wheel_maps_top_level_folders_into_scan_deploy(wheel):
         "scan_deploy",
         "scan_deploy/export",
         "scan_deploy/calibration",
+        "scan_deploy/engines",
         "scan_deploy/runtime",
         "scan_deploy/runtime/backends",
     ):
         assert f"{package}/__init__.py" in names
-    assert not any(n.startswith(("export/", "runtime/", "calibration/", "tests/")) for n in names)
+    top_level = ("export/", "engines/", "runtime/", "calibration/", "tests/")
+    assert not any(n.startswith(top_level) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert (
         "scan-deploy = scan_deploy.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -80,7 +82,8 @@ def test_wheel_maps_top_level_folders_into_scan_deploy(wheel):
 
 def test_subpackages_import_from_the_installed_tree(tmp_path):
     code = (
-        "import scan_deploy.runtime, scan_deploy.export, scan_deploy.calibration, sys;"
+        "import scan_deploy.runtime, scan_deploy.export, scan_deploy.calibration, "
+        "scan_deploy.engines, sys;"
         "print(scan_deploy.runtime.__file__);"
         "assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     )

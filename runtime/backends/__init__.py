@@ -2,6 +2,6 @@
 "onnxruntime" | "tensorrt" | "torch", precision)` -> a `Backend` whose `runner(graph)` runs one
 graph on numpy arrays. Each backend's library is imported when it is opened."""
 
-from scan_deploy.runtime.backends.base import BACKENDS, Backend, Runner, open_backend
+from scan_deploy.runtime.backends.base import Backend, Runner, open_backend
 
-__all__ = ["BACKENDS", "Backend", "Runner", "open_backend"]
+__all__ = ["Backend", "Runner", "open_backend"]

@@ -36,18 +36,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle, DimSizes
-from scan_deploy.engine_sidecar import ENGINES_DIR, read_sidecar
-from scan_deploy.errors import UserError, one_of
+from scan_deploy import choices
+from scan_deploy.bundle import Bundle, DimSizes
+from scan_deploy.choices import Graph, Precision
+from scan_deploy.errors import UserError
 
 LOG = logging.getLogger("scan_deploy.runtime")
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
 class Runner(Protocol):
     """Runs one graph. `inputs`/`outputs` are the manifest's entries (name, dtype, shape)."""
 
-    graph: str
+    graph: Graph
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
 
@@ -58,13 +58,13 @@ class Runner(Protocol):
 
 class Backend(Protocol):
     name: str  # "onnxruntime (CUDAExecutionProvider)", "tensorrt 10.3.0", "torch cuda"
-    precision: str
+    precision: Precision
 
-    def runner(self, graph: str) -> Runner:
+    def runner(self, graph: Graph | str) -> Runner:
         """The runner of `graph`, created on first use and then reused."""
         ...
 
-    def sizes(self, graph: str) -> dict[str, DimSizes]:
+    def sizes(self, graph: Graph | str) -> dict[str, DimSizes]:
         """The sizes each symbolic dim of `graph`'s inputs may take on this backend."""
         ...
 
@@ -83,7 +83,7 @@ class CallSizes:
 
     @classmethod
     def of(cls, backend: Backend) -> CallSizes:
-        image, text, scorer = (backend.sizes(graph) for graph in GRAPHS)
+        image, text, scorer = (backend.sizes(graph) for graph in Graph)
         return cls(
             image_batch=min(image["batch"].opt, scorer["images"].max),
             text_batch=min(text["batch"].opt, scorer["captions"].max),
@@ -103,35 +103,34 @@ class RunnerCache:
     and set `bundle` and `precision`."""
 
     bundle: Bundle
-    precision: str
+    precision: Precision
 
     def __init__(self) -> None:
-        self._runners: dict[str, Runner] = {}
+        self._runners: dict[Graph, Runner] = {}
         self._lock = threading.Lock()
 
-    def runner(self, graph: str) -> Runner:
-        check_graph(graph)
+    def runner(self, graph: Graph | str) -> Runner:
+        graph = Graph.parse(graph, "graph")
         with self._lock:
             if graph not in self._runners:
                 self._runners[graph] = self._open(graph)
             return self._runners[graph]
 
-    def _open(self, graph: str) -> Runner:
+    def _open(self, graph: Graph) -> Runner:
         raise NotImplementedError
 
-    def sizes(self, graph: str) -> dict[str, DimSizes]:
+    def sizes(self, graph: Graph | str) -> dict[str, DimSizes]:
         """The manifest's shape ranges (`Bundle.dim_sizes`): backends that run any shape."""
-        check_graph(graph)
-        return self.bundle.dim_sizes(graph, self.precision)
+        return self.bundle.dim_sizes(Graph.parse(graph, "graph"), self.precision)
 
 
 def open_backend(
     bundle: Bundle,
-    backend: str = "onnxruntime",
-    precision: str = "fp32",
+    backend: choices.Backend | str = choices.Backend.ONNXRUNTIME,
+    precision: Precision | str = Precision.FP32,
     *,
     threads: int = 0,
-    providers: Sequence[str] | None = None,
+    providers: Sequence[choices.Provider | str] | choices.Provider | str | None = None,
     checkpoint: str | Path | None = None,
     device: str | None = None,
 ) -> Backend:
@@ -147,35 +146,31 @@ def open_backend(
     `providers`, `checkpoint` and `device` given to a backend they do not apply to are refused
     (one-line UserError).
     """
-    one_of(backend, BACKENDS, "backend")
-    one_of(precision, PRECISIONS, "precision")
+    backend = choices.Backend.parse(backend, "backend")
+    precision = Precision.parse(precision, "precision")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise UserError(f"threads: expected an integer >= 0, got {threads!r}")
-    if threads and backend != "onnxruntime":
+    if threads and backend != choices.Backend.ONNXRUNTIME:
         LOG.info("threads: applies to the onnxruntime backend, ignored by %s", backend)
     for option, given, applies_to in (
-        ("providers", providers is not None, "onnxruntime"),
-        ("checkpoint", checkpoint is not None, "torch"),
-        ("device", device is not None, "torch"),
+        ("providers", providers is not None, choices.Backend.ONNXRUNTIME),
+        ("checkpoint", checkpoint is not None, choices.Backend.TORCH),
+        ("device", device is not None, choices.Backend.TORCH),
     ):
         if given and backend != applies_to:
             raise UserError(f"{option}: applies to the {applies_to} backend, not {backend}")
-    if backend == "torch":
+    if backend == choices.Backend.TORCH:
         from scan_deploy.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(bundle, precision, checkpoint, device)
-    bundle.graph(GRAPHS[0], precision)  # a missing variant: UserError naming `calibrate`
-    if backend == "onnxruntime":
+    bundle.graph(Graph.IMAGE_ENCODER, precision)  # a missing variant: UserError naming `calibrate`
+    if backend == choices.Backend.ONNXRUNTIME:
         from scan_deploy.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(bundle, precision, threads=threads, providers=providers)
     from scan_deploy.runtime.backends.tensorrt_backend import TensorRTBackend
 
     return TensorRTBackend(bundle, precision)
-
-
-def check_graph(graph: str) -> None:
-    one_of(graph, GRAPHS, "graph")
 
 
 def prepare_feeds(
@@ -228,37 +223,3 @@ def as_output(array: Any) -> np.ndarray:
     if array.dtype.kind in "iu" and array.dtype != np.int64:
         return array.astype(np.int64)
     return array
-
-
-def find_engines(
-    bundle: Bundle, backend: str, graph: str, precision: str, provider: str | None = None
-) -> list[tuple[Path, dict[str, Any]]]:
-    """The artifacts `scan-deploy build-engine` wrote under `BUNDLE/engines/` for this backend,
-    graph, precision (and ONNX Runtime provider), newest first, with their sidecars. Only
-    their sidecars are read here: whether one fits the running backend and device is for
-    the loader to check. An unreadable sidecar is skipped with a warning."""
-    folder = bundle.path / ENGINES_DIR
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.glob("*.json"):
-        try:
-            sidecar = read_sidecar(path)
-        except UserError as exc:
-            LOG.warning("ignoring %s", exc)
-            continue
-        if (sidecar["backend"], sidecar["graph"], sidecar["precision"]) != (
-            backend,
-            graph,
-            precision,
-        ):
-            continue
-        if provider is not None and sidecar.get("provider") != provider:
-            continue
-        name = sidecar["engine"].get("file")
-        if not isinstance(name, str) or Path(name).name != name:
-            name = path.with_suffix(".engine" if backend == "tensorrt" else ".onnx").name
-        engine = folder / name
-        found.append((engine, sidecar, path.stat().st_mtime))
-    found.sort(key=lambda item: (-item[2], item[0].name))
-    return [(engine, sidecar) for engine, sidecar, _ in found]

@@ -8,20 +8,13 @@ error, and the backend's name says which provider leads (`onnxruntime (CPUExecut
 
 Each graph's session comes, when there is one, from an artifact `scan-deploy build-engine
 --backend onnxruntime --provider P` wrote under `BUNDLE/engines/` for the graph, the precision
-and the leading provider: `scan_deploy.export.ort_engine.load_session` checks its sidecar
-(bundle graph hash, vocabulary, onnxruntime version, device, file hash) and creates the
-session with the settings recorded there (importing neither torch nor onnx). A stale artifact
-is skipped with a warning, and the session is created from the bundle's graph instead.
+and the leading provider: `scan_deploy.engines.load.load_session` checks its sidecar (bundle
+graph hash, vocabulary, onnxruntime version, device, file hash) and creates the session with the
+settings recorded there (importing neither torch nor onnx). A stale artifact is skipped with a
+warning, and the session is created from the bundle's graph instead.
 
-TensorRT execution provider caches: without them every process rebuilds its TensorRT engines.
 Sessions led by the TensorRT provider get an engine cache and a timing cache under
-`BUNDLE/engines/` (ONNX Runtime's `trt_engine_cache_*` and `trt_timing_cache_*` provider options,
-docs/tensorrt.md), keyed like the sidecars: the engine cache of a graph is
-`{graph}.{precision}.ort{version}-trt{version}.{sm}.trtep.{sha12}.trt_cache/`, and the timing
-cache, which ONNX Runtime documents as reusable across models on one GPU, is
-`timing.trt{version}.{sm}.trt_cache/`. ONNX Runtime itself keys cached engines by model and
-compute capability only; a cache it cannot deserialize (another TensorRT) is a one-line
-UserError naming the folder to delete.
+`BUNDLE/engines/`, keyed like the sidecars (`scan_deploy.engines.ort_cache`).
 
 A graph ONNX Runtime cannot load (garbage, a truncated file, an invalid graph), or one whose
 inputs or outputs (names, dtypes, fixed dims) are not those its manifest entry records (another
@@ -38,68 +31,44 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scan_deploy.runtime.backends.base import (
-    LOG,
-    RunnerCache,
-    as_output,
-    find_engines,
-    prepare_feeds,
+from scan_deploy.engines.load import find_engines, load_session
+from scan_deploy.engines.ort_cache import (
+    make_cache_folders,
+    session_with_caches,
+    tensorrt_cache_options,
+    tensorrt_version,
 )
+from scan_deploy.engines.ort_providers import EXECUTION_PROVIDERS, import_onnxruntime
+from scan_deploy.engines.sidecar import ENGINES_DIR
+from scan_deploy.runtime.backends.base import LOG, RunnerCache, as_output, prepare_feeds
 
 from scan_deploy.bundle import Bundle
-from scan_deploy.engine_sidecar import (
-    ENGINES_DIR,
-    EXECUTION_PROVIDERS,
-    engine_stem,
-    version_tuple,
-)
-from scan_deploy.errors import UserError, input_error, one_of
-from scan_deploy.extras import EXTRAS
+from scan_deploy.choices import Backend, Graph, Precision, Provider
+from scan_deploy.errors import UserError, input_error
 
-INSTALL_HINT = (
-    f"ONNX Runtime is not installed: {EXTRAS['onnxruntime'].install()} (on Jetson: NVIDIA's "
-    "onnxruntime-gpu wheel)"
-)
 # Most preferred first.
-PROVIDER_ORDER = ("tensorrt", "cuda", "cpu")
-TRT_CACHE_SUFFIX = ".trt_cache"
-# Distributions that carry TensorRT's version: NVIDIA's pip wheels (`tensorrt` and its CUDA-major
-# packages), and JetPack's python3-libnvinfer where it installs `tensorrt` package metadata.
-TENSORRT_DISTRIBUTIONS = (
-    "tensorrt",
-    "tensorrt-cu13",
-    "tensorrt-cu12",
-    "tensorrt-cu11",
-    "tensorrt-cu13-libs",
-    "tensorrt-cu12-libs",
-)
-# What ONNX Runtime's TensorRT provider says when a cached engine does not deserialize
-# (onnxruntime tensorrt_execution_provider.cc): built by another TensorRT or for another GPU.
-STALE_CACHE_MESSAGE = "could not deserialize engine from cache"
+PROVIDER_ORDER = (Provider.TENSORRT, Provider.CUDA, Provider.CPU)
 
 
-def import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError(INSTALL_HINT) from None
-    return onnxruntime
-
-
-def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
-    """The providers (short names, most preferred first) a session is created with: those
-    requested (default: all of `PROVIDER_ORDER`) that `available` has, then the CPU. A provider
-    requested but unavailable is logged as a warning; an unknown name is a UserError."""
-    if requested is not None:
-        if isinstance(requested, str):
-            requested = [requested]
-        for name in requested:
-            one_of(name, PROVIDER_ORDER, "providers")
-    wanted = list(dict.fromkeys(PROVIDER_ORDER if requested is None else requested))
+def choose_providers(
+    requested: Sequence[Provider | str] | Provider | str | None, available: Sequence[str]
+) -> list[Provider]:
+    """The providers (most preferred first) a session is created with: those requested
+    (default: all of `PROVIDER_ORDER`) that `available` has, then the CPU. A provider requested
+    but unavailable is logged as a warning; an unknown name is a UserError."""
+    if isinstance(requested, str):
+        requested = [requested]
+    wanted = list(
+        dict.fromkeys(
+            PROVIDER_ORDER
+            if requested is None
+            else (Provider.parse(name, "providers") for name in requested)
+        )
+    )
     chosen = [p for p in wanted if EXECUTION_PROVIDERS[p] in available]
     missing = [EXECUTION_PROVIDERS[p] for p in wanted if p not in chosen]
-    if "cpu" not in chosen:
-        chosen.append("cpu")
+    if Provider.CPU not in chosen:
+        chosen.append(Provider.CPU)
     if missing:
         LOG.log(
             logging.WARNING if requested is not None else logging.INFO,
@@ -111,50 +80,8 @@ def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) 
     return chosen
 
 
-def tensorrt_version() -> str | None:
-    """The TensorRT version installed for this Python (package metadata; `tensorrt` itself is
-    never imported here), or None when no TensorRT distribution is found."""
-    from importlib import metadata
-
-    for name in TENSORRT_DISTRIBUTIONS:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def version_tag(prefix: str, version: str | None) -> str:
-    """`ort1.20.1`, `trt10.3.0` (three parts at most); `trt` alone when the version is unknown."""
-    if not version:
-        return prefix
-    return prefix + ".".join(str(part) for part in version_tuple(version)[:3])
-
-
-def tensorrt_cache_options(
-    engines: Path,
-    graph: str,
-    precision: str,
-    source_sha256: str,
-    device_tag: str,
-    ort_version: str,
-    trt_version: str | None,
-) -> dict[str, Any]:
-    """The TensorRT provider's engine-cache and timing-cache options for one graph, as
-    absolute paths under `engines`, keyed like the sidecars (see the module docstring)."""
-    trt_tag = version_tag("trt", trt_version)
-    backend_tag = f"{version_tag('ort', ort_version)}-{trt_tag}"
-    stem = engine_stem(graph, precision, backend_tag, device_tag, "trtep", source_sha256)
-    return {
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(engines / f"{stem}{TRT_CACHE_SUFFIX}"),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(engines / f"timing.{trt_tag}.{device_tag}{TRT_CACHE_SUFFIX}"),
-    }
-
-
 def tensorrt_provider_options(
-    bundle: Bundle, graph: str, precision: str, device_tag: str, ort_version: str
+    bundle: Bundle, graph: Graph, precision: Precision, device_tag: str, ort_version: str
 ) -> dict[str, Any]:
     """The TensorRT provider's options for a session on the bundle's `graph`: the caches
     (their folders created here; when that fails, a warning and no caches) and no FP16/INT8
@@ -178,57 +105,15 @@ def tensorrt_provider_options(
     return options
 
 
-def make_cache_folders(caches: dict[str, Any]) -> bool:
-    """Create the cache folders (ONNX Runtime creates only the last level, and refuses the
-    session when it cannot); False, with a warning, when the file system refuses."""
-    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
-        try:
-            Path(caches[key]).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            LOG.warning(
-                "%s: cannot create the TensorRT cache folder (%s): engines are rebuilt by "
-                "every process",
-                caches[key],
-                exc.strerror or exc,
-            )
-            return False
-    return True
-
-
 def gpu_tag() -> str:
     """`sm87` for the current CUDA device when cuda-python or pycuda can tell, else `gpu`
     (ONNX Runtime's own cache file names carry the compute capability either way)."""
-    from scan_deploy.cuda_device import current_device
+    from scan_deploy.engines.cuda_device import current_device
 
     try:
         return current_device().sm
     except UserError:
         return "gpu"
-
-
-def stale_cache_error(exc: Exception, caches: dict[str, Any]) -> UserError | None:
-    """A one-line UserError for a session refused because a cached TensorRT engine does not
-    deserialize (another TensorRT version or GPU), or None for any other failure."""
-    if STALE_CACHE_MESSAGE not in str(exc) or "trt_engine_cache_path" not in caches:
-        return None
-    folder = caches["trt_engine_cache_path"]
-    return UserError(
-        f"{folder}: TensorRT cannot load an engine cached there (built by another TensorRT "
-        "version or for another GPU): delete this folder, the next run rebuilds it"
-    )
-
-
-def session_with_caches(ort: Any, model: str, options: Any, providers: list[tuple]) -> Any:
-    """`ort.InferenceSession`, with a stale TensorRT cache turned into a one-line UserError."""
-    try:
-        return ort.InferenceSession(model, options, providers=providers)
-    except Exception as exc:
-        for name, provider_options in providers:
-            if name == EXECUTION_PROVIDERS["tensorrt"]:
-                error = stale_cache_error(exc, provider_options)
-                if error is not None:
-                    raise error from None
-        raise
 
 
 def _load_errors(ort: Any) -> tuple[type[Exception], ...]:
@@ -272,7 +157,7 @@ def _numpy_dtype(ort_type: str) -> str:
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, graph: str, entry: dict[str, Any], session: Any, source: Path) -> None:
+    def __init__(self, graph: Graph, entry: dict[str, Any], session: Any, source: Path) -> None:
         self.graph = graph
         self.inputs: list[dict[str, Any]] = entry["inputs"]
         self.outputs: list[dict[str, Any]] = entry["outputs"]
@@ -289,10 +174,10 @@ class OnnxRuntimeBackend(RunnerCache):
     def __init__(
         self,
         bundle: Bundle,
-        precision: str = "fp32",
+        precision: Precision = Precision.FP32,
         *,
         threads: int = 0,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[Provider | str] | Provider | str | None = None,
     ) -> None:
         super().__init__()
         self.ort = import_onnxruntime()
@@ -302,7 +187,7 @@ class OnnxRuntimeBackend(RunnerCache):
         self.providers = choose_providers(providers, self.ort.get_available_providers())
         self.name = f"onnxruntime ({EXECUTION_PROVIDERS[self.providers[0]]})"
 
-    def _open(self, graph: str) -> OnnxRuntimeRunner:
+    def _open(self, graph: Graph) -> OnnxRuntimeRunner:
         entry = self.bundle.graph(graph, self.precision)
         session, source = self._artifact_session(graph)
         if session is None:
@@ -329,23 +214,21 @@ class OnnxRuntimeBackend(RunnerCache):
             )
         return OnnxRuntimeRunner(graph, entry, session, source)
 
-    def _provider_options(self, provider: str, graph: str) -> dict[str, Any]:
-        if provider != "tensorrt":
+    def _provider_options(self, provider: Provider, graph: Graph) -> dict[str, Any]:
+        if provider != Provider.TENSORRT:
             return {}
         return tensorrt_provider_options(
             self.bundle, graph, self.precision, gpu_tag(), self.ort.__version__
         )
 
-    def _artifact_session(self, graph: str) -> tuple[Any, Path | None]:
+    def _artifact_session(self, graph: Graph) -> tuple[Any, Path | None]:
         """A session on a build-engine artifact for this graph, precision and leading provider,
         or (None, None) when there is none that fits."""
         candidates = find_engines(
-            self.bundle, "onnxruntime", graph, self.precision, provider=self.providers[0]
+            self.bundle, Backend.ONNXRUNTIME, graph, self.precision, provider=self.providers[0]
         )
         if not candidates:
             return None, None
-        from scan_deploy.export.ort_engine import load_session
-
         for path, _ in candidates:
             try:
                 session = load_session(path, self.bundle, self.precision, self.threads)

@@ -2,10 +2,10 @@
 `BUNDLE/engines/`, run with the TensorRT runtime and cuda-python (or pycuda) buffers.
 
 Each graph's engine is found by its sidecar (graph, precision, backend tensorrt; newest first)
-and loaded by `scan_deploy.tensorrt_api.load_engine`, which refuses an engine built for another
+and loaded by `scan_deploy.engines.load.load_engine`, which refuses an engine built for another
 TensorRT, GPU, graph or vocabulary with the command that rebuilds it. Every TensorRT call goes
-through `scan_deploy.tensorrt_api` (the only module importing `tensorrt`); the memory is
-`scan_deploy.runtime.cuda_buffers`.
+through `scan_deploy.engines.tensorrt_api` (the only module importing `tensorrt`); the memory is
+`scan_deploy.engines.cuda_buffers`.
 
 A runner holds one execution context, one CUDA stream and, per I/O tensor, a pinned host buffer
 and a device buffer that grow as larger shapes come. One run:
@@ -31,29 +31,28 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from scan_deploy.runtime.backends.base import (
-    RunnerCache,
-    as_output,
-    find_engines,
-    prepare_feeds,
-)
+from scan_deploy.engines import tensorrt_api
+from scan_deploy.engines.cuda_buffers import Stream, TensorBuffer
+from scan_deploy.engines.load import find_engines, load_engine
+from scan_deploy.engines.sidecar import build_engine_command
+from scan_deploy.runtime.backends.base import RunnerCache, as_output, prepare_feeds
 
 from scan_deploy.bundle import Bundle, DimSizes
-from scan_deploy.engine_sidecar import build_engine_command
+from scan_deploy.choices import Backend, Graph, Precision
 from scan_deploy.errors import UserError
 
 Shape = tuple[int, ...]
 ProfileShapes = Mapping[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
 
 
-def engine_candidates(bundle: Bundle, graph: str, precision: str) -> list[Path]:
+def engine_candidates(bundle: Bundle, graph: Graph, precision: Precision) -> list[Path]:
     """The TensorRT engine files of `graph` at `precision`, newest first; a UserError with the
     build-engine command when there is none."""
-    found = [path for path, _ in find_engines(bundle, "tensorrt", graph, precision)]
+    found = [path for path, _ in find_engines(bundle, Backend.TENSORRT, graph, precision)]
     if not found:
         raise UserError(
             f"{bundle.path / 'engines'}: no TensorRT {precision} engine of {graph}; build it: "
-            f"{build_engine_command(bundle.path, 'tensorrt', precision, graph)}"
+            f"{build_engine_command(bundle.path, Backend.TENSORRT, precision, graph)}"
         )
     return found
 
@@ -140,11 +139,7 @@ def _dims(shape: Shape) -> str:
 
 
 class TensorRTRunner:
-    def __init__(self, graph: str, entry: Mapping[str, Any], engine: Any, path: Path) -> None:
-        from scan_deploy.runtime.cuda_buffers import Stream, TensorBuffer
-
-        from scan_deploy import tensorrt_api
-
+    def __init__(self, graph: Graph, entry: Mapping[str, Any], engine: Any, path: Path) -> None:
         self.graph = graph
         self.inputs: list[dict[str, Any]] = entry["inputs"]
         self.outputs: list[dict[str, Any]] = entry["outputs"]
@@ -199,27 +194,23 @@ def _nbytes(shape: Shape, dtype: str, name: str) -> int:
 
 
 class TensorRTBackend(RunnerCache):
-    def __init__(self, bundle: Bundle, precision: str = "fp32") -> None:
-        from scan_deploy import tensorrt_api
-
+    def __init__(self, bundle: Bundle, precision: Precision = Precision.FP32) -> None:
         super().__init__()
         self.bundle = bundle
         self.precision = precision
         self.version = tensorrt_api.version()  # TensorRT missing: UserError with the install hint
         self.name = f"tensorrt {self.version}"
 
-    def sizes(self, graph: str) -> dict[str, DimSizes]:
+    def sizes(self, graph: Graph | str) -> dict[str, DimSizes]:
         """The engine's: its largest optimization profile (`profile_sizes`)."""
         return cast(TensorRTRunner, self.runner(graph)).sizes
 
-    def _open(self, graph: str) -> TensorRTRunner:
-        from scan_deploy import tensorrt_api
-
+    def _open(self, graph: Graph) -> TensorRTRunner:
         entry = self.bundle.graph(graph, self.precision)
         errors = []
         for path in engine_candidates(self.bundle, graph, self.precision):
             try:
-                engine = tensorrt_api.load_engine(path, self.bundle, self.precision)
+                engine = load_engine(path, self.bundle, self.precision)
             except UserError as exc:  # stale: try an older one, else report the newest's error
                 errors.append(exc)
                 continue

@@ -4,7 +4,7 @@ For checking the other backends against the model a bundle was exported from (an
 where only PyTorch is installed). It needs the checkpoint (`checkpoint=`: a scan-deploy
 checkpoint folder, or an original SCAN `.pth.tar`, read with the bundle's vocabulary) whose
 config, vocabulary and weights must be the bundle's: the weights by the digest the export records
-in the manifest (`weights.sha256`, see `weights_digest`); a bundle exported before digests were
+in the manifest (`weights.sha256`, see `scan_deploy.weights`); a bundle exported before digests were
 recorded is opened with a warning that its weights cannot be checked. torch is imported when
 this backend is opened, never by `import scan_deploy.runtime`.
 
@@ -18,7 +18,6 @@ The runners compute the graphs' outputs as `scan_deploy.export.verify.reference_
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -30,8 +29,9 @@ import numpy as np
 from scan_deploy.runtime.backends.base import RunnerCache, as_output, prepare_feeds
 
 from scan_deploy.bundle import MANIFEST, Bundle
+from scan_deploy.choices import Graph, Precision
 from scan_deploy.errors import UserError
-from scan_deploy.jsonfile import typed
+from scan_deploy.weights import check_weights, weights_digest
 
 LOG = logging.getLogger("scan_deploy.runtime")
 INSTALL_HINT = "the torch backend needs PyTorch: pip install 'scan-deploy[reference]'"
@@ -63,43 +63,8 @@ def check_checkpoint(bundle: Bundle, config: Any, vocab: Any, source: str | Path
         )
 
 
-def weights_digest(state: Mapping[str, Any]) -> str:
-    """The sha256 of a model's weights as loaded (its state dict), whatever file they came from:
-    a scan-deploy checkpoint and an original `.pth.tar` of the same weights give the same digest.
-    For each tensor in name order: `name`, `dtype` and `shape` (a line each), then its bytes in
-    C order and the machine's byte order (little-endian on every platform PyTorch supports)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}\n{tensor.dtype}\n{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_weights(bundle: Bundle, digest: str, source: str | Path) -> None:
-    """The checkpoint's weights digest is the one recorded at export (one-line UserError
-    otherwise); a bundle that records none gets one warning."""
-    manifest_path = bundle.path / MANIFEST
-    recorded = bundle.manifest.get("weights")
-    if recorded is None:
-        LOG.warning(
-            "%s: records no weights digest (exported before bundles recorded one): cannot check "
-            "that %s holds the bundle's weights (re-export the bundle to record it)",
-            manifest_path,
-            source,
-        )
-        return
-    expected = typed(recorded, dict, "weights", manifest_path).get("sha256")
-    typed(expected, str, "weights.sha256", manifest_path)
-    if digest != expected:
-        raise UserError(
-            f"{source}: not the checkpoint of {manifest_path}: its weights digest is "
-            f"{digest[:12]}…, the bundle was exported from weights with digest {expected[:12]}…"
-        )
-
-
 class TorchRunner:
-    def __init__(self, graph: str, entry: Mapping[str, Any], backend: TorchBackend) -> None:
+    def __init__(self, graph: Graph, entry: Mapping[str, Any], backend: TorchBackend) -> None:
         self.graph = graph
         self.inputs: list[dict[str, Any]] = entry["inputs"]
         self.outputs: list[dict[str, Any]] = entry["outputs"]
@@ -126,12 +91,12 @@ class TorchBackend(RunnerCache):
     def __init__(
         self,
         bundle: Bundle,
-        precision: str = "fp32",
+        precision: Precision = Precision.FP32,
         checkpoint: str | Path | None = None,
         device: str | None = None,
     ) -> None:
         super().__init__()
-        if precision != "fp32":
+        if precision != Precision.FP32:
             raise UserError(
                 f"precision: the torch backend runs the fp32 reference, not {precision} "
                 "(run fp16/int8 graphs on onnxruntime or tensorrt)"
@@ -164,12 +129,13 @@ class TorchBackend(RunnerCache):
         check_checkpoint(bundle, loaded.config, loaded.vocab, checkpoint)
         check_weights(bundle, weights_digest(loaded.model.state_dict()), checkpoint)
         self.bundle = bundle
+        self.checkpoint = Path(checkpoint)  # an input `index --force` must not delete
         self.precision = precision
         self.config = loaded.config
         self.model = loaded.model.eval().to(self.device)
         self.name = f"torch {self.device}"
 
-    def _open(self, graph: str) -> TorchRunner:
+    def _open(self, graph: Graph) -> TorchRunner:
         return TorchRunner(graph, self.bundle.graph(graph), self)
 
     @contextmanager
@@ -197,17 +163,17 @@ class TorchBackend(RunnerCache):
             finally:
                 setattr(holder, name, saved)
 
-    def compute(self, graph: str, x: dict[str, Any]) -> dict[str, Any]:
+    def compute(self, graph: Graph, x: dict[str, Any]) -> dict[str, Any]:
         """The outputs of `graph` by name, from its inputs by name (torch tensors)."""
         scoring, model = self._scoring, self.model
-        if graph == "image_encoder":
+        if graph == Graph.IMAGE_ENCODER:
             regions = model.img_enc(x["features"])
             return {
                 "regions": regions,
                 "region_gram": scoring.region_gram(regions),
                 "global": scoring.pooled_embedding(regions),
             }
-        if graph == "text_encoder":
+        if graph == Graph.TEXT_ENCODER:
             words = model.txt_enc(x["tokens"], x["lengths"])
             return {
                 "words": words,

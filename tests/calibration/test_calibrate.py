@@ -10,8 +10,9 @@ from scan_deploy.calibration.calibrate import CalibrationSettings, calibrate_bun
 from scan_deploy.calibration.data import sample_split
 from scan_deploy.export.lint import lint_bundle
 
-from scan_deploy.bundle import GRAPHS, MANIFEST, load_bundle
+from scan_deploy.bundle import MANIFEST, load_bundle
 from scan_deploy.checkpoint import load_checkpoint
+from scan_deploy.choices import Graph, Precision
 from scan_deploy.errors import UserError
 from scan_deploy.precomp import load_split
 from tests.cli_runner import run_cli
@@ -43,7 +44,7 @@ def test_variant_meets_its_target_and_is_recorded(setup, precision):
     assert errors["image_encoder", "regions"]["max_abs"] < {"fp16": 1e-2, "int8": 0.1}[precision]
     reloaded = load_bundle(bundle.path)  # checks every variant file against its sha256
     assert reloaded.precisions() == ["fp32", precision]
-    for name in GRAPHS:
+    for name in Graph:
         assert reloaded.graph_path(name, precision).name == f"{name}.{precision}.onnx"
     assert lint_bundle(reloaded) == []
     variant = reloaded.manifest["variants"][precision]
@@ -86,7 +87,7 @@ def test_missed_target_writes_nothing_unless_loss_accepted(setup, monkeypatch):
     assert not report["written"] and "misses the -1.0 target" in report["refused"]
     assert report["accepted_loss"] is False
     assert [b["graph"] for b in report["gate"]["blame"]] != []
-    assert {b["graph"] for b in report["gate"]["blame"]} == set(GRAPHS)
+    assert {b["graph"] for b in report["gate"]["blame"]} == set(Graph)
     assert (bundle.path / MANIFEST).read_bytes() == before
     assert not list(bundle.path.glob("*.int8.onnx"))
     accepted = CalibrationSettings("int8", samples=50, accept_loss=True)
@@ -129,10 +130,13 @@ def test_variant_that_keeps_everything_is_refused(setup, monkeypatch):
 
 
 def test_bad_settings_are_one_line_errors():
-    with pytest.raises(UserError, match="--precision: got 'int4'"):
+    with pytest.raises(UserError, match="^precision: got 'int4', expected one of fp16, int8$"):
         CalibrationSettings("int4")
-    with pytest.raises(UserError, match="--method: got 'mse'"):
+    with pytest.raises(UserError, match="^precision: got 'fp32', expected one of fp16, int8$"):
+        CalibrationSettings(Precision.FP32)
+    with pytest.raises(UserError, match="^method: got 'mse'"):
         CalibrationSettings("int8", method="mse")
+    assert CalibrationSettings("fp16").precision is Precision.FP16
 
 
 def _keep_nothing(units, build, measure, target):
@@ -154,10 +158,10 @@ def test_calibrate_command(trained, tmp_path):
     assert table.returncode == 0, table.stderr
     assert "error vs the FP32 PyTorch reference" in table.stdout and "PASSED" in table.stdout
     assert load_bundle(tmp_path / "bundle").precisions() == ["fp32", "fp16", "int8"]
-    bad = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int4")
+    bad = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "fp32")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "error: --precision: got 'int4', expected one of fp16, int8"
+        "error: precision: got 'fp32', expected one of fp16, int8"
     ]
     missing = run_cli("calibrate", tmp_path / "bundle", "--data", data,
                    "--checkpoint", tmp_path / "nothing")  # fmt: skip

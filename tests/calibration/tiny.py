@@ -8,8 +8,9 @@ import onnx
 import torch
 from scan_deploy.export.writer import ShapeRanges, export_bundle
 
-from scan_deploy.bundle import GRAPHS, Bundle, load_bundle
+from scan_deploy.bundle import Bundle, load_bundle
 from scan_deploy.checkpoint import Checkpoint
+from scan_deploy.choices import Graph
 from scan_deploy.config import ModelConfig
 from scan_deploy.model import SCAN
 from scan_deploy.precomp import find_vocab
@@ -30,4 +31,4 @@ def make_bundle(data: Path, root: Path, **options) -> tuple[Bundle, Checkpoint]:
 
 
 def fp32_graphs(bundle: Bundle) -> dict[str, onnx.ModelProto]:
-    return {name: onnx.load(str(bundle.graph_path(name))) for name in GRAPHS}
+    return {name: onnx.load(str(bundle.graph_path(name))) for name in Graph}

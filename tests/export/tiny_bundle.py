@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from scan_deploy.export.writer import ShapeRanges, export_bundle
 
-from scan_deploy.bundle import GRAPHS, MANIFEST, sha256_file
+from scan_deploy.bundle import MANIFEST, sha256_file
 from scan_deploy.checkpoint import Checkpoint
+from scan_deploy.choices import Graph
 from scan_deploy.config import ModelConfig
 from scan_deploy.model import SCAN
 from scan_deploy.vocab import Vocabulary
@@ -31,7 +32,7 @@ def add_variant(path: Path, precision: str) -> None:
     """Register copies of the FP32 graphs as a precision variant, as `calibrate` would."""
     manifest = json.loads((path / MANIFEST).read_text())
     graphs = {}
-    for name in GRAPHS:
+    for name in Graph:
         entry = dict(manifest["graphs"][name])
         entry["file"] = f"{name}.{precision}.onnx"
         shutil.copyfile(path / f"{name}.onnx", path / entry["file"])

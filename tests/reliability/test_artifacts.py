@@ -120,6 +120,6 @@ def test_bundle_without_weights_digest_opens_with_one_warning(made, tmp_path):
 def test_bench_refuses_a_batch_too_large_in_one_line(made):
     done = run_cli("bench", made["gallery"], "--batch", 8, "--batch", 100_000)
     assert error_line(done) == (
-        "error: --batch: expected 1 to 4096 queries per call, got 100000 (the retriever scores "
+        "error: batch_sizes: expected 1 to 4096 queries per call, got 100000 (the retriever scores "
         "queries in batches the engine takes: larger calls only repeat those)"
     )

@@ -17,8 +17,16 @@ PARSER_ERRORS = [
     (("train", "--data", "d", "--out", "o", "--epochs", "0"), "'--epochs'"),
     (("index", "b", "--features", "f", "--out", "o", "--shard-size", "0"), "'--shard-size'"),
     (("build-engine", "b", "--workspace", "-1"), "'--workspace'"),
+    (("build-engine", "b", "--precision", "bf16"), "'--precision'"),
+    (("build-engine", "b", "--graph", "decoder"), "'--graph'"),
+    (("build-engine", "b", "--provider", "rocm"), "'--provider'"),
+    (("query", "g", "x", "--backend", "openvino"), "'--backend'"),
+    (("query", "g", "x", "--shortlist-engine", "annoy"), "'--shortlist-engine'"),
+    (("index", "b", "--features", "f", "--out", "o", "--dtype", "bf16"), "'--dtype'"),
+    (("calibrate", "b", "--data", "d", "--precision", "int4"), "'--precision'"),
     (("convert", "model_best.pth.tar", "--out", "o"), "'--vocab'"),
     (("export",), "'checkpoint'"),
+    (("export", "c", "--out", "o", "--max-words", "2"), "'--max-words'"),  # <start>, <end>
     (("no-such-command",), "no-such-command"),
     (("data", "synth"), "'--out'"),
 ]

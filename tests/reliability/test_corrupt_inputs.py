@@ -1,7 +1,9 @@
-"""Corrupt and hostile inputs to `index` and `query`, run as a user runs them (a subprocess): a
-flipped byte in an .npy header, NaN/Inf or enormous features, a bundle graph replaced by garbage
-or by another graph (its manifest sha256 updated, so only opening it can tell), features of the
-wrong shape. Each is exit code 2, one `error:` line naming the file, and nothing written. Long
+"""Corrupt and hostile inputs to `index`, `query` and `export`, run as a user runs them (a
+subprocess): a flipped byte or negative sizes in an .npy header, NaN/Inf or enormous features, a
+bundle graph replaced by garbage or by another graph (its manifest sha256 updated, so only
+opening it can tell), manifest fields of the wrong type, features of the wrong shape, a
+checkpoint config.json that does not match its weights. Each is exit code 2, one `error:` line
+naming the file, and nothing written. Long
 captions are read as their first words (one warning) and a UTF-8 byte order mark is dropped
 (from captions and from a queries file)."""
 
@@ -99,6 +101,19 @@ def test_query_image_features_with_a_corrupt_header(tiny, tmp_path):
     one_line_error(done, f"{features}: format: not a readable .npy file")
 
 
+def test_features_whose_header_has_negative_sizes(tiny, tmp_path):
+    """(1, -1, -1) float32 needs as many bytes as the file holds: np.memmap's traceback before."""
+    data = tiny["ims"].read_bytes().replace(b"(6, 5, 10)", b"(1,-1, -1)")
+    features = tmp_path / "ims.npy"
+    features.write_bytes(data[: len(data) - 6 * 5 * 10 * 4 + 4])
+    out = empty_folder(tmp_path)
+    done = run_cli("index", tiny["bundle"], "--features", features, "--out", out)
+    one_line_error(done, f"{features}: shape: got (1, -1, -1), expected sizes >= 0")
+    assert_nothing_written(out)
+    done = run_cli("query", tiny["gallery"], "--image-features", features)
+    one_line_error(done, f"{features}: shape: got (1, -1, -1), expected sizes >= 0")
+
+
 def test_query_a_gallery_shard_with_a_corrupt_header(tiny, tmp_path):
     gallery = tmp_path / "gallery"
     shutil.copytree(tiny["gallery"], gallery)
@@ -108,6 +123,19 @@ def test_query_a_gallery_shard_with_a_corrupt_header(tiny, tmp_path):
     (gallery / "images" / MANIFEST).write_text(json.dumps(manifest))
     done = run_cli("query", gallery, "w1 w2")
     one_line_error(done, f"{shard}: format: not a readable .npy file", "re-run scan-deploy index")
+
+
+@pytest.mark.parametrize(("path", "found"), [(None, "null"), (7, "an integer")])
+def test_query_a_gallery_whose_bundle_path_is_not_a_string(tiny, tmp_path, path, found):
+    """Without --bundle, query opens the recorded bundle: a TypeError traceback before."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(tiny["gallery"], gallery)
+    manifest = json.loads((gallery / "images" / MANIFEST).read_text())
+    manifest["bundle"]["path"] = path
+    (gallery / "images" / MANIFEST).write_text(json.dumps(manifest))
+    done = run_cli("query", gallery, "w1 w2")
+    expected = f"{gallery / 'images' / MANIFEST}: bundle.path: expected a string, got {found}"
+    one_line_error(done, expected)
 
 
 # --- 2. non-finite and enormous features ------------------------------------------------------
@@ -170,6 +198,42 @@ def test_index_with_another_graph_in_place_of_one(tiny, tmp_path):
     out = empty_folder(tmp_path)
     done = run_cli("index", bundle, "--features", tiny["ims"], "--out", out)
     one_line_error(done, f"{bundle / 'image_encoder.onnx'}: inputs: the graph has regions")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("shape_ranges", {}, "shape_ranges.batch: expected an object, got null"),
+        ("vocab", {"file": "vocab.json"}, "vocab.sha256: expected a string, got null"),
+    ],
+)
+def test_index_with_a_manifest_field_of_the_wrong_type(tiny, tmp_path, field, value, message):
+    """KeyError tracebacks before."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest[field] = value
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    out = empty_folder(tmp_path)
+    done = run_cli("index", bundle, "--features", tiny["ims"], "--out", out)
+    one_line_error(done, f"{bundle / MANIFEST}: {message}")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("words", [2, "x"])
+def test_index_with_a_word_limit_no_caption_fits(tiny, tmp_path, words):
+    """words.max 2 (<start> and <end> alone) was accepted; "x" a ValueError traceback."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["shape_ranges"]["words"] = {"min": 1, "opt": 2, "max": words}
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    out = empty_folder(tmp_path)
+    done = run_cli("index", bundle, "--features", tiny["ims"], "--captions", tiny["caps"],
+                   "--out", out)  # fmt: skip
+    expected = "got 2, expected at least 3" if words == 2 else "expected an integer, got a string"
+    one_line_error(done, f"{bundle / MANIFEST}: shape_ranges.words.max: {expected}")
     assert_nothing_written(out)
 
 
@@ -251,4 +315,34 @@ def test_index_features_of_another_shape(tiny, tmp_path, shape, message):
     out = empty_folder(tmp_path)
     done = run_cli("index", tiny["bundle"], "--features", tmp_path / "ims.npy", "--out", out)
     one_line_error(done, message)
+    assert_nothing_written(out)
+
+
+# --- 7. a checkpoint whose config.json does not match its weights ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_layers", 100000, "num_layers: is 100000 but model.safetensors has no "),
+        ("embed_size", 10**9, "embed_size: is 1000000000 but model.safetensors has img_enc."),
+    ],
+)
+def test_export_a_checkpoint_whose_config_does_not_match_its_weights(
+    tmp_path, field, value, message
+):
+    """SCAN(config) was built first: 100000 GRU layers hung, 1e9 ran out of memory."""
+    from scan_deploy.checkpoint import save_checkpoint
+    from scan_deploy.config import ModelConfig
+    from scan_deploy.model import SCAN
+    from scan_deploy.vocab import Vocabulary
+
+    vocab = Vocabulary.build([" ".join(f"w{i}" for i in range(12))], threshold=1)
+    model = SCAN(ModelConfig(vocab_size=len(vocab), img_dim=10, embed_size=8, word_dim=6))
+    save_checkpoint(tmp_path / "ckpt", model, vocab)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, field: value}))
+    out = empty_folder(tmp_path)
+    done = run_cli("export", tmp_path / "ckpt", "--out", out)
+    one_line_error(done, f"{tmp_path / 'ckpt' / 'config.json'}: {message}")
     assert_nothing_written(out)

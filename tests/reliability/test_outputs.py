@@ -5,6 +5,7 @@ SCAN_DEPLOY_KILL_AT) leaves the old or the new artifact whole; the next run clea
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,18 @@ def test_an_output_holding_the_inputs_is_refused(artifacts, tmp_path):
     assert names(data) == ["ims.npy"]
 
 
+def test_index_force_keeps_the_torch_backends_checkpoint(artifacts, tmp_path):
+    """A checkpoint kept in the gallery folder was deleted with the old gallery."""
+    ckpt, bundle, ims3, _ = artifacts
+    gallery = tmp_path / "gallery"
+    assert run_cli("index", bundle, "--features", ims3, "--out", gallery).returncode == 0
+    shutil.copytree(ckpt, gallery / "ckpt")
+    result = run_cli("index", bundle, "--features", ims3, "--out", gallery, "--force",
+                     "--backend", "torch", "--checkpoint", gallery / "ckpt")  # fmt: skip
+    one_line_error(result, str(gallery), f"holds the input {gallery / 'ckpt'}")
+    assert (gallery / "ckpt" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     ("kill_at", "exchange", "survivor"),
     [
@@ -217,3 +230,14 @@ def test_a_run_killed_before_its_first_last_is_never_silently_replaced(tiny_data
         run_cli("train", "--data", tiny_data, "--out", run, *TRAIN, "--resume"), "no last/"
     )
     assert (run / "model_best" / "model.safetensors").read_bytes() == best
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_train_refuses_an_out_that_is_a_file_before_training(tiny_data, tmp_path, where):
+    """It failed with "File exists" (or "Not a directory") after a whole epoch."""
+    (tmp_path / "notes.txt").write_text("keep")
+    out = tmp_path / "notes.txt" if where == "file" else tmp_path / "notes.txt" / "run"
+    result = run_cli("train", "--data", tiny_data, "--out", out, *TRAIN)
+    line = one_line_error(result, f"{tmp_path / 'notes.txt'}: is a file, expected a folder")
+    assert "--out" in line and "epoch" not in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "keep"

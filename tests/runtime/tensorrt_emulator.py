@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from scan_deploy.runtime import cuda_buffers
+from scan_deploy.engines import cuda_buffers
 
 EMULATORS = Path(__file__).resolve().parents[1] / "emulators"
 VERSIONS = ("10.3", "10.16", "11.1")

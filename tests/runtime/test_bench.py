@@ -51,7 +51,7 @@ def test_batch_sizes_outside_the_limit_are_refused_before_any_search(retriever, 
         with pytest.raises(UserError) as info:
             run_bench(retriever, sizes, progress=lambda *call: None)
         assert str(info.value) == (
-            f"--batch: expected 1 to 4096 queries per call, got {bad} (the retriever scores "
+            f"batch_sizes: expected 1 to 4096 queries per call, got {bad} (the retriever scores "
             "queries in batches the engine takes: larger calls only repeat those)"
         )
     check_batch_sizes([1, MAX_BATCH])  # the limit itself is allowed

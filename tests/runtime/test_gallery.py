@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scan_deploy.runtime.gallery import (
-    DTYPES,
     KINDS,
     GalleryWriter,
     open_gallery,
 )
 
 from scan_deploy.bundle import Bundle
+from scan_deploy.choices import GalleryDtype
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import UserError
 
@@ -129,7 +129,7 @@ def assert_close(name: str, dtype: str, got: np.ndarray, want: np.ndarray) -> fl
     return float(in_steps.max())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", list(GalleryDtype))
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_every_kind_and_dtype(tmp_path, kind, dtype):
     path, items, manifest = write(tmp_path, kind, dtype)
@@ -168,7 +168,7 @@ def test_round_trip_every_kind_and_dtype(tmp_path, kind, dtype):
         assert 0.3 < max(worst.values()) <= 0.5 + 1e-4
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", list(GalleryDtype))
 def test_caption_shards_are_padded_to_their_own_longest_caption(tmp_path, dtype):
     path, items, _ = write(tmp_path, "captions", dtype)
     gallery = open_gallery(path)
@@ -393,6 +393,23 @@ def test_manifest_that_disagrees_with_itself(tmp_path):
         open_gallery(path)
     with pytest.raises(UserError, match="file not found"):
         open_gallery(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("path", "found"), [(..., "null"), (None, "null"), (5, "an integer"), ([], "a list")]
+)
+def test_a_recorded_bundle_path_of_the_wrong_type_is_one_line(tmp_path, path, found):
+    """`query` without --bundle opens the recorded path: KeyError/TypeError tracebacks before."""
+    gallery, _, manifest = write(tmp_path, "images", "fp32")
+    if path is ...:
+        del manifest["bundle"]["path"]
+    else:
+        manifest["bundle"]["path"] = path
+    (gallery / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as info:
+        open_gallery(gallery)
+    expected = f"{gallery / 'manifest.json'}: bundle.path: expected a string, got {found}"
+    assert str(info.value) == expected
 
 
 def _good_images(n: int = 2) -> dict[str, np.ndarray]:

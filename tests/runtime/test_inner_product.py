@@ -68,7 +68,8 @@ def test_auto_takes_faiss_only_for_a_gallery_with_an_index(monkeypatch):
 
 
 def test_unknown_engine_is_refused():
-    with pytest.raises(UserError, match="--shortlist-engine: got 'annoy', expected one of auto"):
+    expected = "^shortlist_engine: got 'annoy', expected one of auto, numpy, faiss$"
+    with pytest.raises(UserError, match=expected):
         check_engine("annoy")
 
 

@@ -20,8 +20,9 @@ from scan_deploy.runtime.indexer import index_gallery
 from scan_deploy.runtime.retriever import Retriever
 from scan_deploy.runtime.search import shortlist
 
-from scan_deploy.bundle import GRAPHS, load_bundle
+from scan_deploy.bundle import load_bundle
 from scan_deploy.checkpoint import load_checkpoint
+from scan_deploy.choices import Graph
 from scan_deploy.errors import UserError
 from scan_deploy.precomp import load_split
 from tests.cli_runner import run_cli
@@ -37,7 +38,7 @@ def indexed(trained, tmp_path_factory):
     split = load_split(data, "test")
     index_gallery(bundle, open_backend(bundle), data / "test_ims.npy", data / "test_caps.txt",
                   out, dtype="fp32", shard_size=150)  # fmt: skip
-    sessions = {name: session(str(bundle.graph_path(name))) for name in GRAPHS}
+    sessions = {name: session(str(bundle.graph_path(name))) for name in Graph}
     return bundle, split, out, ort_similarities(bundle, sessions, split)
 
 
@@ -139,11 +140,11 @@ def test_bad_queries_are_one_line_errors(indexed, caplog):
     retriever = Retriever.open(bundle, gallery)
     with pytest.raises(UserError, match="empty query"):
         retriever.search_text(["  "])
-    with pytest.raises(UserError, match=r"-k: expected 1\.\.400"):
+    with pytest.raises(UserError, match=r"^k: expected 1\.\.400"):
         retriever.search_text(["a dog"], k=0)
-    with pytest.raises(UserError, match=r"-k: expected 1\.\.400"):
+    with pytest.raises(UserError, match=r"^k: expected 1\.\.400"):
         retriever.search_text(["a dog"], k=401)
-    with pytest.raises(UserError, match="--shortlist: expected at least k"):
+    with pytest.raises(UserError, match="^shortlist: expected at least k"):
         retriever.search_text(["a dog"], k=10, shortlist=5)
     with pytest.raises(UserError, match=r"expected \(images, 8, 32\)"):
         retriever.search_image(np.zeros((1, 8, 31), np.float32))

@@ -24,7 +24,8 @@ from scan_deploy.runtime.backends.base import CallSizes
 from typer.testing import CliRunner
 
 from scan_deploy import cli
-from scan_deploy.bundle import GRAPHS, load_bundle
+from scan_deploy.bundle import load_bundle
+from scan_deploy.choices import Graph
 from scan_deploy.precomp import PrecompSplit
 from tests.cli_runner import run_cli
 
@@ -63,7 +64,7 @@ def _add_variants(path: Path, data: dict[str, Path], scratch: Path) -> None:
     """Real fp16 (FP16 compute, FP32 I/O) and int8 (Q/DQ) variants, as `calibrate` writes
     them, without its accuracy gate (these models are untrained)."""
     bundle = load_bundle(path)
-    graphs = {name: onnx.load(str(bundle.graph_path(name))) for name in GRAPHS}
+    graphs = {name: onnx.load(str(bundle.graph_path(name))) for name in Graph}
     _write_variant(bundle, "fp16", {n: to_fp16(g) for n, g in graphs.items()}, {})
     captions = data["caps.txt"].read_text().splitlines()
     split = PrecompSplit(np.load(data["ims.npy"]), captions, 5, data["ims.npy"])
@@ -130,7 +131,7 @@ def test_build_index_query_bench_answer_as_onnx_runtime(
         report = json.loads(_cli("bench", galleries["tensorrt"], "--batch", 1, "--batch", 3,
                                  "--iterations", 1, "--warmup", 0, "--backend", "tensorrt",
                                  "--precision", precision, "--json"))  # fmt: skip
-    assert [row["graph"] for row in rows] == list(GRAPHS)
+    assert [row["graph"] for row in rows] == list(Graph)
     assert {row["backend_version"] for row in rows} == {trt.__version__}
     assert answers == expected  # the same ranks, ids and float32 scores, bit for bit
     assert len(answers) == 2 * (len(QUERIES) + 3)

@@ -1,15 +1,20 @@
 import errno
 import logging
-import os
 import re
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from scan_deploy import atomic
-from scan_deploy.atomic import atomic_dir, atomic_path, check_output_dir, sweep_stale, write_json
+from scan_deploy.atomic import (
+    Marker,
+    atomic_dir,
+    atomic_path,
+    check_output_dir,
+    sweep_stale,
+    write_json,
+)
 from scan_deploy.errors import UserError
 
 
@@ -55,29 +60,27 @@ def test_replace_leaves_only_the_new_folder(tmp_path, monkeypatch, exchange):
     assert _names(tmp_path) == ["bundle"]
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def test_sweep_restores_an_old_folder_left_aside_and_removes_dead_temps(tmp_path, caplog):
-    pid = _dead_pid()
-    aside = tmp_path / f".gallery.{pid}.abcd1234.old"
+    # Left by killed runs: no lock file, or one nobody holds (pid 1: ids say nothing here).
+    aside = tmp_path / ".gallery.1.abcd1234.old"
     aside.mkdir()
     (aside / "manifest.json").write_text("{}")
-    stale = tmp_path / f".gallery.{pid}.efgh5678.tmp"
+    (tmp_path / ".gallery.1.abcd1234.lock").write_text("")
+    stale = tmp_path / ".gallery.1.efgh5678.tmp"
     stale.mkdir()
     (stale / "shard.npy").write_bytes(b"x" * 1000)
-    stale_file = tmp_path / f".gallery.{pid}.ijkl9012.json.tmp"
-    stale_file.write_text("{")
-    live = tmp_path / f".gallery.{os.getpid()}.mnop3456.tmp"  # a writer at work: kept
-    live.mkdir()
-    other = tmp_path / f".gallery.v2.{pid}.qrst7890.tmp"  # another target's: kept
-    other.mkdir()
-    with caplog.at_level(logging.WARNING, logger="scan_deploy"):
-        sweep_stale(tmp_path / "gallery")
-    assert _names(tmp_path) == sorted(["gallery", live.name, other.name])
+    (tmp_path / ".gallery.1.ijkl9012.json.tmp").write_text("{")
+    (tmp_path / ".bundle.7.qrst7890.tmp").mkdir()  # another target's, in the same folder
+    live = atomic._Lease(tmp_path / "gallery")  # a writer at work: its names are kept
+    live.path(".tmp").mkdir()
+    try:
+        with caplog.at_level(logging.WARNING, logger="scan_deploy"):
+            sweep_stale(tmp_path / "gallery")
+        assert _names(tmp_path) == sorted(
+            ["gallery", live.path(".tmp").name, live.path(".lock").name]
+        )
+    finally:
+        live.release()
     assert _names(tmp_path / "gallery") == ["manifest.json"]
     assert "restored" in caplog.text and "removed temporary files" in caplog.text
 
@@ -85,10 +88,27 @@ def test_sweep_restores_an_old_folder_left_aside_and_removes_dead_temps(tmp_path
 def test_sweep_removes_an_old_folder_once_the_new_one_is_in(tmp_path):
     (tmp_path / "gallery").mkdir()
     (tmp_path / "gallery" / "new").write_text("2")
-    (tmp_path / f".gallery.{_dead_pid()}.abcd1234.old").mkdir()
+    (tmp_path / ".gallery.42.abcd1234.old").mkdir()
     sweep_stale(tmp_path / "gallery")
     assert _names(tmp_path) == ["gallery"]
     assert _names(tmp_path / "gallery") == ["new"]
+
+
+def test_an_error_between_the_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    target = tmp_path / "bundle"
+    with atomic_dir(target) as tmp:
+        (tmp / "old").write_text("1")
+
+    def interrupted(point, name):
+        if point == "replace:aside":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "_kill_point", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "new").write_text("2")
+    assert _names(tmp_path) == ["bundle"]
+    assert _names(target) == ["old"]
 
 
 def test_errors_that_name_no_file_name_the_artifact(tmp_path):
@@ -98,16 +118,30 @@ def test_errors_that_name_no_file_name_the_artifact(tmp_path):
     assert _names(tmp_path) == []
 
 
+BUNDLE = Marker("manifest.json", ("format_version", "graphs"), "bundle")
+
+
 @pytest.mark.parametrize(
     ("make", "force", "message"),
     [
         (lambda t: None, True, "is the current folder"),
         (lambda t: (t / "x").write_text("1"), False, "not empty (pass --force"),
-        (lambda t: (t / "x").write_text("1"), True, "not a bundle folder (no manifest.json)"),
+        (lambda t: (t / "x").write_text("1"), True, "not a bundle folder (no manifest.json of"),
+        # Another program's manifest.json, or another kind of artifact: not a bundle.
+        (lambda t: (t / "manifest.json").write_text("{}"), True, "not a bundle folder"),
+        (
+            lambda t: (t / "manifest.json").write_text('{"format_version": 1, "kind": "images"}'),
+            True,
+            "not a bundle folder",
+        ),  # fmt: skip
+        (lambda t: (t / "manifest.json").write_text("{"), True, "not a bundle folder"),
         (lambda t: t.rmdir() or t.write_text("1"), True, "exists and is not a folder"),
+        (lambda t: t.rmdir() or t.symlink_to(t.parent / "real"), True, "is a symbolic link"),
     ],
 )
 def test_check_output_dir_refuses(tmp_path, monkeypatch, make, force, message):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "manifest.json").write_text('{"format_version": 1, "graphs": {}}')
     target = tmp_path / "out"
     target.mkdir()
     make(target)
@@ -115,14 +149,14 @@ def test_check_output_dir_refuses(tmp_path, monkeypatch, make, force, message):
         monkeypatch.chdir(target / "..")
         target = Path(".")
     with pytest.raises(UserError, match=re.escape(message)):
-        check_output_dir(target, force, "manifest.json", "bundle")
-    assert tmp_path.exists()
+        check_output_dir(target, force, BUNDLE)
+    assert (tmp_path / "real" / "manifest.json").is_file()
 
 
 def test_check_output_dir_refuses_a_folder_holding_an_input(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(UserError, match="holds the input"):
-        check_output_dir(tmp_path, True, "manifest.json", "bundle", [tmp_path / "data" / "f.npy"])
+        check_output_dir(tmp_path, True, BUNDLE, [tmp_path / "data" / "f.npy"])
     (tmp_path / "bundle").mkdir()
-    (tmp_path / "bundle" / "manifest.json").write_text("{}")
-    check_output_dir(tmp_path / "bundle", True, "manifest.json", "bundle", [tmp_path / "data"])
+    (tmp_path / "bundle" / "manifest.json").write_text('{"format_version": 1, "graphs": {}}')
+    check_output_dir(tmp_path / "bundle", True, BUNDLE, [tmp_path / "data"])

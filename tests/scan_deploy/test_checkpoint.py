@@ -1,8 +1,10 @@
 import argparse
+import json
 import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from scan_deploy.checkpoint import load_checkpoint, save_checkpoint
 from scan_deploy.config import ModelConfig
@@ -81,6 +83,81 @@ def test_malformed_meta_is_one_line(tmp_path, tiny, content, message):
     with pytest.raises(UserError, match=re.escape(message)) as info:
         load_checkpoint(tmp_path / "ckpt")
     assert "\n" not in str(info.value)
+
+
+def _edit_config(path, **changes) -> None:
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"num_layers": 100000},  # SCAN(config) built 100000 GRU layers: a hang
+            "num_layers: is 100000 but model.safetensors has no txt_enc.rnn.weight_ih_l1",
+        ),
+        (
+            {"embed_size": 10**9},  # SCAN(config) ran out of memory (DefaultCPUAllocator)
+            "embed_size: is 1000000000 but model.safetensors has "
+            "img_enc.fc.weight of shape (4, 6), the config implies (1000000000, 6)",
+        ),
+        (
+            {"word_dim": 5},
+            "word_dim: is 5 but model.safetensors has "
+            "txt_enc.embed.weight of shape (9, 3), the config implies (9, 5)",
+        ),
+        (
+            {"bi_gru": False},
+            "bi_gru: is false but model.safetensors also has txt_enc.rnn.bias_hh_l0_reverse",
+        ),
+        (
+            {"precomp_enc_type": "weight_norm"},
+            'precomp_enc_type: is "weight_norm" but model.safetensors has no img_enc.fc.weight_v',
+        ),
+    ],
+)
+def test_a_config_that_does_not_match_the_weights_is_refused_before_building(
+    tmp_path, tiny, changes, message
+):
+    model, vocab = tiny
+    save_checkpoint(tmp_path / "ckpt", model, vocab)
+    _edit_config(tmp_path / "ckpt" / "config.json", **changes)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(tmp_path / "ckpt")
+    assert str(info.value) == f"{tmp_path / 'ckpt' / 'config.json'}: {message}"
+
+
+def test_weights_that_match_no_config_field_name_the_weights_file(tmp_path, tiny):
+    model, vocab = tiny
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, tensor, message in [
+        ("img_enc.fc.bias", None, "missing from the checkpoint weights"),
+        ("extra", torch.zeros(2), "unexpected weight (does the config match the checkpoint?)"),
+        ("img_enc.fc.bias", torch.zeros(4, 1), "shape (4, 1) does not match the config, "
+         "expected (4,)"),
+    ]:  # fmt: skip
+        changed = {k: v for k, v in state.items() if k != name or tensor is not None}
+        if tensor is not None:
+            changed[name] = tensor
+        save_checkpoint(tmp_path / "ckpt", model, vocab)
+        save_file(changed, str(tmp_path / "ckpt" / "model.safetensors"))
+        with pytest.raises(UserError) as info:
+            load_checkpoint(tmp_path / "ckpt")
+        assert str(info.value) == f"{tmp_path / 'ckpt' / 'model.safetensors'}: {name}: {message}"
+
+
+def test_original_checkpoint_options_that_do_not_match_the_weights(tmp_path, tiny):
+    model, vocab = tiny
+    vocab.save(tmp_path / "vocab.json")
+    path = tmp_path / "model_best.pth.tar"
+    _original_file(path, model, embed_size=10**9, num_layers=100000)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path, tmp_path / "vocab.json")
+    assert str(info.value) == (
+        f"{path}: embed_size: is 1000000000 but the checkpoint has "
+        "img_enc.fc.weight of shape (4, 6), the config implies (1000000000, 6)"
+    )
 
 
 def _original_file(path, model: SCAN, **opt_overrides):

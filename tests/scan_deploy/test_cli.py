@@ -153,6 +153,9 @@ def test_user_mistakes_are_one_line_errors(trained, tmp_path):
     _one_line_error(
         run("train", "--data", data, "--out", run_dir), str(run_dir), "already holds a training run"
     )
+    _one_line_error(  # before training (it failed with "File exists" after an epoch)
+        run("train", "--data", data, "--out", data / "synth.json"), "synth.json: is a file"
+    )
     _one_line_error(
         run("train", "--data", data, "--out", tmp_path / "r", "--device", "cuda"), "--device: cuda"
     )
@@ -279,7 +282,7 @@ def test_export_compare_check(trained, tmp_path):
     _one_line_error(run("check", bundle), "scorer.onnx", "sha256")
     _one_line_error(
         run("export", run_dir / "model_best", "--out", tmp_path / "b2", "--opset", 9),
-        "--opset",
+        "opset: got 9",
         "13",
     )
 

@@ -3,7 +3,7 @@ import torch
 
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import UserError
-from scan_deploy.model import SCAN
+from scan_deploy.model import SCAN, weight_shapes
 
 
 def _config(**overrides) -> ModelConfig:
@@ -67,3 +67,33 @@ def test_load_weights_names_the_mismatch():
     del state["img_enc.fc.bias"]
     with pytest.raises(UserError, match="img_enc.fc.bias: missing"):
         model.load_weights(state, "ckpt")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"precomp_enc_type": "weight_norm"},
+        {"bi_gru": True},
+        {"num_layers": 3},
+        {"num_layers": 2, "bi_gru": True, "precomp_enc_type": "weight_norm"},
+    ],
+)
+def test_weight_shapes_are_the_models(overrides):
+    """What the checkpoint loader checks weights against before building a model: the names,
+    order and shapes of `SCAN(config).state_dict()`, each size naming its config field."""
+    config = _config(embed_size=5, **overrides)
+    expected = [(k, tuple(v.shape)) for k, v in SCAN(config).state_dict().items()]
+    shapes = list(weight_shapes(config))
+    assert [(name, tuple(size for size, _ in dims)) for name, dims in shapes] == expected
+    for _, dims in shapes:
+        for size, field in dims:
+            assert size in {k * getattr(config, field) for k in (1, 2, 3)}  # GRU: 3 gates
+
+
+def test_weight_shapes_allocate_nothing_and_are_lazy():
+    """A corrupt config's sizes: SCAN(config) hung (num_layers) or ran out of memory."""
+    config = _config(embed_size=10**12, num_layers=10**12)
+    shapes = weight_shapes(config)
+    name, dims = next(shapes)
+    assert (name, dims) == ("img_enc.fc.weight", ((10**12, "embed_size"), (6, "img_dim")))

@@ -193,6 +193,20 @@ def test_a_header_that_disagrees_with_the_file_size(tmp_path: Path) -> None:
         read_npy_header(path, ": re-run it")
 
 
+def test_a_header_with_negative_sizes(tmp_path: Path) -> None:
+    """(1, -1, -1) float32 needs 4 bytes, as many as the file holds: np.memmap's ValueError
+    'negative dimensions are not allowed' was a traceback."""
+    path = tmp_path / "ims.npy"
+    np.save(path, _features(2))
+    data = path.read_bytes().replace(b"(2, 4, 3)", b"(1,-1,-1)")
+    path.write_bytes(data[: len(data) - 92])
+    with pytest.raises(UserError) as info:
+        load_files(path, None)
+    assert str(info.value) == f"{path}: shape: got (1, -1, -1), expected sizes >= 0"
+    with pytest.raises(UserError, match=r"ims\.npy: shape: got \(1, -1, -1\), .*: re-run it$"):
+        open_npy(path, ": re-run it")
+
+
 def test_open_npy_maps_the_array_read_only(tmp_path: Path) -> None:
     path = tmp_path / "x.npy"
     expected = np.asfortranarray(_features(3))

@@ -127,6 +127,8 @@ def test_train_split_does_not_depend_on_the_other_sizes(
         ({"noise": -0.1}, "noise"),
         ({"noise": float("nan")}, "noise"),
         ({"noise": float("inf")}, "noise"),
+        ({"noise": 1e300}, "noise"),  # finite, but its float32 noise overflowed to NaN features
+        ({"noise": 100.5}, "noise"),
         ({"num_categories": 1}, "num_categories"),
         ({"num_categories": 61}, "num_categories"),
         ({"attribute_prob": 1.5}, "attribute_prob"),
@@ -146,7 +148,9 @@ def test_an_existing_folder_is_replaced_only_with_force(
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(UserError, match="mine: not empty \\(pass --force to replace it\\)"):
         synth.write_synthetic(tmp_path / "mine", **TINY, seed=3, vocab_threshold=1)
-    with pytest.raises(UserError, match="mine: not a synthetic data folder \\(no synth.json\\)"):
+    with pytest.raises(
+        UserError, match="mine: not a synthetic data folder \\(no synth.json of one\\)"
+    ):
         synth.write_synthetic(tmp_path / "mine", **TINY, seed=3, vocab_threshold=1, force=True)
     assert _files(tmp_path / "mine") == {"notes.txt": b"keep"}
     synth.write_synthetic(tmp_path / "data", **TINY, seed=4, vocab_threshold=1)
@@ -285,6 +289,14 @@ def test_features_carry_the_scene_in_the_background() -> None:
     scene = np.repeat(scenes.scene, 36)
     same, different = _mean_cosines(x, scene, kind >= world.num_categories)
     assert same > different + 0.05
+
+
+def test_the_largest_noise_writes_finite_features(tmp_path: Path) -> None:
+    """At MAX_NOISE the features are noise alone (correlation with the clean ones about 0 from
+    noise 10 on), and still finite."""
+    world, scenes = _scenes(4)
+    features = synth.render_features(world, scenes, np.random.default_rng(1), synth.MAX_NOISE, 0, 4)
+    assert np.isfinite(features).all()
 
 
 def test_noise_knob() -> None:

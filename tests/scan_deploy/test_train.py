@@ -2,13 +2,14 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from scan_deploy.checkpoint import load_checkpoint
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import UserError
-from scan_deploy.precomp import find_vocab, load_split
+from scan_deploy.precomp import find_vocab, load_split, write_split
 from scan_deploy.synth import write_synthetic
 from scan_deploy.train import LAST, TRAIN_STATE, Trainer, TrainOptions, contrastive_loss
 from scan_deploy.vocab import Vocabulary
@@ -113,6 +114,48 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(data, tmp_pat
     with pytest.raises(UserError, match="^epoch 0, batch 1: the loss is nan, training stopped"):
         trainer.fit()
     assert not (tmp_path / "run").exists()
+
+
+def test_all_zero_regions_are_named_as_a_cause_of_a_non_finite_loss(data, tmp_path):
+    """A region whose features are all zero is zero after the fresh model's fc (its bias starts
+    at 0); the L2 normalisation, the original SCAN's `X / (sqrt(sum X^2) + eps)`, has a NaN
+    gradient there, so the weights become NaN and the next loss too. The message blamed --lr."""
+    train = load_split(data, "train")
+    images = np.array(train.images)
+    images[:, 2] = 0.0
+    write_split(tmp_path / "zeros", "train", images, train.captions)
+    dev = load_split(data, "dev")
+    write_split(tmp_path / "zeros", "dev", np.array(dev.images), dev.captions)
+    vocab = Vocabulary.load(find_vocab(data))
+    config = ModelConfig(vocab_size=len(vocab), img_dim=16, embed_size=8, word_dim=6)
+    trainer = Trainer(
+        tmp_path / "run",
+        load_split(tmp_path / "zeros", "train"),
+        load_split(tmp_path / "zeros", "dev"),
+        vocab,
+        config,
+        TrainOptions(epochs=1, batch_size=32, lr=2e-3, val_images=20),
+    )
+    with pytest.raises(UserError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert message.startswith("epoch 0, batch 2: the loss is nan, training stopped (")
+    assert "all zero" in message and "lower --lr" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_weights_message_names_all_zero_features_too(data, tmp_path):
+    trainer = _trainer(data, tmp_path / "run", epochs=1, batch_size=300)  # one batch an epoch
+    step = trainer.optimizer.step
+
+    def diverging_step():
+        step()
+        with torch.no_grad():
+            trainer.model.img_enc.fc.bias[0] = math.nan
+
+    trainer.optimizer.step = diverging_step
+    with pytest.raises(UserError, match="^epoch 0: weight img_enc.fc.bias is NaN .*all zero"):
+        trainer.fit()
 
 
 def test_non_finite_weights_after_the_last_step_are_never_saved(data, tmp_path):

@@ -1,7 +1,7 @@
 """An emulated TensorRT Python API (`import tensorrt`) for scan-deploy's test suite.
 
 A TEST DOUBLE: never shipped (it lives under tests/), never a TensorRT result. It implements the
-TensorRT 10.3 / 10.16 / 11.1 Python API that scan_deploy/tensorrt_api.py calls, as documented in
+TensorRT 10.3 / 10.16 / 11.1 Python API that engines/tensorrt_api.py calls, as documented in
 TENSORRT_API.md (each call cites its source there), and refuses what TensorRT refuses with the
 documented failure mode (None or False plus an E log, or the documented exception). Engines
 compute with ONNX Runtime on the ONNX graph they were built from; device memory and streams are

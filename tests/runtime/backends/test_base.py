@@ -2,9 +2,6 @@
 the sizes of the runtime's calls (the shape contract), and the import discipline (the runtime
 loads neither torch nor onnx)."""
 
-import json
-import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,9 +9,10 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
-from scan_deploy.runtime.backends import BACKENDS, open_backend
-from scan_deploy.runtime.backends.base import CallSizes, as_output, find_engines, prepare_feeds
+from scan_deploy.runtime.backends import open_backend
+from scan_deploy.runtime.backends.base import CallSizes, as_output, prepare_feeds
 
+from scan_deploy.choices import Backend, Graph, Precision
 from scan_deploy.errors import UserError
 
 TEXT_INPUTS = [
@@ -84,65 +82,20 @@ def test_open_backend_refusals(tiny):
         open_backend(bundle, "tensorrt", device="cuda")
     with pytest.raises(UserError, match=r"graph: got 'decoder', expected one of image_encoder"):
         open_backend(bundle).runner("decoder")
-    assert BACKENDS == ("onnxruntime", "tensorrt", "torch")
-
-
-def _sidecar(graph, precision, backend, provider=None):
-    return {
-        "format_version": 1,
-        "backend": backend,
-        "backend_version": "10.3.0",
-        "provider": provider,
-        "device": {"name": "GPU", "compute_capability": "8.7"},
-        "precision": precision,
-        "graph": graph,
-        "profiles": [],
-        "source": {"sha256": "0" * 64},
-        "engine": {"sha256": "0" * 64, "file": f"{graph}.{precision}.{backend}.engine"},
-        "vocab": {"words_sha256": "0" * 64},
-        "build": {},
-    }
-
-
-def test_find_engines_matches_sidecars_newest_first(tiny, tmp_path, caplog):
-    from scan_deploy.bundle import Bundle
-
-    bundle = Bundle(tmp_path, tiny.bundle.manifest, tiny.bundle.config, tiny.bundle.vocab)
-    assert find_engines(bundle, "tensorrt", "scorer", "fp16") == []  # no engines/ folder
-    engines = tmp_path / "engines"
-    engines.mkdir()
-    sidecars = {
-        "old.json": _sidecar("scorer", "fp16", "tensorrt"),
-        "new.json": _sidecar("scorer", "fp16", "tensorrt"),
-        "other-graph.json": _sidecar("image_encoder", "fp16", "tensorrt"),
-        "other-precision.json": _sidecar("scorer", "int8", "tensorrt"),
-        "ort-cpu.json": _sidecar("scorer", "fp16", "onnxruntime", "cpu"),
-        "ort-cuda.json": _sidecar("scorer", "fp16", "onnxruntime", "cuda"),
-    }
-    sidecars["new.json"]["engine"]["file"] = "new.engine"
-    for k, (name, sidecar) in enumerate(sidecars.items()):
-        (engines / name).write_text(json.dumps(sidecar))
-        os.utime(engines / name, (1000 + k, 1000 + k))
-    (engines / "broken.json").write_text('{"format_version": 1}')
-    caplog.set_level(logging.WARNING, "scan_deploy.runtime")
-    found = find_engines(bundle, "tensorrt", "scorer", "fp16")
-    assert [path.name for path, _ in found] == ["new.engine", "scorer.fp16.tensorrt.engine"]
-    assert all(path.parent == engines for path, _ in found)
-    assert "broken.json: backend: missing from the engine sidecar" in caplog.records[0].message
-    cuda = find_engines(bundle, "onnxruntime", "scorer", "fp16", provider="cuda")
-    assert [sidecar["provider"] for _, sidecar in cuda] == ["cuda"]
+    opened = open_backend(bundle, Backend.ONNXRUNTIME, Precision.FP32)  # members or their values
+    assert opened.precision is Precision.FP32 and opened.runner("scorer").graph is Graph.SCORER
 
 
 @pytest.mark.parametrize("artifacts", [False, True], ids=["graphs", "build-engine-artifacts"])
 def test_runtime_imports_neither_torch_nor_onnx(tiny, tmp_path, artifacts):
     """A fresh interpreter: importing the backends, opening the ONNX Runtime backend on the
     bundle (on its graphs, or on build-engine's ONNX Runtime artifacts, which
-    `scan_deploy.export.ort_engine.load_session` opens) and running its three runners loads no
+    `scan_deploy.engines.load.load_session` opens) and running its three runners loads no
     torch and no onnx."""
     pytest.importorskip("onnxruntime")
     path = tiny.bundle.path
     if artifacts:
-        from scan_deploy.export.build_engine import BuildOptions, build_engines
+        from scan_deploy.engines.build import BuildOptions, build_engines
 
         from scan_deploy.bundle import load_bundle
 

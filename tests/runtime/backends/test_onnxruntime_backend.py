@@ -12,7 +12,8 @@ import pytest
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.onnxruntime_backend import choose_providers
 
-from scan_deploy.bundle import GRAPHS, MANIFEST, load_bundle, sha256_file
+from scan_deploy.bundle import MANIFEST, load_bundle, sha256_file
+from scan_deploy.choices import Graph
 from scan_deploy.errors import UserError
 
 from .conftest import copy_bundle, encoder_inputs, run_pipeline
@@ -28,7 +29,7 @@ def direct_pipeline(bundle, features, tokens, lengths, precision="fp32"):
         g: ort.InferenceSession(
             str(bundle.graph_path(g, precision)), providers=["CPUExecutionProvider"]
         )
-        for g in GRAPHS
+        for g in Graph
     }
     image = sessions["image_encoder"].run(None, {"features": features})
     text = sessions["text_encoder"].run(None, {"tokens": tokens, "lengths": lengths})
@@ -40,7 +41,7 @@ def direct_pipeline(bundle, features, tokens, lengths, precision="fp32"):
 
 
 def assert_same(actual, expected, atol=1e-6):
-    for graph in GRAPHS:
+    for graph in Graph:
         assert len(actual[graph]) == len(expected[graph])
         for got, want in zip(actual[graph], expected[graph], strict=True):
             assert got.dtype == np.float32 and got.shape == want.shape
@@ -54,7 +55,7 @@ def test_runners_equal_the_fp32_graphs_run_directly(tiny):
     inputs = encoder_inputs(tiny.bundle)
     actual = run_pipeline(backend, *inputs)
     assert_same(actual, direct_pipeline(tiny.bundle, *inputs))
-    names = [[v["name"] for v in backend.runner(g).outputs] for g in GRAPHS]
+    names = [[v["name"] for v in backend.runner(g).outputs] for g in Graph]
     assert names == [
         ["regions", "region_gram", "global"],
         ["words", "caption_gram", "global"],
@@ -79,7 +80,7 @@ def test_choose_providers_prefers_tensorrt_then_cuda_then_cpu(caplog):
         "onnxruntime has no TensorrtExecutionProvider, CUDAExecutionProvider "
         "(it has CPUExecutionProvider): using CPUExecutionProvider"
     )
-    with pytest.raises(UserError, match=r"providers: got 'rocm', expected one of tensorrt"):
+    with pytest.raises(UserError, match=r"^providers: got 'rocm', expected one of cpu, cuda, tens"):
         choose_providers(["rocm"], ALL)
 
 
@@ -106,7 +107,7 @@ def test_threads_set_intra_op_threads(tiny):
 
 
 def test_build_engine_artifact_used_when_it_validates(tiny, tmp_path, caplog):
-    from scan_deploy.export.build_engine import BuildOptions, build_engines
+    from scan_deploy.engines.build import BuildOptions, build_engines
 
     path = copy_bundle(tiny.bundle, tmp_path / "bundle")
     bundle = load_bundle(path)
@@ -114,7 +115,7 @@ def test_build_engine_artifact_used_when_it_validates(tiny, tmp_path, caplog):
     files = {row["graph"]: row["file"] for row in rows}
     backend = open_backend(bundle, threads=1)
     inputs = encoder_inputs(bundle)
-    for graph in GRAPHS:
+    for graph in Graph:
         runner = backend.runner(graph)
         assert str(runner.source) == files[graph]
         assert runner.session.get_session_options().intra_op_num_threads == 1
@@ -215,73 +216,13 @@ def test_a_runner_serves_threads_concurrently(tiny):
             np.testing.assert_array_equal(a, b)
 
 
-# The TensorRT execution provider's caches. No GPU here: these check the provider options the
-# sessions are created with, not their execution.
-
-
-def test_tensorrt_cache_options_are_keyed_like_sidecars(tmp_path):
-    from scan_deploy.runtime.backends.onnxruntime_backend import tensorrt_cache_options
-
-    sha = "0123456789abcdef" * 4
-    options = tensorrt_cache_options(tmp_path, "scorer", "fp16", sha, "sm87", "1.20.1", "10.3.0.30")
-    assert options == {
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(
-            tmp_path / "scorer.fp16.ort1.20.1-trt10.3.0.sm87.trtep.0123456789ab.trt_cache"
-        ),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(tmp_path / "timing.trt10.3.0.sm87.trt_cache"),
-    }
-    # Every key fact changes the engine cache; the timing cache is shared by graphs, precisions
-    # and ONNX Runtime versions (kernel timings depend on TensorRT and the GPU only).
-    variants = [
-        ("text_encoder", "fp16", sha, "sm87", "1.20.1", "10.3.0.30"),
-        ("scorer", "int8", sha, "sm87", "1.20.1", "10.3.0.30"),
-        ("scorer", "fp16", "f" * 64, "sm87", "1.20.1", "10.3.0.30"),
-        ("scorer", "fp16", sha, "sm90", "1.20.1", "10.3.0.30"),
-        ("scorer", "fp16", sha, "sm87", "1.22.0", "10.3.0.30"),
-        ("scorer", "fp16", sha, "sm87", "1.20.1", "10.9.0.34"),
-    ]
-    engine_paths = {tensorrt_cache_options(tmp_path, *v)["trt_engine_cache_path"] for v in variants}
-    assert len(engine_paths | {options["trt_engine_cache_path"]}) == len(variants) + 1
-    timing = {tensorrt_cache_options(tmp_path, *v)["trt_timing_cache_path"] for v in variants[:3]}
-    assert timing == {options["trt_timing_cache_path"]}
-    unknown = tensorrt_cache_options(tmp_path, "scorer", "fp16", sha, "gpu", "1.20.1", None)
-    assert unknown["trt_engine_cache_path"].endswith(
-        "scorer.fp16.ort1.20.1-trt.gpu.trtep.0123456789ab.trt_cache"
-    )
-    assert unknown["trt_timing_cache_path"].endswith("timing.trt.gpu.trt_cache")
-
-
-def test_tensorrt_version_from_package_metadata_without_importing_it(monkeypatch):
-    import sys
-    from importlib import metadata
-
-    from scan_deploy.runtime.backends import onnxruntime_backend as backend
-
-    installed = {"tensorrt-cu12": "10.9.0.34"}
-
-    def version(name):
-        if name not in installed:
-            raise metadata.PackageNotFoundError(name)
-        return installed[name]
-
-    monkeypatch.setattr(metadata, "version", version)
-    assert backend.tensorrt_version() == "10.9.0.34"
-    installed["tensorrt"] = "10.3.0"  # the `tensorrt` distribution comes first
-    assert backend.tensorrt_version() == "10.3.0"
-    installed.clear()
-    assert backend.tensorrt_version() is None
-    assert "tensorrt" not in sys.modules
-    assert backend.version_tag("trt", "10.3.0.30") == "trt10.3.0"
-    assert backend.version_tag("ort", "1.32.0+cpu") == "ort1.32.0"
-    assert backend.version_tag("trt", None) == "trt"
+# The TensorRT execution provider's caches (scan_deploy.engines.ort_cache). No GPU here: these
+# check the provider options the sessions are created with, not their execution.
 
 
 def test_gpu_tag_falls_back_without_a_cuda_binding(monkeypatch):
+    from scan_deploy.engines import cuda_device
     from scan_deploy.runtime.backends.onnxruntime_backend import gpu_tag
-
-    from scan_deploy import cuda_device
 
     def no_binding(index=None):
         raise UserError(cuda_device.INSTALL_HINT)
@@ -374,33 +315,3 @@ def test_a_cache_folder_that_cannot_be_made_is_a_warning(
     )
     assert "cannot create the TensorRT cache folder" in caplog.text
     assert "engines are rebuilt by every process" in caplog.text
-
-
-def test_a_stale_engine_cache_is_one_line_naming_the_folder():
-    from types import SimpleNamespace
-
-    from scan_deploy.runtime.backends.onnxruntime_backend import session_with_caches
-
-    caches = {"trt_engine_cache_enable": True, "trt_engine_cache_path": "/b/engines/x.trt_cache"}
-    providers = [("TensorrtExecutionProvider", caches), ("CPUExecutionProvider", {})]
-
-    def failing(message):
-        def session(model, options, providers):
-            raise RuntimeError(message)
-
-        return SimpleNamespace(InferenceSession=session)
-
-    stale = (
-        "[ONNXRuntimeError] : 11 : EP_FAIL : TensorRT EP could not deserialize engine from "
-        "cache: /b/engines/x.trt_cache/TensorrtExecutionProvider_TRTKernel_graph_0_sm87.engine"
-    )
-    with pytest.raises(UserError) as err:
-        session_with_caches(failing(stale), "m.onnx", None, providers)
-    assert str(err.value) == (
-        "/b/engines/x.trt_cache: TensorRT cannot load an engine cached there (built by another "
-        "TensorRT version or for another GPU): delete this folder, the next run rebuilds it"
-    )
-    with pytest.raises(RuntimeError, match="out of memory"):  # anything else is not ours
-        session_with_caches(failing("out of memory"), "m.onnx", None, providers)
-    with pytest.raises(RuntimeError, match="could not deserialize"):  # no cache was asked for
-        session_with_caches(failing(stale), "m.onnx", None, [("CPUExecutionProvider", {})])

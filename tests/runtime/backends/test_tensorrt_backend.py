@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from scan_deploy.export.build_engine import BuildOptions, build_engines
+from scan_deploy.engines.build import BuildOptions, build_engines
+from scan_deploy.engines.sidecar import build_engine_command
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.tensorrt_backend import (
     _nbytes,
@@ -20,7 +21,6 @@ from scan_deploy.runtime.backends.tensorrt_backend import (
 )
 
 from scan_deploy.bundle import Bundle, DimSizes, load_bundle
-from scan_deploy.engine_sidecar import build_engine_command
 from scan_deploy.errors import UserError
 
 from ..tensorrt_emulator import emulated_tensorrt

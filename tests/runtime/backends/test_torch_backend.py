@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scan_deploy.runtime.backends import open_backend
 
-from scan_deploy.bundle import GRAPHS, MANIFEST, load_bundle
+from scan_deploy.bundle import MANIFEST, load_bundle
+from scan_deploy.choices import Graph
 from scan_deploy.errors import UserError
 
 from .conftest import copy_bundle, encoder_inputs, run_pipeline
@@ -26,7 +27,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 def assert_parity(actual, expected):
-    for graph in GRAPHS:
+    for graph in Graph:
         tolerance = SIMILARITY_ATOL if graph == "scorer" else EMBEDDING_ATOL
         for got, want in zip(actual[graph], expected[graph], strict=True):
             assert got.dtype == np.float32 and got.shape == want.shape
@@ -100,10 +101,9 @@ def test_mismatched_checkpoints_are_refused(tiny, tiny_i2t, tmp_path):
 
 
 def test_checkpoint_with_other_weights_is_refused(tiny, tmp_path):
-    from scan_deploy.runtime.backends.torch_backend import weights_digest
-
     from scan_deploy.checkpoint import load_checkpoint, save_checkpoint
     from scan_deploy.model import SCAN
+    from scan_deploy.weights import weights_digest
 
     torch.manual_seed(5)  # the bundle's config and vocabulary, other weights
     save_checkpoint(tmp_path / "other", SCAN(tiny.bundle.config).eval(), tiny.bundle.vocab)

@@ -1,7 +1,7 @@
 """Emulated `cuda.bindings.runtime` (cuda-python's CUDA runtime API): a test double over the host
 memory of `emulated_device`, never shipped and never a measurement.
 
-Only the calls scan-deploy makes (`runtime/cuda_buffers.py`, `scan_deploy/cuda_device.py`). As in
+Only the calls scan-deploy makes (`engines/cuda_buffers.py`, `engines/cuda_device.py`). As in
 cuda-python, every call returns a tuple `(cudaError_t, *results)` and never raises; a failed call
 returns `(err, None)` for its result. Sources: TENSORRT_API.md "cuda-python (as the samples use
 it)": S11 = NVIDIA/TensorRT `samples/python/common_runtime.py`@v11.1 (42-67, 139, 180, 241,

@@ -1,6 +1,7 @@
 """build-engine: option checks, the TensorRT build plan (TensorRT 10 vs 11, DLA, compatibility),
-engine names, the missing-TensorRT path, and the command line; TensorRT builds on the TensorRT API
-emulator (a test double: TensorRT itself is not run)."""
+engine names, the missing-TensorRT path, ONNX Runtime artifacts (file names, sidecars, the
+TensorRT provider's options), and the command line; TensorRT builds on the TensorRT API emulator
+(a test double: TensorRT itself is not run)."""
 
 import io
 import json
@@ -9,27 +10,31 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from rich.console import Console
-from scan_deploy.export.build_engine import (
+from scan_deploy.engines.build import (
     BuildOptions,
     build_engines,
     check_shape_options,
     make_plan,
     network_flags,
+    session_providers,
+    tensorrt_ep_options,
     tensorrt_stem,
 )
-from scan_deploy.export.engine_profiles import InputRange
+from scan_deploy.engines.cuda_device import DeviceInfo, cpu_device
+from scan_deploy.engines.profiles import InputRange, Profile
 from scan_deploy.runtime.backends import open_backend
 from typer.testing import CliRunner
 
 from scan_deploy import cli
-from scan_deploy.bundle import GRAPHS, Bundle, load_bundle
-from scan_deploy.cuda_device import DeviceInfo
+from scan_deploy.bundle import Bundle, load_bundle
+from scan_deploy.choices import Backend, Graph, Precision, Provider
 from scan_deploy.errors import UserError
 
+from ..export.tiny_bundle import add_variant, make_bundle
 from ..runtime.tensorrt_emulator import VERSIONS, emulated_tensorrt
-from .tiny_bundle import add_variant, make_bundle
 
 SHA = {"fp32": "1" * 64, "fp16": "2" * 64, "int8": "3" * 64}
 TEXT_INPUTS = [
@@ -45,7 +50,7 @@ def _manifest_bundle(tmp_path) -> Bundle:
         suffix = "" if precision == "fp32" else f".{precision}"
         return {
             g: {"file": f"{g}{suffix}.onnx", "sha256": SHA[precision], "inputs": TEXT_INPUTS}
-            for g in GRAPHS
+            for g in Graph
         }
 
     manifest = {
@@ -59,11 +64,6 @@ def _manifest_bundle(tmp_path) -> Bundle:
         "vocab": {"words_sha256": "0" * 64},
     }
     return Bundle(tmp_path, manifest, None, None)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("engines") / "bundle")
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_shape_options_shared_by_several_graphs_apply_per_graph(tmp_path):
     scorer = make_plan(bundle, "scorer", options, "10.3.0").profiles[0]
     assert text.inputs["tokens"] == InputRange((4, 7), (4, 7), (4, 7))
     assert scorer.inputs["words"] == InputRange((2, 5, 8), (2, 5, 8), (2, 5, 8))
-    with pytest.raises(UserError, match=r"--max-shapes: unknown input 'images' \(inputs of"):
+    with pytest.raises(UserError, match=r"max_shapes: unknown input 'images' \(inputs of"):
         check_shape_options(bundle, BuildOptions(max_shapes=("images:4x5",)))
 
 
@@ -162,20 +162,22 @@ def test_engine_names_carry_version_device_target_and_graph_hash(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"backend": "tflite"}, r"--backend: got 'tflite', expected one of tensorrt, onnxruntime"),
-        ({"precision": "bf16"}, r"--precision: got 'bf16'"),
-        ({"graphs": ("decoder",)}, r"--graph: got 'decoder', expected one of image_encoder"),
-        ({"graphs": ("scorer", "text_encoder", "scorer")}, r"^--graph: scorer is given twice$"),
-        ({"provider": "cuda"}, r"--provider: applies to --backend onnxruntime"),
-        ({"provider": "rocm", "backend": "onnxruntime"}, r"--provider: got 'rocm'"),
-        ({"backend": "onnxruntime", "dla_core": 0}, r"--dla-core: applies to --backend tensorrt"),
+        ({"backend": "tflite"}, r"^backend: got 'tflite', expected one of tensorrt, onnxruntime$"),
+        ({"backend": "torch"}, r"^backend: got 'torch', expected one of tensorrt, onnxruntime$"),
+        ({"precision": "bf16"}, r"^precision: got 'bf16', expected one of fp32, fp16, int8$"),
+        ({"graphs": ("decoder",)}, r"^graphs: got 'decoder', expected one of image_encoder"),
+        ({"graphs": ()}, r"^graphs: expected one or more of image_encoder, text_encoder, scorer$"),
+        ({"graphs": ("scorer", "text_encoder", "scorer")}, r"^graphs: scorer is given twice$"),
+        ({"provider": "cuda"}, r"^provider: applies to backend onnxruntime$"),
+        ({"provider": "rocm", "backend": "onnxruntime"}, r"^provider: got 'rocm'"),
+        ({"backend": "onnxruntime", "dla_core": 0}, r"^dla_core: applies to backend tensorrt$"),
         (
             {"backend": "onnxruntime", "min_shapes": ("tokens:1x1",)},
-            r"--min-shapes: applies to --backend tensorrt or --provider tensorrt",
+            r"^min_shapes: applies to backend tensorrt or provider tensorrt$",
         ),
-        ({"dla_core": 0}, r"--dla-core: DLA runs FP16 and INT8 only"),
-        ({"exclude_lean_runtime": True}, r"--exclude-lean-runtime: applies with --version-comp"),
-        ({"workspace_mib": 0}, r"--workspace: expected a size in MiB >= 1"),
+        ({"dla_core": 0}, r"^dla_core: DLA runs FP16 and INT8 only"),
+        ({"exclude_lean_runtime": True}, r"^exclude_lean_runtime: applies with version_compat"),
+        ({"workspace_mib": 0}, r"^workspace_mib: expected a size in MiB >= 1"),
     ],
 )
 def test_option_mistakes_are_user_errors(kwargs, message):
@@ -223,7 +225,7 @@ def test_missing_tensorrt_writes_nothing(tiny, tmp_path, monkeypatch):
 def test_shape_mistakes_fail_before_any_backend_is_needed(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     options = BuildOptions(graphs=("text_encoder",), opt_shapes=("captions:4x7",))
-    with pytest.raises(UserError, match="--opt-shapes: unknown input 'captions'"):
+    with pytest.raises(UserError, match="opt_shapes: unknown input 'captions'"):
         build_engines(load_bundle(tiny), options)
 
 
@@ -237,14 +239,14 @@ def _main(monkeypatch, capsys, *args):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--min-shapes", "tokens:1y1"], "--min-shapes: tokens: dims must be integers"),
+        (["--min-shapes", "tokens:1y1"], "min_shapes: tokens: dims must be integers"),
         (["--graph", "scorer", "--opt-shapes", "images:4x5x8"], "unknown input 'images'"),
         (["--precision", "fp16"], "the bundle has no fp16 graphs (run: scan-deploy calibrate"),
         ([], "TensorRT is not installed"),
         (["--backend", "onnxruntime", "--provider", "cuda"], "pip install onnxruntime-gpu"),
         (
             ["--backend", "onnxruntime", "--graph", "scorer", "--graph", "scorer"],
-            "--graph: scorer is given twice",
+            "graphs: scorer is given twice",
         ),
     ],
 )
@@ -291,15 +293,20 @@ def test_cli_spinner_goes_to_stderr_so_json_stdout_stays_clean(tmp_path, monkeyp
 
 
 def test_backends_and_providers_are_defined_once():
-    from scan_deploy.export import build_engine, ort_engine
+    from scan_deploy.engines import build, ort_providers, sidecar
 
-    from scan_deploy import engine_sidecar
-
-    assert build_engine.BACKENDS is engine_sidecar.BACKENDS
-    assert ort_engine.EXECUTION_PROVIDERS is engine_sidecar.EXECUTION_PROVIDERS
-    assert not hasattr(build_engine, "PROVIDERS")
-    with pytest.raises(UserError, match="--provider: got 'rocm', expected one of cpu, cuda, tens"):
-        BuildOptions(backend="onnxruntime", provider="rocm")
+    assert build.BACKENDS is sidecar.BACKENDS
+    assert build.EXECUTION_PROVIDERS is ort_providers.EXECUTION_PROVIDERS
+    assert not hasattr(build, "PROVIDERS")
+    assert set(build.EXECUTION_PROVIDERS) == set(Provider)
+    options = BuildOptions(backend="onnxruntime", precision="fp16", graphs=("scorer",))
+    assert (options.backend, options.precision, options.graphs, options.provider) == (
+        Backend.ONNXRUNTIME,
+        Precision.FP16,
+        (Graph.SCORER,),
+        Provider.CPU,
+    )
+    assert all(isinstance(p, Precision) for p in (options.precision, BuildOptions().precision))
 
 
 # --- On the TensorRT API emulator (tests/emulators: a test double, TensorRT itself not run) ---
@@ -314,7 +321,7 @@ def test_cli_builds_tensorrt_engines(tiny, tmp_path, version):
         result = CliRunner().invoke(cli.app, args)
         assert result.exit_code == 0, result.output
         rows = json.loads(result.stdout)
-        assert [row["graph"] for row in rows] == list(GRAPHS)
+        assert [row["graph"] for row in rows] == list(Graph)
         sidecar = json.loads(Path(rows[0]["sidecar"]).read_text())
         major = version.split(".")[0]
         assert sidecar["build"]["network_flags"] == (["STRONGLY_TYPED"] if major == "10" else [])
@@ -351,3 +358,58 @@ def test_hardware_compatible_engines_run_on_another_ampere_gpu(tiny, tmp_path):
             {"features": np.ones((2, 5, 10), np.float32)}
         )
     assert regions.shape == (2, 5, 8)
+
+
+def test_files_names_and_sidecar(built):
+    bundle, rows = built
+    row = rows["scorer"]
+    engine = Path(row["file"])
+    assert engine.parent == bundle.path / "engines"
+    version = ".".join(ort.__version__.split(".")[:3])
+    sha12 = bundle.manifest["graphs"]["scorer"]["sha256"][:12]
+    assert engine.name.startswith(f"scorer.fp32.ort{version}.")
+    assert engine.name.endswith(f".cpu.{sha12}.onnx")
+    sidecar = json.loads(engine.with_suffix(".json").read_text())
+    assert sidecar["backend"] == "onnxruntime" and sidecar["provider"] == "cpu"
+    assert sidecar["backend_version"] == ort.__version__
+    assert sidecar["device"]["name"] == cpu_device().name
+    assert sidecar["device"]["compute_capability"] is None
+    assert sidecar["source"] == {
+        "file": "scorer.onnx",
+        "sha256": bundle.manifest["graphs"]["scorer"]["sha256"],
+    }
+    assert sidecar["vocab"]["words_sha256"] == bundle.vocab.sha256()
+    assert sidecar["engine"]["size"] == engine.stat().st_size == row["size"]
+    assert sidecar["build"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert sidecar["build"]["session"]["providers"] == [["CPUExecutionProvider", {}]]
+    assert sidecar["profiles"] == []
+    # nothing else is left in engines/: three models, three sidecars, no staging folder
+    names = sorted(p.name for p in (bundle.path / "engines").iterdir())
+    assert len(names) == 6 and not any(n.startswith(".") for n in names)
+
+
+def test_tensorrt_provider_options_keep_the_graph_precision():
+    profile = Profile(
+        {
+            "tokens": InputRange((1, 1), (8, 7), (8, 7)),
+            "lengths": InputRange((1,), (8,), (8,)),
+        }
+    )
+    options = BuildOptions(backend="onnxruntime", provider="tensorrt", workspace_mib=512)
+    ep = tensorrt_ep_options([profile], options)
+    # The caches are not recorded: load_session keys them by the running versions.
+    assert ep == {
+        "trt_fp16_enable": False,
+        "trt_int8_enable": False,
+        "trt_profile_min_shapes": "tokens:1x1,lengths:1",
+        "trt_profile_opt_shapes": "tokens:8x7,lengths:8",
+        "trt_profile_max_shapes": "tokens:8x7,lengths:8",
+        "trt_max_workspace_size": 512 << 20,
+    }
+    assert [p[0] for p in session_providers("tensorrt", ep)] == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    with pytest.raises(UserError, match="give one optimization profile"):
+        tensorrt_ep_options([profile, profile], options)

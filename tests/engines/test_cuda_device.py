@@ -9,9 +9,9 @@ from enum import IntEnum
 from types import SimpleNamespace
 
 import pytest
+from scan_deploy.engines import cuda_device
+from scan_deploy.engines.cuda_device import DeviceInfo, cpu_model_name, decode_name, sm_tag
 
-from scan_deploy import cuda_device
-from scan_deploy.cuda_device import DeviceInfo, cpu_model_name, decode_name, sm_tag
 from scan_deploy.errors import UserError
 
 

@@ -18,20 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle, sha256_file
-from scan_deploy.cuda_device import DeviceInfo
+from scan_deploy.engines.cuda_device import DeviceInfo
+
+from scan_deploy.bundle import Bundle, sha256_file
+from scan_deploy.choices import Backend, Graph, Precision
 from scan_deploy.errors import input_error, one_of
 from scan_deploy.jsonfile import read_json_object, typed
 
 FORMAT_VERSION = 1
 ENGINES_DIR = "engines"
-BACKENDS = ("tensorrt", "onnxruntime")
-# ONNX Runtime execution providers, by the `--provider` name build-engine takes.
-EXECUTION_PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+BACKENDS = (Backend.TENSORRT, Backend.ONNXRUNTIME)  # those build-engine builds for
 # The fields every check reads (besides format_version), parents first: (dotted name, allowed
 # types, required).
 FIELDS: tuple[tuple[str, tuple[type, ...], bool], ...] = (
@@ -101,8 +97,9 @@ def check_fields(sidecar: dict[str, Any], path: str | Path) -> None:
                 raise input_error(path, name, "missing from the engine sidecar")
             continue
         typed(holder[key], types, name, path)
-    for name, allowed in (("backend", BACKENDS), ("precision", PRECISIONS), ("graph", GRAPHS)):
-        one_of(sidecar[name], allowed, name, path)
+    Backend.parse(sidecar["backend"], "backend", path, among=BACKENDS)
+    Precision.parse(sidecar["precision"], "precision", path)
+    Graph.parse(sidecar["graph"], "graph", path)
     if not all(isinstance(arg, str) for arg in sidecar["build"].get("cli", [])):
         raise input_error(path, "build.cli", "expected a list of strings")
     level = sidecar["build"].get("hardware_compatibility_level")
@@ -138,10 +135,10 @@ def check_sidecar(
     path: str | Path,
     bundle: Bundle,
     *,
-    backend: str,
+    backend: Backend,
     backend_version: str,
     device: DeviceInfo,
-    precision: str | None = None,
+    precision: Precision | None = None,
 ) -> None:
     """Refuse (UserError, one line) an engine whose sidecar does not match the bundle, the
     running backend and its version, the device, or the requested precision."""

@@ -1,35 +1,33 @@
-"""ONNX Runtime engines, end to end on the CPU: optimized models that load and reproduce the
-source graphs, their sidecars and loader checks, and the provider options for GPU providers."""
+"""Loading engines: finding them by their sidecars; ONNX Runtime artifacts end to end on the CPU
+(optimized models that load and reproduce the source graphs, the loader's checks, the TensorRT
+provider's caches keyed at load time); TensorRT engines on the TensorRT API emulator (a test
+double: TensorRT itself is not run): the sidecar checked first, a plan TensorRT refuses,
+version-compatible plans."""
 
 import json
+import logging
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from scan_deploy.export.build_engine import BuildOptions, build_engines
-from scan_deploy.export.engine_profiles import InputRange, Profile
-from scan_deploy.export.ort_engine import (
-    check_provider,
-    load_session,
-    session_providers,
-    tensorrt_ep_options,
-)
+from scan_deploy.engines import load
+from scan_deploy.engines.build import BuildOptions, build_engines
+from scan_deploy.engines.cuda_device import DeviceInfo
+from scan_deploy.engines.load import find_engines, load_engine, load_session
+from scan_deploy.engines.sidecar import sidecar_path
 from scan_deploy.export.verify import generated_inputs, session
 
-from scan_deploy.bundle import GRAPHS, load_bundle
-from scan_deploy.cuda_device import DeviceInfo, cpu_device
+from scan_deploy.bundle import Bundle, load_bundle
+from scan_deploy.choices import Graph
 from scan_deploy.errors import UserError
 
-from .tiny_bundle import make_bundle
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    path = make_bundle(tmp_path_factory.mktemp("ort") / "bundle")
-    bundle = load_bundle(path)
-    rows = build_engines(bundle, BuildOptions(backend="onnxruntime", provider="cpu"))
-    return bundle, {row["graph"]: row for row in rows}
+from ..export.tiny_bundle import make_bundle
+from ..runtime.tensorrt_emulator import emulated_tensorrt
+from .conftest import engine_files
 
 
 def _inputs(bundle):
@@ -50,8 +48,8 @@ def _run_all(sessions, features, tokens, lengths):
 
 def test_optimized_models_reproduce_the_source_graphs(built):
     bundle, rows = built
-    source = {g: session(str(bundle.graph_path(g))) for g in GRAPHS}
-    engines = {g: load_session(rows[g]["file"], bundle, precision="fp32") for g in GRAPHS}
+    source = {g: session(str(bundle.graph_path(g))) for g in Graph}
+    engines = {g: load_session(rows[g]["file"], bundle, precision="fp32") for g in Graph}
     features, tokens, lengths = _inputs(bundle)
     expected = _run_all(source, features, tokens, lengths)
     actual = _run_all(engines, features, tokens, lengths)
@@ -60,34 +58,6 @@ def test_optimized_models_reproduce_the_source_graphs(built):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert expected[-1].shape == (6, 6) and np.isfinite(expected[-1]).all()
-
-
-def test_files_names_and_sidecar(built):
-    bundle, rows = built
-    row = rows["scorer"]
-    engine = Path(row["file"])
-    assert engine.parent == bundle.path / "engines"
-    version = ".".join(ort.__version__.split(".")[:3])
-    sha12 = bundle.manifest["graphs"]["scorer"]["sha256"][:12]
-    assert engine.name.startswith(f"scorer.fp32.ort{version}.")
-    assert engine.name.endswith(f".cpu.{sha12}.onnx")
-    sidecar = json.loads(engine.with_suffix(".json").read_text())
-    assert sidecar["backend"] == "onnxruntime" and sidecar["provider"] == "cpu"
-    assert sidecar["backend_version"] == ort.__version__
-    assert sidecar["device"]["name"] == cpu_device().name
-    assert sidecar["device"]["compute_capability"] is None
-    assert sidecar["source"] == {
-        "file": "scorer.onnx",
-        "sha256": bundle.manifest["graphs"]["scorer"]["sha256"],
-    }
-    assert sidecar["vocab"]["words_sha256"] == bundle.vocab.sha256()
-    assert sidecar["engine"]["size"] == engine.stat().st_size == row["size"]
-    assert sidecar["build"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
-    assert sidecar["build"]["session"]["providers"] == [["CPUExecutionProvider", {}]]
-    assert sidecar["profiles"] == []
-    # nothing else is left in engines/: three models, three sidecars, no staging folder
-    names = sorted(p.name for p in (bundle.path / "engines").iterdir())
-    assert len(names) == 6 and not any(n.startswith(".") for n in names)
 
 
 def test_loader_refuses_a_stale_or_tampered_engine(built):
@@ -149,46 +119,6 @@ def test_loader_refuses_a_malformed_session_in_one_line(built, session, message)
         sidecar_file.write_text(original)
 
 
-def test_unavailable_provider_names_onnxruntime_gpu():
-    with pytest.raises(UserError) as info:
-        check_provider("cuda", ["CPUExecutionProvider"])
-    text = str(info.value)
-    assert "--provider cuda: onnxruntime" in text and "no CUDAExecutionProvider" in text
-    assert text.endswith("pip install onnxruntime-gpu") and "\n" not in text
-    with pytest.raises(
-        UserError, match="no TensorrtExecutionProvider .*onnxruntime-gpu and TensorRT"
-    ):
-        check_provider("tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert check_provider("cpu") == "CPUExecutionProvider"
-
-
-def test_tensorrt_provider_options_keep_the_graph_precision():
-    profile = Profile(
-        {
-            "tokens": InputRange((1, 1), (8, 7), (8, 7)),
-            "lengths": InputRange((1,), (8,), (8,)),
-        }
-    )
-    options = BuildOptions(backend="onnxruntime", provider="tensorrt", workspace_mib=512)
-    ep = tensorrt_ep_options([profile], options)
-    # The caches are not recorded: load_session keys them by the running versions.
-    assert ep == {
-        "trt_fp16_enable": False,
-        "trt_int8_enable": False,
-        "trt_profile_min_shapes": "tokens:1x1,lengths:1",
-        "trt_profile_opt_shapes": "tokens:8x7,lengths:8",
-        "trt_profile_max_shapes": "tokens:8x7,lengths:8",
-        "trt_max_workspace_size": 512 << 20,
-    }
-    assert [p[0] for p in session_providers("tensorrt", ep)] == [
-        "TensorrtExecutionProvider",
-        "CUDAExecutionProvider",
-        "CPUExecutionProvider",
-    ]
-    with pytest.raises(UserError, match="give one optimization profile"):
-        tensorrt_ep_options([profile, profile], options)
-
-
 ORIN = DeviceInfo("Orin", "8.7", 8 << 30)
 
 
@@ -197,18 +127,19 @@ def tensorrt_artifacts(tmp_path, monkeypatch):
     """build-engine --backend onnxruntime --provider tensorrt as on a Jetson (the provider and
     the GPU stand-ins; the optimization itself runs on the CPU, as it does there), and the
     provider list load_session creates its session with (captured, not run)."""
-    from scan_deploy.export import ort_engine
+    from scan_deploy.engines import build
 
-    monkeypatch.setattr(ort_engine, "check_provider", lambda provider, available=None: provider)
-    monkeypatch.setattr(ort_engine, "provider_device", lambda provider: ORIN)
-    monkeypatch.setattr(ort_engine, "tensorrt_version", lambda: "10.3.0.30")
+    for module in (build, load):
+        monkeypatch.setattr(module, "check_provider", lambda provider, available=None: provider)
+        monkeypatch.setattr(module, "provider_device", lambda provider: ORIN)
+    monkeypatch.setattr(load, "tensorrt_version", lambda: "10.3.0.30")
     captured = {}
 
     def fake_session(ort_module, model, options, providers):
         captured.update(model=model, providers=providers, level=options.graph_optimization_level)
         return "session"
 
-    monkeypatch.setattr(ort_engine, "session_with_caches", fake_session)
+    monkeypatch.setattr(load, "session_with_caches", fake_session)
     bundle = load_bundle(make_bundle(tmp_path / "bundle"))
     rows = build_engines(bundle, BuildOptions(backend="onnxruntime", provider="tensorrt"))
     return bundle, {row["graph"]: row for row in rows}, captured
@@ -249,8 +180,6 @@ def test_tensorrt_artifact_sessions_get_caches_keyed_like_sidecars(tensorrt_arti
 
 
 def test_cache_paths_of_an_older_sidecar_are_replaced(tensorrt_artifacts, monkeypatch):
-    from scan_deploy.export import ort_engine
-
     bundle, rows, captured = tensorrt_artifacts
     sidecar_file = Path(rows["scorer"]["sidecar"])
     sidecar = json.loads(sidecar_file.read_text())
@@ -260,10 +189,95 @@ def test_cache_paths_of_an_older_sidecar_are_replaced(tensorrt_artifacts, monkey
         trt_timing_cache_path="scorer.old.trt_cache",
     )
     sidecar_file.write_text(json.dumps(sidecar))
-    monkeypatch.setattr(ort_engine, "tensorrt_version", lambda: None)  # TensorRT unknown
+    monkeypatch.setattr(load, "tensorrt_version", lambda: None)  # TensorRT unknown
     load_session(rows["scorer"]["file"], bundle)
     trt = captured["providers"][0][1]
     assert ".old." not in trt["trt_engine_cache_path"]
     assert Path(trt["trt_engine_cache_path"]).name.startswith("scorer.fp32.ort")
     assert "-trt.sm87.trtep." in trt["trt_engine_cache_path"]
     assert Path(trt["trt_timing_cache_path"]).name == "timing.trt.sm87.trt_cache"
+
+
+def _sidecar(graph, precision, backend, provider=None):
+    return {
+        "format_version": 1,
+        "backend": backend,
+        "backend_version": "10.3.0",
+        "provider": provider,
+        "device": {"name": "GPU", "compute_capability": "8.7"},
+        "precision": precision,
+        "graph": graph,
+        "profiles": [],
+        "source": {"sha256": "0" * 64},
+        "engine": {"sha256": "0" * 64, "file": f"{graph}.{precision}.{backend}.engine"},
+        "vocab": {"words_sha256": "0" * 64},
+        "build": {},
+    }
+
+
+def test_find_engines_matches_sidecars_newest_first(built, tmp_path, caplog):
+    tiny = built[0]
+    bundle = Bundle(tmp_path, tiny.manifest, tiny.config, tiny.vocab)
+    assert find_engines(bundle, "tensorrt", "scorer", "fp16") == []  # no engines/ folder
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    sidecars = {
+        "old.json": _sidecar("scorer", "fp16", "tensorrt"),
+        "new.json": _sidecar("scorer", "fp16", "tensorrt"),
+        "other-graph.json": _sidecar("image_encoder", "fp16", "tensorrt"),
+        "other-precision.json": _sidecar("scorer", "int8", "tensorrt"),
+        "ort-cpu.json": _sidecar("scorer", "fp16", "onnxruntime", "cpu"),
+        "ort-cuda.json": _sidecar("scorer", "fp16", "onnxruntime", "cuda"),
+    }
+    sidecars["new.json"]["engine"]["file"] = "new.engine"
+    for k, (name, sidecar) in enumerate(sidecars.items()):
+        (engines / name).write_text(json.dumps(sidecar))
+        os.utime(engines / name, (1000 + k, 1000 + k))
+    (engines / "broken.json").write_text('{"format_version": 1}')
+    caplog.set_level(logging.WARNING, "scan_deploy.engines")
+    found = find_engines(bundle, "tensorrt", "scorer", "fp16")
+    assert [path.name for path, _ in found] == ["new.engine", "scorer.fp16.tensorrt.engine"]
+    assert all(path.parent == engines for path, _ in found)
+    assert "broken.json: backend: missing from the engine sidecar" in caplog.records[0].message
+    cuda = find_engines(bundle, "onnxruntime", "scorer", "fp16", provider="cuda")
+    assert [sidecar["provider"] for _, sidecar in cuda] == ["cuda"]
+
+
+# --- TensorRT, on the TensorRT API emulator (tests/emulators: a test double) --------------------
+
+
+def test_load_engine_checks_the_sidecar_before_tensorrt(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(UserError, match="e.json: file not found, expected an engine sidecar"):
+        load_engine(tmp_path / "e.engine", bundle=None)
+
+
+def test_a_plan_tensorrt_cannot_deserialize_is_one_line_with_its_reason(tiny, tmp_path):
+    """A 10.3 plan whose sidecar claims 10.16 (the sidecar check passes): TensorRT's own refusal,
+    logged by TensorRT, ends the error."""
+    bundle = shutil.copytree(tiny, tmp_path / "bundle")
+    with emulated_tensorrt("10.3"):
+        engine = engine_files(bundle, graphs=("scorer",))["scorer"]
+    sidecar = sidecar_path(engine)
+    sidecar.write_text(sidecar.read_text().replace('"10.3.0"', '"10.16.0"'))
+    with emulated_tensorrt("10.16"), pytest.raises(UserError) as info:
+        load_engine(engine, load_bundle(bundle))
+    assert str(info.value) == (
+        f"{engine}: TensorRT could not deserialize the engine: IRuntime::deserializeCudaEngine: "
+        "Error Code 6: API Usage Error (The engine plan file is not compatible with this version "
+        "of TensorRT, expecting library version 10.16.0 got 10.3.0, please rebuild.)"
+    )
+
+
+@pytest.mark.parametrize("running", ["10.16", "11.1"])
+def test_version_compatible_engines_load_on_later_tensorrt(tiny, tmp_path, running):
+    bundle = shutil.copytree(tiny, tmp_path / "bundle")
+    with emulated_tensorrt("10.3"):
+        engine = engine_files(bundle, graphs=("image_encoder",), version_compatible=True)
+    with emulated_tensorrt(running):
+        loaded = load_engine(engine["image_encoder"], load_bundle(bundle))
+        assert loaded.num_io_tensors == 4
+    with emulated_tensorrt("10.16"):
+        newer = engine_files(bundle, graphs=("image_encoder",), version_compatible=True)
+    with emulated_tensorrt("10.3"), pytest.raises(UserError, match="built with tensorrt 10.16.0"):
+        load_engine(newer["image_encoder"], load_bundle(bundle))

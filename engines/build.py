@@ -1,10 +1,29 @@
 """`scan-deploy build-engine`: one engine per graph of a bundle, for TensorRT or ONNX Runtime.
 
-The decisions are made here, in pure Python, as a `BuildPlan` per graph (network flags by
-TensorRT major version, optimization profiles, memory pool, builder flags, DLA and hardware
-compatibility); `scan_deploy.tensorrt_api` only applies a plan with the real API. Precision
-lives in the graph (docs/design.md §4): engines are strongly typed and no FP16/INT8 builder flag or
+TensorRT: the decisions are made here, in pure Python, as a `BuildPlan` per graph (network flags
+by TensorRT major version, optimization profiles, memory pool, builder flags, DLA and hardware
+compatibility); `engines.tensorrt_api` only applies a plan with the real API. Precision lives in
+the graph (docs/design.md §4): engines are strongly typed and no FP16/INT8 builder flag or
 calibrator is ever set.
+
+ONNX Runtime "engines": a graph optimized offline for one execution provider, serialized with
+`SessionOptions.optimized_model_filepath`, plus the session settings that recreate it
+(`engines.load.load_session`). ONNX Runtime's graph-optimization docs: an offline-optimized model
+must be run with the same options, execution providers and hardware it was optimized for, and
+layout optimizations (`ORT_ENABLE_ALL`) tie it to the CPU's instruction set (AVX2, ...); so the
+sidecar records the provider, the ONNX Runtime version and the CPU model or GPU. The
+optimization level per provider:
+- cpu: `ORT_ENABLE_ALL` (layout optimizations apply to CPU nodes only);
+- cuda: `ORT_ENABLE_EXTENDED` (extended fusions run after partitioning, on CPU and CUDA nodes);
+- tensorrt: `ORT_ENABLE_BASIC`, optimized with the CPU provider: basic rewrites run before
+  partitioning and suit every provider, while ONNX Runtime refuses to serialize a model with nodes
+  compiled by the TensorRT provider (onnxruntime#5840). TensorRT engines are then built by the
+  provider itself when the runtime first creates the session, and cached (`engines.ort_cache`,
+  docs/tensorrt.md).
+The TensorRT provider gets `trt_fp16_enable`/`trt_int8_enable` off: with TensorRT >= 10 it then
+builds a strongly typed network (onnxruntime `tensorrt_execution_provider.cc`, #24298), so the
+FP16 and Q/DQ graphs keep the precision they carry (the flags were needed for Q/DQ graphs only
+with TensorRT 8, onnxruntime#13381).
 
 Everything is built into a hidden staging folder under `BUNDLE/engines/` first; only when every
 graph has built is each engine moved into place and its sidecar written (both atomically), so a
@@ -25,34 +44,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scan_deploy.export.engine_profiles import Profile, build_profiles, parse_shapes
-
-from scan_deploy import __version__
-from scan_deploy.atomic import FILE_MODE, atomic_path, write_json
-from scan_deploy.bundle import GRAPHS, PRECISIONS, Bundle, sha256_file
-from scan_deploy.cuda_device import DeviceInfo
-from scan_deploy.engine_sidecar import (
+from scan_deploy.engines import tensorrt_api
+from scan_deploy.engines.cuda_device import DeviceInfo, current_device
+from scan_deploy.engines.ort_providers import (
+    EXECUTION_PROVIDERS,
+    check_provider,
+    import_onnxruntime,
+    provider_device,
+)
+from scan_deploy.engines.profiles import Profile, build_profiles, parse_shapes
+from scan_deploy.engines.sidecar import (
     BACKENDS,
     ENGINES_DIR,
-    EXECUTION_PROVIDERS,
     FORMAT_VERSION,
     engine_stem,
     sidecar_path,
     version_tuple,
 )
-from scan_deploy.errors import UserError, one_of
+
+from scan_deploy import __version__
+from scan_deploy.atomic import FILE_MODE, atomic_path, write_json
+from scan_deploy.bundle import Bundle, sha256_file
+from scan_deploy.choices import Backend, Graph, Precision, Provider
+from scan_deploy.errors import UserError
 
 MIB = 1 << 20
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What the user asked for (the command line's options), validated on creation."""
+    """What to build (the options of `build-engine`), validated on creation; the choices are
+    taken as members or their values and kept as members."""
 
-    backend: str = "tensorrt"
-    precision: str = "fp32"
-    graphs: tuple[str, ...] = GRAPHS
-    provider: str = "cpu"
+    backend: Backend = Backend.TENSORRT
+    precision: Precision = Precision.FP32
+    graphs: tuple[Graph, ...] = tuple(Graph)
+    provider: Provider = Provider.CPU
     min_shapes: tuple[str, ...] = ()
     opt_shapes: tuple[str, ...] = ()
     max_shapes: tuple[str, ...] = ()
@@ -64,57 +91,59 @@ class BuildOptions:
     exclude_lean_runtime: bool = False
 
     def __post_init__(self) -> None:
-        one_of(self.backend, BACKENDS, "--backend")
-        one_of(self.precision, PRECISIONS, "--precision")
-        one_of(self.provider, EXECUTION_PROVIDERS, "--provider")
+        parsed = {
+            "backend": Backend.parse(self.backend, "backend", among=BACKENDS),
+            "precision": Precision.parse(self.precision, "precision"),
+            "graphs": tuple(Graph.parse(graph, "graphs") for graph in self.graphs),
+            "provider": Provider.parse(self.provider, "provider"),
+        }
+        for name, value in parsed.items():
+            object.__setattr__(self, name, value)
         if not self.graphs:
-            raise UserError(f"--graph: expected one or more of {', '.join(GRAPHS)}")
+            raise UserError(f"graphs: expected one or more of {', '.join(Graph)}")
         for k, graph in enumerate(self.graphs):
-            one_of(graph, GRAPHS, "--graph")
             if graph in self.graphs[:k]:
-                raise UserError(f"--graph: {graph} is given twice")
+                raise UserError(f"graphs: {graph} is given twice")
         tensorrt_only = {
-            "--timing-cache": self.timing_cache is not None,
-            "--dla-core": self.dla_core is not None,
-            "--hardware-compat": self.hardware_compat,
-            "--version-compatible": self.version_compatible,
-            "--exclude-lean-runtime": self.exclude_lean_runtime,
+            "timing_cache": self.timing_cache is not None,
+            "dla_core": self.dla_core is not None,
+            "hardware_compat": self.hardware_compat,
+            "version_compatible": self.version_compatible,
+            "exclude_lean_runtime": self.exclude_lean_runtime,
         }
         profile_options = {
-            "--min-shapes": bool(self.min_shapes),
-            "--opt-shapes": bool(self.opt_shapes),
-            "--max-shapes": bool(self.max_shapes),
-            "--workspace": self.workspace_mib is not None,
+            "min_shapes": bool(self.min_shapes),
+            "opt_shapes": bool(self.opt_shapes),
+            "max_shapes": bool(self.max_shapes),
+            "workspace_mib": self.workspace_mib is not None,
         }
-        if self.backend == "tensorrt" and self.provider != "cpu":
-            raise UserError("--provider: applies to --backend onnxruntime")
-        if self.backend == "onnxruntime":
+        if self.backend == Backend.TENSORRT and self.provider != Provider.CPU:
+            raise UserError("provider: applies to backend onnxruntime")
+        if self.backend == Backend.ONNXRUNTIME:
             for name, given in tensorrt_only.items():
                 if given:
-                    raise UserError(f"{name}: applies to --backend tensorrt")
-            if self.provider != "tensorrt":
+                    raise UserError(f"{name}: applies to backend tensorrt")
+            if self.provider != Provider.TENSORRT:
                 for name, given in profile_options.items():
                     if given:
-                        raise UserError(
-                            f"{name}: applies to --backend tensorrt or --provider tensorrt"
-                        )
+                        raise UserError(f"{name}: applies to backend tensorrt or provider tensorrt")
         if self.workspace_mib is not None and self.workspace_mib < 1:
-            raise UserError(f"--workspace: expected a size in MiB >= 1, got {self.workspace_mib}")
+            raise UserError(f"workspace_mib: expected a size in MiB >= 1, got {self.workspace_mib}")
         if self.dla_core is not None:
             if self.dla_core < 0:
-                raise UserError(f"--dla-core: expected a core index >= 0, got {self.dla_core}")
-            if self.precision == "fp32":
+                raise UserError(f"dla_core: expected a core index >= 0, got {self.dla_core}")
+            if self.precision == Precision.FP32:
                 raise UserError(
-                    "--dla-core: DLA runs FP16 and INT8 only; build the fp16 or int8 graph "
-                    "(--precision fp16)"
+                    "dla_core: DLA runs FP16 and INT8 only; build the fp16 or int8 graph "
+                    "(precision fp16)"
                 )
         if self.exclude_lean_runtime and not self.version_compatible:
-            raise UserError("--exclude-lean-runtime: applies with --version-compatible")
+            raise UserError("exclude_lean_runtime: applies with version_compatible")
 
     def cli_args(self) -> list[str]:
         """These options as command-line arguments (all but the bundle, backend, precision and
         graph), recorded in the sidecar so a stale engine's error can say how to rebuild it."""
-        args = ["--provider", self.provider] if self.backend == "onnxruntime" else []
+        args = ["--provider", self.provider] if self.backend == Backend.ONNXRUNTIME else []
         for option, values in (
             ("--min-shapes", self.min_shapes),
             ("--opt-shapes", self.opt_shapes),
@@ -141,10 +170,10 @@ class BuildOptions:
 @dataclass(frozen=True)
 class BuildPlan:
     """Everything a TensorRT build of one graph is configured with, as names of the TensorRT
-    Python API's enum members (applied by `scan_deploy.tensorrt_api.build_engine`)."""
+    Python API's enum members (applied by `tensorrt_api.build_engine`)."""
 
-    graph: str
-    precision: str
+    graph: Graph
+    precision: Precision
     source: Path
     source_sha256: str
     network_flags: tuple[str, ...]  # NetworkDefinitionCreationFlag members
@@ -172,7 +201,7 @@ def network_flags(tensorrt_version: str) -> tuple[str, ...]:
     return ("STRONGLY_TYPED",) if major[0] == 10 else ()
 
 
-def graph_profiles(bundle: Bundle, graph: str, options: BuildOptions) -> list[Profile]:
+def graph_profiles(bundle: Bundle, graph: Graph, options: BuildOptions) -> list[Profile]:
     """The optimization profiles of one graph (static when built for the DLA). Building several
     graphs, each takes the shapes of its own inputs from the shape options."""
     entry = bundle.graph(graph, options.precision)
@@ -195,9 +224,9 @@ def check_shape_options(bundle: Bundle, options: BuildOptions) -> None:
         for value in bundle.graph(graph, options.precision)["inputs"]
     }
     for option, texts in (
-        ("--min-shapes", options.min_shapes),
-        ("--opt-shapes", options.opt_shapes),
-        ("--max-shapes", options.max_shapes),
+        ("min_shapes", options.min_shapes),
+        ("opt_shapes", options.opt_shapes),
+        ("max_shapes", options.max_shapes),
     ):
         for text in texts:
             unknown = sorted(set(parse_shapes(text, option)) - inputs)
@@ -209,7 +238,7 @@ def check_shape_options(bundle: Bundle, options: BuildOptions) -> None:
 
 
 def make_plan(
-    bundle: Bundle, graph: str, options: BuildOptions, tensorrt_version: str
+    bundle: Bundle, graph: Graph, options: BuildOptions, tensorrt_version: str
 ) -> BuildPlan:
     entry = bundle.graph(graph, options.precision)
     builder_flags = []
@@ -264,22 +293,16 @@ def build_engines(bundle: Bundle, options: BuildOptions) -> list[dict[str, Any]]
     check_shape_options(bundle, options)  # shape and precision mistakes fail before any build
     for graph in options.graphs:
         graph_profiles(bundle, graph, options)
-    if options.backend == "tensorrt":  # so does a missing backend
-        from scan_deploy import tensorrt_api
-
+    if options.backend == Backend.TENSORRT:  # so does a missing backend
         tensorrt_api.version()
     else:
-        from scan_deploy.export.ort_engine import check_provider
-
         check_provider(options.provider)
     engines = bundle.path / ENGINES_DIR
     engines.mkdir(exist_ok=True)
     with staging(engines) as stage:
-        if options.backend == "tensorrt":
+        if options.backend == Backend.TENSORRT:
             artifacts, timing_cache = _build_tensorrt(bundle, options, stage)
         else:
-            from scan_deploy.export.ort_engine import build_ort_engines
-
             artifacts, timing_cache = build_ort_engines(bundle, options, stage), None
         rows = [_publish(engines, stage, a) for a in artifacts]
     if timing_cache is not None and options.timing_cache is not None:
@@ -291,9 +314,6 @@ def build_engines(bundle: Bundle, options: BuildOptions) -> list[dict[str, Any]]
 def _build_tensorrt(
     bundle: Bundle, options: BuildOptions, stage: Path
 ) -> tuple[list[Artifact], bytes | None]:
-    from scan_deploy import tensorrt_api
-    from scan_deploy.cuda_device import current_device
-
     version = tensorrt_api.version()
     plans = [make_plan(bundle, g, options, version) for g in options.graphs]
     device = current_device()
@@ -306,7 +326,9 @@ def _build_tensorrt(
         cache = built.timing_cache
         stem = tensorrt_stem(plan, version, device)
         (stage / f"{stem}.engine").write_bytes(built.data)
-        sidecar = base_sidecar(bundle, plan.graph, plan.precision, "tensorrt", version, device)
+        sidecar = base_sidecar(
+            bundle, plan.graph, plan.precision, Backend.TENSORRT, version, device
+        )
         sidecar["device"]["dla_core"] = plan.dla_core
         sidecar["profiles"] = [p.to_json() for p in plan.profiles]
         sidecar["build"] = {
@@ -329,9 +351,9 @@ def _build_tensorrt(
 
 def base_sidecar(
     bundle: Bundle,
-    graph: str,
-    precision: str,
-    backend: str,
+    graph: Graph,
+    precision: Precision,
+    backend: Backend,
     backend_version: str,
     device: DeviceInfo,
 ) -> dict[str, Any]:
@@ -394,3 +416,118 @@ def _publish(engines: Path, stage: Path, artifact: Artifact) -> dict[str, Any]:
         "size": sidecar["engine"]["size"],
         "profiles": sidecar["profiles"],
     }
+
+
+# --- ONNX Runtime (see the module docstring) -------------------------------------------------
+
+OPTIMIZATION_LEVELS = {
+    Provider.CPU: "ORT_ENABLE_ALL",
+    Provider.CUDA: "ORT_ENABLE_EXTENDED",
+    Provider.TENSORRT: "ORT_ENABLE_BASIC",
+}
+
+
+# Providers the optimized model is produced with (see the module docstring for tensorrt).
+OPTIMIZE_WITH = {
+    Provider.CPU: ["CPUExecutionProvider"],
+    Provider.CUDA: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    Provider.TENSORRT: ["CPUExecutionProvider"],
+}
+
+
+TARGETS = {Provider.CPU: "cpu", Provider.CUDA: "cuda", Provider.TENSORRT: "trtep"}
+
+
+def ort_stem(
+    graph: Graph,
+    precision: Precision,
+    source_sha256: str,
+    provider: Provider,
+    device: DeviceInfo,
+    ort_version: str,
+) -> str:
+    version = ".".join(str(p) for p in version_tuple(ort_version)[:3])
+    device_tag = platform.machine().lower() if provider == Provider.CPU else device.sm
+    return engine_stem(
+        graph, precision, f"ort{version}", device_tag, TARGETS[provider], source_sha256
+    )
+
+
+def tensorrt_ep_options(profiles: list[Profile], options: BuildOptions) -> dict:
+    """Options of ONNX Runtime's TensorRT provider recorded in the sidecar: the explicit
+    profile, the workspace and no FP16/INT8 flags. The caches are added by `load_session`."""
+    if len(profiles) > 1:
+        raise UserError("provider tensorrt: give one optimization profile (each shape option once)")
+    result: dict[str, Any] = {
+        "trt_fp16_enable": False,
+        "trt_int8_enable": False,
+    }
+    for which in ("min", "opt", "max"):
+        result[f"trt_profile_{which}_shapes"] = profiles[0].trtexec(which)
+    if options.workspace_mib is not None:
+        result["trt_max_workspace_size"] = options.workspace_mib * MIB
+    return result
+
+
+def session_providers(provider: Provider, ep_options: dict[str, Any]) -> list[list]:
+    """The provider list the runtime creates its session with, most preferred first."""
+    chain = {
+        Provider.CPU: [["CPUExecutionProvider", {}]],
+        Provider.CUDA: [["CUDAExecutionProvider", {}], ["CPUExecutionProvider", {}]],
+        Provider.TENSORRT: [
+            ["TensorrtExecutionProvider", ep_options],
+            ["CUDAExecutionProvider", {}],
+            ["CPUExecutionProvider", {}],
+        ],
+    }
+    return chain[provider]
+
+
+def optimize_graph(source: Path, target: Path, provider: Provider) -> None:
+    """Write `source` optimized for `provider` to `target` (ONNX Runtime's offline mode)."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[provider]
+    )
+    options.optimized_model_filepath = str(target)
+    # Errors only: ONNX Runtime warns that an ORT_ENABLE_ALL model is hardware specific, which
+    # the sidecar records and the loader checks.
+    options.log_severity_level = 3
+    ort.InferenceSession(str(source), options, providers=OPTIMIZE_WITH[provider])
+    if not target.is_file():
+        raise UserError(f"{source}: ONNX Runtime did not write the optimized model")
+
+
+def build_ort_engines(bundle: Bundle, options: BuildOptions, stage: Path) -> list[Artifact]:
+    """Optimize each graph into `stage`; returns the artifacts with their sidecars."""
+    version = import_onnxruntime().__version__
+    device = provider_device(options.provider)
+    artifacts = []
+    for graph in options.graphs:
+        entry = bundle.graph(graph, options.precision)
+        stem = ort_stem(
+            graph, options.precision, entry["sha256"], options.provider, device, version
+        )
+        trt_ep = options.provider == Provider.TENSORRT
+        profiles = graph_profiles(bundle, graph, options) if trt_ep else []
+        ep_options = tensorrt_ep_options(profiles, options) if trt_ep else {}
+        optimize_graph(bundle.path / entry["file"], stage / f"{stem}.onnx", options.provider)
+        sidecar = base_sidecar(
+            bundle, graph, options.precision, Backend.ONNXRUNTIME, version, device
+        )
+        sidecar["provider"] = options.provider
+        sidecar["profiles"] = [p.to_json() for p in profiles]
+        sidecar["build"] = {
+            "cli": options.cli_args(),
+            "execution_provider": EXECUTION_PROVIDERS[options.provider],
+            "graph_optimization_level": OPTIMIZATION_LEVELS[options.provider],
+            # The graph is already optimized: the docs' advice is to disable optimizations when
+            # loading an offline-optimized model.
+            "session": {
+                "graph_optimization_level": "ORT_DISABLE_ALL",
+                "providers": session_providers(options.provider, ep_options),
+            },
+        }
+        artifacts.append(Artifact(stem, ".onnx", sidecar))
+    return artifacts

@@ -1,7 +1,7 @@
 """Optimization profiles: manifest shape ranges, trtexec shape syntax, overrides, errors."""
 
 import pytest
-from scan_deploy.export.engine_profiles import (
+from scan_deploy.engines.profiles import (
     InputRange,
     build_profiles,
     manifest_profile,
@@ -43,18 +43,18 @@ def test_unknown_symbolic_dim_is_a_user_error():
 
 
 def test_parse_trtexec_shapes():
-    assert parse_shapes("tokens:4x12, lengths:4", "--opt-shapes") == {
+    assert parse_shapes("tokens:4x12, lengths:4", "opt_shapes") == {
         "tokens": (4, 12),
         "lengths": (4,),
     }
     # names may hold colons (TensorFlow-style): the dims follow the last one
-    assert parse_shapes("input:0:1x3", "--min-shapes") == {"input:0": (1, 3)}
+    assert parse_shapes("input:0:1x3", "min_shapes") == {"input:0": (1, 3)}
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("tokens", r"--min-shapes: expected NAME:DxDx\.\.\. in 'tokens'"),
+        ("tokens", r"min_shapes: expected NAME:DxDx\.\.\. in 'tokens'"),
         (":4x5", r"expected NAME:DxDx"),
         ("tokens:", r"expected NAME:DxDx"),
         ("tokens:4x", r"tokens: dims must be integers joined by 'x', got '4x'"),
@@ -65,7 +65,7 @@ def test_parse_trtexec_shapes():
 )
 def test_parse_errors_name_the_option_and_the_mistake(text, message):
     with pytest.raises(UserError, match=message):
-        parse_shapes(text, "--min-shapes")
+        parse_shapes(text, "min_shapes")
 
 
 def test_no_options_gives_the_manifest_profile():
@@ -95,8 +95,8 @@ def test_an_overridden_symbolic_dim_applies_to_every_input_sharing_it():
 @pytest.mark.parametrize(
     ("mins", "opts", "maxs", "message"),
     [
-        ([], ["tokens:4x9,lengths:5"], [], r"--opt-shapes: symbolic dim 'batch' is 4 for tokens "),
-        (["lengths:2"], ["tokens:4x9"], [], r"--min-shapes: symbolic dim 'batch' is 4 for tokens"),
+        ([], ["tokens:4x9,lengths:5"], [], r"opt_shapes: symbolic dim 'batch' is 4 for tokens "),
+        (["lengths:2"], ["tokens:4x9"], [], r"min_shapes: symbolic dim 'batch' is 4 for tokens"),
     ],
 )
 def test_inputs_sharing_a_dim_must_agree_on_its_size(mins, opts, maxs, message):
@@ -131,8 +131,8 @@ def test_mismatched_repeat_counts_are_refused():
 @pytest.mark.parametrize(
     ("mins", "opts", "maxs", "message"),
     [
-        (["caption:1x1"], [], [], r"--min-shapes: unknown input 'caption' \(inputs: tokens"),
-        ([], ["tokens:4"], [], r"--opt-shapes: tokens: expected 2 dims, got 4"),
+        (["caption:1x1"], [], [], r"min_shapes: unknown input 'caption' \(inputs: tokens"),
+        ([], ["tokens:4"], [], r"opt_shapes: tokens: expected 2 dims, got 4"),
         (["tokens:9x1"], [], [], r"tokens: dim 0: expected min <= opt <= max, got 9/8/16"),
     ],
 )

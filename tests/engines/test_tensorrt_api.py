@@ -6,19 +6,18 @@ import json
 import shutil
 import sys
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from scan_deploy.export.build_engine import BuildOptions, build_engines, make_plan
+from scan_deploy.engines import tensorrt_api
+from scan_deploy.engines.build import BuildOptions, make_plan
+from scan_deploy.engines.load import load_engine
 
-from scan_deploy import tensorrt_api
 from scan_deploy.bundle import load_bundle
-from scan_deploy.engine_sidecar import sidecar_path
 from scan_deploy.errors import UserError
 
-from ..export.tiny_bundle import make_bundle
 from ..runtime.tensorrt_emulator import VERSIONS, emulated_tensorrt
+from .conftest import engine_files
 
 
 def test_missing_tensorrt_is_a_one_line_install_hint(monkeypatch):
@@ -28,12 +27,6 @@ def test_missing_tensorrt_is_a_one_line_install_hint(monkeypatch):
     text = str(info.value)
     assert "\n" not in text
     assert "pip install tensorrt" in text and "python3-libnvinfer" in text
-
-
-def test_load_engine_checks_the_sidecar_before_tensorrt(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(UserError, match="e.json: file not found, expected an engine sidecar"):
-        tensorrt_api.load_engine(tmp_path / "e.engine", bundle=None)
 
 
 def _error(node, name, op, desc):
@@ -102,22 +95,11 @@ def test_inspector_layers_at_names_only_verbosity():
 # --- On the TensorRT API emulator (tests/emulators: a test double, TensorRT itself not run) ---
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("trt_api") / "bundle")
-
-
-def _engines(bundle, **options) -> dict[str, Path]:
-    """Build the bundle's engines on the emulated TensorRT in use: graph -> engine file."""
-    rows = build_engines(load_bundle(bundle), BuildOptions(**options))
-    return {row["graph"]: Path(row["file"]) for row in rows}
-
-
 @pytest.mark.parametrize("version", VERSIONS)
-def test_engines_build_and_load_on_each_version(tiny_bundle, tmp_path, version):
-    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+def test_engines_build_and_load_on_each_version(tiny, tmp_path, version):
+    bundle = shutil.copytree(tiny, tmp_path / "bundle")
     with emulated_tensorrt(version) as trt:
-        engine = tensorrt_api.load_engine(_engines(bundle)["text_encoder"], load_bundle(bundle))
+        engine = load_engine(engine_files(bundle)["text_encoder"], load_bundle(bundle))
         tensors = tensorrt_api.engine_tensors(engine)
         assert [(t.name, t.is_input, t.dtype) for t in tensors] == [
             ("tokens", True, "int64"),
@@ -143,39 +125,8 @@ def test_engines_build_and_load_on_each_version(tiny_bundle, tmp_path, version):
         assert trt.EMULATED
 
 
-def test_a_plan_tensorrt_cannot_deserialize_is_one_line_with_its_reason(tiny_bundle, tmp_path):
-    """A 10.3 plan whose sidecar claims 10.16 (the sidecar check passes): TensorRT's own refusal,
-    logged by TensorRT, ends the error."""
-    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
-    with emulated_tensorrt("10.3"):
-        engine = _engines(bundle, graphs=("scorer",))["scorer"]
-    sidecar = sidecar_path(engine)
-    sidecar.write_text(sidecar.read_text().replace('"10.3.0"', '"10.16.0"'))
-    with emulated_tensorrt("10.16"), pytest.raises(UserError) as info:
-        tensorrt_api.load_engine(engine, load_bundle(bundle))
-    assert str(info.value) == (
-        f"{engine}: TensorRT could not deserialize the engine: IRuntime::deserializeCudaEngine: "
-        "Error Code 6: API Usage Error (The engine plan file is not compatible with this version "
-        "of TensorRT, expecting library version 10.16.0 got 10.3.0, please rebuild.)"
-    )
-
-
-@pytest.mark.parametrize("running", ["10.16", "11.1"])
-def test_version_compatible_engines_load_on_later_tensorrt(tiny_bundle, tmp_path, running):
-    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
-    with emulated_tensorrt("10.3"):
-        engine = _engines(bundle, graphs=("image_encoder",), version_compatible=True)
-    with emulated_tensorrt(running):
-        loaded = tensorrt_api.load_engine(engine["image_encoder"], load_bundle(bundle))
-        assert loaded.num_io_tensors == 4
-    with emulated_tensorrt("10.16"):
-        newer = _engines(bundle, graphs=("image_encoder",), version_compatible=True)
-    with emulated_tensorrt("10.3"), pytest.raises(UserError, match="built with tensorrt 10.16.0"):
-        tensorrt_api.load_engine(newer["image_encoder"], load_bundle(bundle))
-
-
-def test_a_graph_the_parser_refuses_names_the_file(tiny_bundle, tmp_path):
-    bundle = load_bundle(tiny_bundle)
+def test_a_graph_the_parser_refuses_names_the_file(tiny, tmp_path):
+    bundle = load_bundle(tiny)
     garbage = tmp_path / "scorer.onnx"
     garbage.write_bytes(b"\x08\x07garbage")
     plan = replace(make_plan(bundle, "scorer", BuildOptions(), "10.3.0"), source=garbage)

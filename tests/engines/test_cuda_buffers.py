@@ -4,8 +4,8 @@ device where cuda-python or pycuda and a CUDA device are present (else skipped w
 
 import numpy as np
 import pytest
-from scan_deploy.runtime import cuda_buffers
-from scan_deploy.runtime.cuda_buffers import (
+from scan_deploy.engines import cuda_buffers
+from scan_deploy.engines.cuda_buffers import (
     ALIGNMENT,
     DeviceBuffer,
     PinnedBuffer,
@@ -17,7 +17,7 @@ from scan_deploy.runtime.cuda_buffers import (
 
 from scan_deploy.errors import UserError
 
-from .tensorrt_emulator import emulated_tensorrt
+from ..runtime.tensorrt_emulator import emulated_tensorrt
 
 
 def test_grown_capacity():

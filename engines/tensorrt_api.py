@@ -1,5 +1,7 @@
-"""The only module that imports `tensorrt`: applies a `BuildPlan` with the TensorRT Python API,
-and loads an engine after checking its sidecar against the running TensorRT and GPU.
+"""The only module that imports `tensorrt`: applies a `BuildPlan` with the TensorRT Python API
+(build side: `build_engine`), deserializes a plan (load side: `deserialize_engine`, called by
+`engines.load.load_engine` once the sidecar is checked) and runs an engine (the runtime's
+TensorRT runner).
 
 Written against the Python API documented for both TensorRT 10.x (JetPack 6 ships 10.3) and
 11.x (none of it is on 11.x's removed-API list): `ILogger`, `Builder`, `create_network(flags)`,
@@ -17,7 +19,7 @@ Written against the Python API documented for both TensorRT 10.x (JetPack 6 ship
 Where 10.x and 11.x differ:
 - network flags: 10.x needs `NetworkDefinitionCreationFlag.STRONGLY_TYPED`; 11.x always builds
   strongly typed (the flag is deprecated and ignored, `EXPLICIT_BATCH` is removed). The plan
-  carries the flags for the running major version (`export.build_engine.network_flags`).
+  carries the flags for the running major version (`engines.build.network_flags`).
 - `BuilderFlag.FP16/INT8`, calibrators and `platform_has_fast_fp16` are gone in 11.x (deprecated
   in 10.x): never used here.
 - the inspector's JSON lists I/O tensors as `Bindings` (10.x) or `I/O Tensors` (11.x); only its
@@ -46,8 +48,7 @@ from typing import TYPE_CHECKING, Any
 from scan_deploy.errors import UserError
 
 if TYPE_CHECKING:
-    from scan_deploy.bundle import Bundle
-    from scan_deploy.export.build_engine import BuildPlan
+    from scan_deploy.engines.build import BuildPlan
 
 LOG = logging.getLogger("scan_deploy.tensorrt")
 INSTALL_HINT = (
@@ -102,6 +103,9 @@ def logged_reason() -> str:
     return reason
 
 
+# --- Building engines (`engines.build`) -------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class BuiltEngine:
     data: bytes
@@ -154,7 +158,7 @@ def build_engine(plan: BuildPlan, timing_cache: bytes | None = None) -> BuiltEng
         if cache is None or not config.set_timing_cache(cache, False):
             raise UserError(
                 f"{plan.timing_cache}: the timing cache is from another device or TensorRT "
-                "version (delete it or pass another --timing-cache)"
+                "version (delete it or pass another timing_cache)"
             )
     placement = None
     if plan.dla_core is not None:
@@ -215,38 +219,21 @@ def inspector_layers(info: str) -> list[dict[str, str]]:
     return layers
 
 
-def load_engine(path: str | Path, bundle: Bundle, precision: str | None = None) -> Any:
-    """Deserialize an engine after checking it against its sidecar, the bundle, the running
-    TensorRT and the current GPU (a stale engine is refused with its rebuild command)."""
-    from scan_deploy.cuda_device import current_device
-    from scan_deploy.engine_sidecar import (
-        check_engine_file,
-        check_sidecar,
-        read_sidecar,
-        sidecar_path,
-    )
+# --- Loading engines (`engines.load`) ---------------------------------------------------------
 
-    path = Path(path)
-    sidecar = read_sidecar(sidecar_path(path))
+
+def deserialize_engine(
+    path: str | Path, dla_core: int | None = None, host_code_allowed: bool = False
+) -> Any:
+    """The engine (`ICudaEngine`) of the plan file `path`, on DLA core `dla_core` when given;
+    `host_code_allowed` for a version-compatible plan that embeds its lean runtime."""
     trt = import_tensorrt()
-    check_sidecar(
-        sidecar,
-        path,
-        bundle,
-        backend="tensorrt",
-        backend_version=trt.__version__,
-        device=current_device(),
-        precision=precision,
-    )
-    check_engine_file(path, sidecar)
     runtime = trt.Runtime(tensorrt_logger(trt))
-    build = sidecar["build"]
-    if build.get("dla_core") is not None:
-        runtime.DLA_core = build["dla_core"]
-    if build.get("version_compatible") and not build.get("exclude_lean_runtime"):
-        # The plan embeds a lean runtime: host code TensorRT must be allowed to load.
+    if dla_core is not None:
+        runtime.DLA_core = dla_core
+    if host_code_allowed:
         runtime.engine_host_code_allowed = True
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
     if engine is None:
         raise UserError(f"{path}: TensorRT could not deserialize the engine: {logged_reason()}")
     return engine

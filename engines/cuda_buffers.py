@@ -29,13 +29,10 @@ import threading
 from typing import Any
 
 import numpy as np
+from scan_deploy.engines.cuda_device import INSTALL_HINT
 
 from scan_deploy.errors import UserError
 
-INSTALL_HINT = (
-    "no CUDA Python binding found: pip install cuda-python (or pycuda); "
-    "on Jetson use the cuda-python wheel that matches JetPack's CUDA"
-)
 # Allocation granularity: sizes are rounded up to a multiple of this (cudaMalloc aligns to 256).
 ALIGNMENT = 256
 

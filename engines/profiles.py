@@ -1,9 +1,10 @@
 """Optimization profiles for engine builds: from the manifest's shape ranges, or trtexec-style
-`--min-shapes/--opt-shapes/--max-shapes` options (`name:1x36x256,name2:4x7`). Inputs that share
+shapes `min_shapes`, `opt_shapes`, `max_shapes` (`name:1x36x256,name2:4x7`; build-engine's
+`--min-shapes/--opt-shapes/--max-shapes`). Inputs that share
 a symbolic dim (`tokens` and `lengths` share `batch`) keep it consistent: the size an option
 gives it applies to all of them, and two options giving it different sizes are refused.
 
-Pure Python (no TensorRT): the TensorRT builder (`scan_deploy.tensorrt_api`) and ONNX Runtime's
+Pure Python (no TensorRT): the TensorRT builder (`engines.tensorrt_api`) and ONNX Runtime's
 TensorRT execution provider (`trt_profile_*_shapes`, the same syntax) both take these profiles.
 """
 
@@ -107,7 +108,7 @@ def build_profiles(
     only_known: bool = False,
 ) -> list[Profile]:
     """One profile per repetition of the shape options (as trtexec counts them), or the
-    manifest's profile when none is given. An input given only in `--opt-shapes` gets
+    manifest's profile when none is given. An input given only in `opt_shapes` gets
     min = max = opt (trtexec's rule). The size an option gives a symbolic dim (`batch`) applies
     to every input sharing that dim, as min, opt and max separately; inputs an option leaves out
     otherwise keep the manifest's shapes. `only_known` skips names this graph lacks (options
@@ -115,7 +116,7 @@ def build_profiles(
     counts = {len(x) for x in (min_shapes, opt_shapes, max_shapes) if x}
     if len(counts) > 1:
         raise UserError(
-            "--min-shapes/--opt-shapes/--max-shapes: give each option once per profile "
+            "min_shapes/opt_shapes/max_shapes: give each once per profile "
             f"(got {len(min_shapes)}, {len(opt_shapes)} and {len(max_shapes)})"
         )
     base = manifest_profile(inputs, shape_ranges)
@@ -126,9 +127,9 @@ def build_profiles(
         given = [
             [_parsed(options, k, option) for k in range(n)]
             for option, options in (
-                ("--min-shapes", min_shapes),
-                ("--opt-shapes", opt_shapes),
-                ("--max-shapes", max_shapes),
+                ("min_shapes", min_shapes),
+                ("opt_shapes", opt_shapes),
+                ("max_shapes", max_shapes),
             )
         ]
         if only_known:
@@ -155,13 +156,13 @@ def _override(
     opts: dict[str, Shape],
     maxs: dict[str, Shape],
 ) -> Profile:
-    for option, given in (("--min-shapes", mins), ("--opt-shapes", opts), ("--max-shapes", maxs)):
+    for option, given in (("min_shapes", mins), ("opt_shapes", opts), ("max_shapes", maxs)):
         unknown = sorted(set(given) - set(base.inputs))
         if unknown:
             raise UserError(
                 f"{option}: unknown input {unknown[0]!r} (inputs: {', '.join(base.inputs)})"
             )
-    # The shapes the options set, per bound: an input given only in --opt-shapes sets all three.
+    # The shapes the options set, per bound: an input given only in opt_shapes sets all three.
     explicit: dict[str, dict[str, Shape]] = {which: {} for which in BOUNDS}
     for name in base.inputs:
         if name in opts and name not in mins and name not in maxs:
@@ -195,7 +196,7 @@ def _symbolic_sizes(
     for name, shape in shapes.items():
         if len(shape) != len(dims[name]):
             raise UserError(
-                f"--{which}-shapes: {name}: expected {len(dims[name])} dims, "
+                f"{which}_shapes: {name}: expected {len(dims[name])} dims, "
                 f"got {format_shape(shape)}"
             )
         for dim, size in zip(dims[name], shape, strict=True):
@@ -204,7 +205,7 @@ def _symbolic_sizes(
             first = sizes.setdefault(dim, (size, name))
             if first[0] != size:
                 raise UserError(
-                    f"--{which}-shapes: symbolic dim {dim!r} is {first[0]} for {first[1]} "
+                    f"{which}_shapes: symbolic dim {dim!r} is {first[0]} for {first[1]} "
                     f"but {size} for {name} (inputs sharing a dim take the same size)"
                 )
     return sizes
@@ -224,7 +225,7 @@ def _check_range(name: str, fixed: list[bool], graph: Shape, shapes: InputRange)
         shape = getattr(shapes, which)
         if len(shape) != rank:
             raise UserError(
-                f"--{which}-shapes: {name}: expected {rank} dims, got {format_shape(shape)}"
+                f"{which}_shapes: {name}: expected {rank} dims, got {format_shape(shape)}"
             )
     for axis, (lo, opt, hi) in enumerate(zip(shapes.min, shapes.opt, shapes.max, strict=True)):
         if fixed[axis] and not lo == opt == hi == graph[axis]:
