@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scan_deploy.engines.profiles import Shape
+
 from scan_deploy.errors import UserError
 
 if TYPE_CHECKING:
@@ -244,8 +246,6 @@ def deserialize_engine(
 # get_tensor_dtype/num_optimization_profiles/get_tensor_profile_shape/create_execution_context`,
 # `trt.nptype`, `IExecutionContext.set_optimization_profile_async/set_input_shape/
 # get_tensor_shape/set_tensor_address/execute_async_v3` (no binding indices: gone since 10.0).
-
-Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
