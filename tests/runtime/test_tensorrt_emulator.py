@@ -1,5 +1,5 @@
 """The TensorRT API emulator itself (tests/emulators, a test double): it refuses what TensorRT
-refuses, as TENSORRT_API.md documents it, for each emulated version. These tests use the
+refuses, as NVIDIA's sources document it, for each emulated version. These tests use the
 emulated API directly, as the documentation describes it, not through scan-deploy."""
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class IOptimizationProfile:
         """None. Each bound `setDimensions` refuses (another rank than the bounds before it, a
         negative dim) raises RuntimeError "Shape provided for min|opt|max is inconsistent with
         other shapes." — C3:35-43, C11:36-44, RT3:2164-2190. Bounds out of order
-        (not min <= opt <= max): UNCONFIRMED on 10.x/11.x (TENSORRT_API.md), not emulated."""
+        (not min <= opt <= max): UNCONFIRMED on 10.x/11.x, not emulated."""
         bounds = [to_dims(b) for b in (min, opt, max)]
         for which, dims in zip(("min", "opt", "max"), bounds, strict=True):
             if dims.nbDims != bounds[0].nbDims or any(d < 0 for d in dims.as_tuple()):

@@ -1,5 +1,6 @@
 """The enums of the emulated TensorRT, with the members of the selected version (a member another
-version lacks is an AttributeError, as in the real bindings). Sources (TENSORRT_API.md codes):
+version lacks is an AttributeError, as in the real bindings). Sources (codes as in this
+package's docstring):
 C3/C16/C11 = python/src/infer/pyCore.cpp @v10.3.0 / @v10.16 / @v11.1, NI3/NI11 = include/NvInfer.h,
 F = python/src/infer/pyFoundationalTypes.cpp. Integer values the spec does not give are placeholders
 (scan-deploy only uses the names)."""

@@ -3,8 +3,8 @@ memory of `emulated_device`, never shipped and never a measurement.
 
 Only the calls scan-deploy makes (`engines/cuda_buffers.py`, `engines/cuda_device.py`). As in
 cuda-python, every call returns a tuple `(cudaError_t, *results)` and never raises; a failed call
-returns `(err, None)` for its result. Sources: TENSORRT_API.md "cuda-python (as the samples use
-it)": S11 = NVIDIA/TensorRT `samples/python/common_runtime.py`@v11.1 (42-67, 139, 180, 241,
+returns `(err, None)` for its result. Sources (cuda-python as NVIDIA's samples use it):
+S11 = NVIDIA/TensorRT `samples/python/common_runtime.py`@v11.1 (42-67, 139, 180, 241,
 445-452), S3 = the same file @v10.3.0 (35-40, 48-52, 96, 149-156); signatures: cuda-python's
 runtime API reference, nvidia.github.io/cuda-python/cuda-bindings/latest/module/runtime.html.
 """
