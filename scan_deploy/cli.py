@@ -213,8 +213,7 @@ def train(
     )
     if file := next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None):
         raise UserError(f"{file}: is a file, expected a folder (--out: the training run's folder)")
-    for name in (LAST, BEST):  # what a killed run left, first
-        sweep_stale(out / name)
+    sweep_stale(out / LAST)  # what killed runs left in the run folder (the sweep is folder-wide)
     if not resume and ((out / LAST).exists() or (out / BEST).exists()):
         raise UserError(f"{out}: already holds a training run (pass --resume, or another --out)")
     if resume and not (out / LAST).exists():
