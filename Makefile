@@ -39,16 +39,20 @@ demo: install
 	$(CLI) check $(DEMO)/bundle --target tensorrt
 	$(CLI) build-engine $(DEMO)/bundle --backend onnxruntime --precision int8
 	$(CLI) index $(DEMO)/bundle --features $(DEMO)/data/test_ims.npy \
-		--captions $(DEMO)/data/test_caps.txt --out $(DEMO)/gallery --faiss-index
+		--captions $(DEMO)/data/test_caps.txt --out $(DEMO)/gallery \
+		--first-stage maxsim --first-stage global
 	@echo "text queries: test captions 0 and 6, ground truth images 0 and 1"
 	$(CLI) query $(DEMO)/gallery "$$(sed -n 1p $(DEMO)/data/test_caps.txt)" \
 		"$$(sed -n 7p $(DEMO)/data/test_caps.txt)" -k 3
-	@echo "the same, two-stage: 300 candidates by the FAISS index, re-ranked by exact SCAN"
+	@echo "the same, two-stage: 50 candidates (5%) by maxsim over the region vectors' FAISS index,"
+	@echo "re-ranked by exact SCAN"
 	$(CLI) query $(DEMO)/gallery "$$(sed -n 1p $(DEMO)/data/test_caps.txt)" \
-		"$$(sed -n 7p $(DEMO)/data/test_caps.txt)" -k 3 --shortlist 300
+		"$$(sed -n 7p $(DEMO)/data/test_caps.txt)" -k 3 --shortlist 50 --first-stage maxsim
 	@echo "image query: test image 2, ground truth its captions 2:0 .. 2:4"
 	$(PY) -c "import numpy as np; np.save('$(DEMO)/query.npy', np.load('$(DEMO)/data/test_ims.npy')[2:3])"
 	$(CLI) query $(DEMO)/gallery --image-features $(DEMO)/query.npy -k 5
+	@echo "the same, two-stage: 50 of the 5000 captions (1%) by maxsim, re-ranked by exact SCAN"
+	$(CLI) query $(DEMO)/gallery --image-features $(DEMO)/query.npy -k 5 --shortlist 50
 
 clean:
 	rm -rf $(DEMO)

@@ -76,10 +76,10 @@ import onnxruntime
 import torch
 from onnx import TensorProto
 from scan_deploy.export.writer import ShapeRanges, export_bundle
-from scan_deploy.runtime import search
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.dequantize import to_float32
+from scan_deploy.runtime.first_stage import global_shortlist
 from scan_deploy.runtime.gallery import Gallery, GalleryWriter, open_gallery, stored_arrays
 from scan_deploy.runtime.inner_product import FAISS_HINT, faiss_installed, gallery_engine
 from scan_deploy.runtime.retriever import Retriever
@@ -90,7 +90,7 @@ from scan_deploy import cli
 from scan_deploy.allocator import keep_freed_memory
 from scan_deploy.bundle import load_bundle
 from scan_deploy.checkpoint import Checkpoint
-from scan_deploy.choices import ShortlistEngine
+from scan_deploy.choices import FirstStage, ShortlistEngine
 from scan_deploy.config import ModelConfig
 from scan_deploy.model import SCAN
 from scan_deploy.vocab import Vocabulary
@@ -247,7 +247,8 @@ def write_gallery(
     images, bundle_ = SyntheticImages(args), load_bundle(bundle)
     generate = add = 0.0
     start = time.perf_counter()
-    with GalleryWriter(path, "images", bundle_, dtype, faiss_index=faiss_index) as writer:
+    stages = {FirstStage.GLOBAL: "SQfp16"} if faiss_index else None
+    with GalleryWriter(path, "images", bundle_, dtype, first_stages=stages) as writer:
         while writer.count < count and time.perf_counter() - start < budget:
             n = min(WRITE_BATCH, count - writer.count)
             t0 = time.perf_counter()
@@ -340,22 +341,13 @@ class TimedGallery:
         return out
 
 
-@contextmanager
-def timed_shortlist(seconds: list[float]):
-    """Time every `search.shortlist` call that `reranked` makes (restored afterwards)."""
-    original = search.shortlist
-
-    def shortlist(*args, **kwargs):
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        seconds.append(time.perf_counter() - start)
-        return out
-
-    search.shortlist = shortlist
-    try:
-        yield
-    finally:
-        search.shortlist = original
+def shortlisted(scorer, one: Queries, gallery, args, block: int) -> tuple[float, np.ndarray]:
+    """(seconds of the global first stage, top-k indices) of one two-stage search."""
+    start = time.perf_counter()
+    candidates = global_shortlist(one, gallery, args.shortlist, SHORTLIST_ENGINE)
+    seconds = time.perf_counter() - start
+    _, top = reranked(scorer, one, gallery, args.k, candidates, "t2i", block)
+    return seconds, top
 
 
 def stats(seconds) -> dict[str, float]:
@@ -492,8 +484,8 @@ def shortlist_engines(gallery: Gallery, queries: Queries, args) -> dict:
     the same rank)."""
     methods = {"numpy": (gallery, "numpy")}
     if faiss_installed():
-        methods["faiss knn"] = (replace(gallery, faiss_record=None), "faiss")
-        if gallery.faiss_record is not None:
+        methods["faiss knn"] = (replace(gallery, first_stages={}), "faiss")
+        if FirstStage.GLOBAL in gallery.first_stages:
             methods["faiss fp16 index"] = (gallery, "faiss")
     timings, picked = {}, {}
     for method, (target, engine) in methods.items():
@@ -501,7 +493,7 @@ def shortlist_engines(gallery: Gallery, queries: Queries, args) -> dict:
         for i in range(queries.count):
             one = queries.take(np.array([i]))
             start = time.perf_counter()
-            rows.append(search.shortlist(one, target, args.shortlist, engine))
+            rows.append(global_shortlist(one, target, args.shortlist, engine))
             seconds.append(time.perf_counter() - start)
         timings[method] = stats(seconds[args.warmup :])
         picked[method] = np.concatenate(rows[args.warmup :])
@@ -638,23 +630,20 @@ def bench_reranked(
     timed, block = TimedGallery(gallery), sizes.block(gallery.kind)
     shortlist_s, totals, reads, scoring = [], [], [], []
     top = np.empty((queries.count, args.k), np.int64)
-    with timed_shortlist(shortlist_s):
-        for i in range(queries.count):
-            scorer.reset()
-            timed.seconds = 0.0
-            start = time.perf_counter()
-            one = cropped(queries, [i])
-            _, top[i : i + 1] = reranked(
-                scorer, one, timed, args.k, args.shortlist, "t2i", block, SHORTLIST_ENGINE
-            )
-            totals.append(time.perf_counter() - start)
-            reads.append(timed.seconds)
-            scoring.append(scorer.seconds)
+    for i in range(queries.count):
+        scorer.reset()
+        timed.seconds = 0.0
+        start = time.perf_counter()
+        seconds, top[i : i + 1] = shortlisted(scorer, cropped(queries, [i]), timed, args, block)
+        totals.append(time.perf_counter() - start)
+        shortlist_s.append(seconds)
+        reads.append(timed.seconds)
+        scoring.append(scorer.seconds)
     keep = slice(first, None)
     shortlist_stage = np.array(shortlist_s[keep])
     rerank_stage = np.array(totals[keep]) - shortlist_stage
     report = {
-        "engine": gallery_engine(SHORTLIST_ENGINE, gallery.faiss_record is not None),
+        "engine": gallery_engine(SHORTLIST_ENGINE, FirstStage.GLOBAL in gallery.first_stages),
         "total": stats(totals[keep]),
         "shortlist_stage": stats(shortlist_stage),
         "rerank_stage": stats(rerank_stage),
@@ -679,7 +668,7 @@ def bench_large(
     with phase(memory_report, "side_by_side"):
         report["engines"] = shortlist_engines(gallery, queries, args)
         report["dequantize"] = dequantize_rates(gallery, sizes.block(gallery.kind))
-    has_index = gallery.faiss_record is not None
+    has_index = FirstStage.GLOBAL in gallery.first_stages
     from_index = has_index and gallery_engine(SHORTLIST_ENGINE, has_index) == "faiss"
     report["shortlist_reads"] = "the float16 FAISS index" if from_index else "the float32 globals"
     report["shortlist_gb"] = gallery.count * args.dim * (2 if from_index else 4) / 1e9
@@ -707,14 +696,10 @@ def cold_query(scorer, gallery: Gallery, queries: Queries, args, sizes: CallSize
     start = time.perf_counter()
     drop_cache(gallery.path)
     dropped = time.perf_counter() - start
-    shortlist_s: list[float] = []
-    with timed_shortlist(shortlist_s):
-        start = time.perf_counter()
-        one = cropped(queries, [0])
-        block = sizes.block(gallery.kind)
-        reranked(scorer, one, gallery, args.k, args.shortlist, "t2i", block, SHORTLIST_ENGINE)
-        total = time.perf_counter() - start
-    return {"total_ms": 1e3 * total, "shortlist_ms": 1e3 * shortlist_s[0], "drop_s": dropped}
+    start = time.perf_counter()
+    first, _ = shortlisted(scorer, cropped(queries, [0]), gallery, args, sizes.block(gallery.kind))
+    total = time.perf_counter() - start
+    return {"total_ms": 1e3 * total, "shortlist_ms": 1e3 * first, "drop_s": dropped}
 
 
 def large_agreement(
@@ -748,7 +733,7 @@ def large_agreement(
     report = agreement(exact, fast[first : first + len(exact)])
     sizes = [size for size in SHORTLIST_SIZES if size <= gallery.count] + [args.shortlist]
     subset = queries.take(np.arange(first, first + len(exact)))
-    candidates = search.shortlist(subset, gallery, max(sizes), SHORTLIST_ENGINE)
+    candidates = global_shortlist(subset, gallery, max(sizes), SHORTLIST_ENGINE)
     report["in_shortlist"] = {
         size: float(
             np.mean(

@@ -21,11 +21,12 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from scan_deploy.runtime.gallery import Gallery
 from scan_deploy.runtime.indexer import Progress
 from scan_deploy.runtime.inner_product import gallery_engine
-from scan_deploy.runtime.retriever import Retriever
+from scan_deploy.runtime.retriever import Retriever, stage_of
 
-from scan_deploy.choices import ShortlistEngine
+from scan_deploy.choices import FirstStage, ShortlistEngine
 from scan_deploy.errors import UserError
 
 AGREEMENT_QUERIES = 50
@@ -65,7 +66,6 @@ def run_bench(
     check_batch_sizes(batch_sizes)
     report_progress = progress or (lambda stage, advance, total: None)
     gallery = retriever.gallery_for("text", k, shortlist)
-    has_index = gallery.faiss_record is not None
     rows = []
     for batch in batch_sizes:
         queries = bench_queries(retriever, batch * (warmup + iterations), seed)
@@ -94,9 +94,7 @@ def run_bench(
         "gallery": {"items": gallery.count, "dtype": gallery.dtype},
         "k": k,
         "shortlist": shortlist,
-        "shortlist_engine": gallery_engine(retriever.shortlist_engine, has_index),
-        "faiss_index": has_index
-        and gallery_engine(retriever.shortlist_engine, has_index) == ShortlistEngine.FAISS,
+        **first_stage_report(retriever, gallery),
         "warmup": warmup,
         "iterations": iterations,
         "batches": rows,
@@ -104,6 +102,20 @@ def run_bench(
     if shortlist is not None:
         report["agreement"] = shortlist_agreement(retriever, k, shortlist, seed, report_progress)
     return report
+
+
+def first_stage_report(retriever: Retriever, gallery: Gallery) -> dict:
+    """The first stage a shortlist runs on `gallery`, and the FAISS index it reads (its
+    factory string; None when it reads the float32 globals with numpy)."""
+    stage = stage_of(gallery, retriever.first_stage)
+    engine = gallery_engine(retriever.shortlist_engine, stage in gallery.first_stages)
+    uses_index = stage == FirstStage.MAXSIM or engine == ShortlistEngine.FAISS
+    record = gallery.first_stages.get(stage) if uses_index else None
+    return {
+        "first_stage": stage,
+        "shortlist_engine": "faiss" if stage == FirstStage.MAXSIM else engine,
+        "first_stage_index": None if record is None else record["factory"],
+    }
 
 
 def shortlist_agreement(

@@ -11,12 +11,16 @@ On-disk layout (one folder, written to a hidden temp folder beside it and rename
                       bundle identity (path, sha256 of the three FP32 graphs, the vocabulary's
                       words_sha256, embed_size, cross_attn), ids/texts files with sha256,
                       shards: [{count, offset, files: {array: {file, sha256, shape, dtype}}}],
-                      faiss_index: null or {file, sha256, type, count, dim}
+                      first_stages: {stage: {file, sha256, bytes, factory, type,
+                      vectors, dim, trained_on, search_params, build_seconds}} for the
+                      stages indexed (`index --first-stage`; format 1 had faiss_index)
       ids.json        JSON list of the item ids (strings, unique), in gallery order
       texts.json      JSON list of the item texts (only when texts were given)
-      shortlist.faiss with `faiss_index=True` (`index --faiss-index`): a float16 FAISS
-                      inner-product index of every item's `global`, in gallery order
-                      (`runtime/inner_product.py` writes and memory-maps it)
+      global.faiss    with `first_stages={"global": FACTORY}`: a FAISS inner-product index of
+                      every item's `global`, in gallery order
+      maxsim.faiss    with `first_stages={"maxsim": FACTORY}`: one of every token (each
+                      image's regions, each caption's valid words), in gallery order
+                      (`runtime/first_stage.py` builds them, `inner_product.py` reads them)
       shard-00000/
         regions.npy   one .npy file per stored array; the first axis is the shard's items
 
@@ -44,7 +48,7 @@ size the header implies, and with `verify=True` each file's sha256) and fails wi
 UserError naming the file.
 
 numpy and the standard library (onnxruntime, when installed, speeds up dequantization; faiss
-only for `faiss_index`): the runtime imports this module on devices without torch.
+only for `first_stages`): the runtime imports this module on devices without torch.
 """
 
 from __future__ import annotations
@@ -62,28 +66,25 @@ from typing import Any
 
 import numpy as np
 from scan_deploy.runtime.dequantize import to_float32
-from scan_deploy.runtime.inner_product import (
-    FAISS_INDEX_TYPE,
-    open_faiss_index,
-    require_faiss,
-    write_faiss_index,
-)
+from scan_deploy.runtime.first_stage import INDEX_FILES, write_stage_index
+from scan_deploy.runtime.inner_product import apply_search_params, open_faiss_index, require_faiss
 
 from scan_deploy.atomic import Marker, atomic_dir, check_output_dir, write_json
 from scan_deploy.bundle import Bundle, check_sha256, sha256_file
-from scan_deploy.choices import GalleryDtype, Graph
+from scan_deploy.choices import FirstStage, GalleryDtype, Graph
 from scan_deploy.errors import input_error, one_of
 from scan_deploy.jsonfile import read_json_object, typed
 from scan_deploy.precomp import open_npy, read_npy_header
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: one optional float16 index of the globals (`faiss_index`)
+_V1_INDEX = "shortlist.faiss"
 KINDS = ("images", "captions")
 MANIFEST = "manifest.json"
 MARKER = Marker(MANIFEST, ("format_version", "kind", "shards", "bundle"), "gallery")
 IDS = "ids.json"
 TEXTS = "texts.json"
 SCALE_SUFFIX = "_scale"
-FAISS_INDEX = "shortlist.faiss"
 QUANTIZATION = "symmetric-per-row"
 
 # The axes of one item of each array (after the leading item axis).
@@ -145,7 +146,8 @@ class GalleryWriter:
 
     Batches are converted to the storage dtype as they arrive and buffered until a shard of
     `shard_size` items is complete, so memory holds at most one shard (stored form) plus a batch
-    (and, with `faiss_index`, the FAISS index while `close()` builds it: 2 bytes × D per item).
+    (and, with `first_stages`, each FAISS index while `close()` builds it, with its training
+    sample).
     An error inside `add` or `close`, or leaving a `with` block by an exception, discards the
     temp folder; leaving the `with` block normally closes the writer.
     """
@@ -158,11 +160,14 @@ class GalleryWriter:
         dtype: GalleryDtype | str = GalleryDtype.FP16,
         shard_size: int = 4096,
         force: bool = False,
-        faiss_index: bool = False,
+        first_stages: dict[FirstStage | str, str | None] | None = None,
     ) -> None:
+        """`first_stages`: the FAISS index to build for each first stage, by index-factory
+        string (None: `first_stage.default_factory`)."""
         self.path = Path(path)
         one_of(kind, KINDS, "kind")
-        if faiss_index:
+        stages = {FirstStage.parse(k, "first_stages"): v for k, v in (first_stages or {}).items()}
+        if stages:
             require_faiss()
         dtype = GalleryDtype.parse(dtype, "dtype")
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -171,7 +176,7 @@ class GalleryWriter:
         self.kind = kind
         self.dtype = dtype
         self.shard_size = shard_size
-        self.faiss_index = faiss_index
+        self.first_stages = stages
         self.embed_size = int(bundle.config.embed_size)
         self.bundle_identity = bundle_identity(bundle)
         self.manifest: dict[str, Any] | None = None
@@ -247,9 +252,12 @@ class GalleryWriter:
                 if self._texts is None
                 else _write_list(self._tmp, TEXTS, self._texts),
                 "shards": self._shards,
-                "faiss_index": self._write_faiss_index() if self.faiss_index else None,
+                "first_stages": {},
             }
             write_json(self._tmp / MANIFEST, manifest)
+            if self.first_stages:
+                manifest["first_stages"] = self._write_first_stages()
+                write_json(self._tmp / MANIFEST, manifest)
         except BaseException:
             self.abort()
             raise
@@ -394,10 +402,14 @@ class GalleryWriter:
                 stored[name], stored[name + SCALE_SUFFIX] = quantize_int8(value)
         return stored
 
-    def _write_faiss_index(self) -> dict[str, Any]:
-        pooled = (open_npy(self._tmp / shard["files"]["global"]["file"]) for shard in self._shards)
-        record = write_faiss_index(self._tmp / FAISS_INDEX, pooled, self.embed_size)
-        return {**record, "sha256": sha256_file(self._tmp / FAISS_INDEX)}
+    def _write_first_stages(self) -> dict[str, Any]:
+        """Each first stage's index, built from the finished shards (read back as a gallery)."""
+        written = open_gallery(self._tmp, verify=False)
+        records = {}
+        for stage, factory in self.first_stages.items():
+            record = write_stage_index(written, stage, factory, self.path)
+            records[str(stage)] = {**record, "sha256": sha256_file(self._tmp / record["file"])}
+        return records
 
     def _write_shard(self, size: int) -> None:
         """Write the first `size` pending items as the next shard."""
@@ -612,8 +624,8 @@ class Gallery:
     shards: list[Shard]
     ids: list[str]
     texts: list[str] | None
-    faiss_record: dict[str, Any] | None = None
-    _faiss: Any = field(default=None, repr=False)
+    first_stages: dict[FirstStage, dict[str, Any]] = field(default_factory=dict)
+    _indexes: dict[FirstStage, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -674,16 +686,59 @@ class Gallery:
                 f"{bundle.path} has {theirs[:12]}…): {_FIX}",
             )
 
-    def faiss_index(self) -> Any:
-        """The FAISS index of the pooled embeddings (`index --faiss-index`), memory-mapped and
-        opened once; None when the gallery has none."""
-        if self.faiss_record is None:
+    def stage_index(self, stage: FirstStage, search_params: str | None = None) -> Any:
+        """The FAISS index of a first stage (`first_stages[stage]`), opened once, with its
+        recorded search parameters; `search_params` (e.g. "nprobe=64") replaces them. None
+        when the gallery was indexed without that stage."""
+        record = self.first_stages.get(stage)
+        if record is None:
             return None
         with self._lock:
-            if self._faiss is None:
-                path, record = self.path / FAISS_INDEX, self.faiss_record
-                self._faiss = open_faiss_index(path, record["count"], record["dim"])
-        return self._faiss
+            if stage not in self._indexes:
+                index = open_faiss_index(self.path / record["file"], record)
+                apply_search_params(index, record["search_params"], self.path / MANIFEST)
+                self._indexes[stage] = index
+            if search_params is not None:
+                apply_search_params(self._indexes[stage], search_params, self.path / MANIFEST)
+        return self._indexes[stage]
+
+    @functools.cached_property
+    def token_starts(self) -> np.ndarray:
+        """(count + 1,) int64: the position of each item's first token in the gallery's token
+        order (the `maxsim` index's ids): R per image, each caption's length."""
+        if self.kind == "images":
+            regions = self.shards[0].shape("regions")[1]
+            return np.arange(self.count + 1, dtype=np.int64) * regions
+        lengths = np.concatenate([shard.load("lengths") for shard in self.shards])
+        return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+    @property
+    def token_count(self) -> int:
+        return int(self.token_starts[-1])
+
+    def token_owner(self, tokens: np.ndarray) -> np.ndarray:
+        """The item owning each token position."""
+        return np.searchsorted(self.token_starts, tokens, side="right") - 1
+
+    def token_blocks(self, items: int = 1024) -> Iterator[np.ndarray]:
+        """Every token vector, float32 (tokens, D), in token order, `items` items at a time."""
+        name = EMBEDDINGS[self.kind]
+        for shard in self.shards:
+            for start in range(0, shard.count, items):
+                stop = min(start + items, shard.count)
+                rows = shard.block(name, start, stop)
+                if self.kind == "captions":
+                    lengths = shard.block("lengths", start, stop)
+                    yield rows[np.arange(rows.shape[1]) < lengths[:, None]]
+                else:
+                    yield rows.reshape(-1, rows.shape[-1])
+
+    def token_vectors(self, tokens: np.ndarray) -> np.ndarray:
+        """float32 (len(tokens), D): the vectors at sorted token positions."""
+        owners = self.token_owner(tokens)
+        items, inverse = np.unique(owners, return_inverse=True)
+        rows = self.rows(EMBEDDINGS[self.kind], items)
+        return rows[inverse, tokens - self.token_starts[owners]]
 
     def global_embeddings(self) -> Iterator[tuple[int, np.ndarray]]:
         """(offset, float32 (n, D)) per shard, in gallery order: the read-only memory maps
@@ -754,7 +809,11 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     path = Path(path)
     where = path / MANIFEST
     what = "the manifest of a gallery folder (scan-deploy index)"
-    manifest = read_json_object(where, what, FORMAT_VERSION)
+    manifest = read_json_object(where, what)
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS:
+        message = f"got {version!r}, expected one of {', '.join(map(str, READABLE_VERSIONS))}"
+        raise input_error(where, "format_version", message)
     kind = one_of(manifest.get("kind"), KINDS, "kind", where)
     dtype = GalleryDtype.parse(manifest.get("dtype"), "dtype", where)
     count = typed(manifest.get("count"), int, "count", where)
@@ -812,30 +871,54 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     texts = _read_list(path, manifest, "texts", count, where, required=False)
     if len(set(ids)) != len(ids):
         raise input_error(path / IDS, None, "has duplicate ids, expected unique ids")
-    faiss_record = manifest.get("faiss_index")
-    if faiss_record is not None:
-        _check_faiss_index(path, faiss_record, count, embed_size, verify)
-    return Gallery(path, kind, dtype, count, manifest, shards, ids, texts, faiss_record)
+    gallery = Gallery(path, kind, dtype, count, manifest, shards, ids, texts)
+    for stage, record in _first_stage_records(manifest, where).items():
+        gallery.first_stages[stage] = _check_stage_record(gallery, stage, record, verify)
+    return gallery
 
 
-def _check_faiss_index(root: Path, record: Any, count: int, embed_size: int, verify: bool) -> None:
-    where = root / MANIFEST
-    typed(record, dict, "faiss_index", where)
-    expected = {"file": FAISS_INDEX, "type": FAISS_INDEX_TYPE, "count": count, "dim": embed_size}
-    for key, value in expected.items():
-        found = record.get(key)
-        if found != value or type(found) is not type(value):
-            raise input_error(where, f"faiss_index.{key}", f"got {found!r}, expected {value!r}")
-    typed(record.get("sha256"), str, "faiss_index.sha256", where)
-    size = typed(record.get("bytes"), int, "faiss_index.bytes", where)
-    file = root / FAISS_INDEX
+def _first_stage_records(manifest: dict[str, Any], where: Path) -> dict[FirstStage, Any]:
+    if manifest["format_version"] == 1:  # its one index: float16 over the globals
+        old = manifest.get("faiss_index")
+        if old is None:
+            return {}
+        typed(old, dict, "faiss_index", where)
+        record = {"file": _V1_INDEX, "factory": "SQfp16", "vectors": old.get("count")}
+        record.update(type="IndexScalarQuantizer", search_params="", trained_on=0)
+        return {FirstStage.GLOBAL: {**old, **record}}
+    records = typed(manifest.get("first_stages"), dict, "first_stages", where)
+    return {FirstStage.parse(stage, "first_stages", where): r for stage, r in records.items()}
+
+
+def _check_stage_record(
+    gallery: Gallery, stage: FirstStage, record: Any, verify: bool
+) -> dict[str, Any]:
+    """The record of a stage's index, checked against the gallery and the file (size, and with
+    `verify` its sha256); what the index holds is checked when it is opened."""
+    where, label = gallery.path / MANIFEST, f"first_stages.{stage}"
+    typed(record, dict, label, where)
+    file_name = typed(record.get("file"), str, f"{label}.file", where)
+    expected_file = INDEX_FILES[stage] if gallery.manifest["format_version"] > 1 else _V1_INDEX
+    if file_name != expected_file:
+        raise input_error(where, f"{label}.file", f"got {file_name!r}, expected {expected_file!r}")
+    for key in ("sha256", "factory", "type", "search_params"):
+        typed(record.get(key), str, f"{label}.{key}", where)
+    for key in ("bytes", "vectors", "dim", "trained_on"):
+        typed(record.get(key), int, f"{label}.{key}", where)
+    vectors = gallery.count if stage == FirstStage.GLOBAL else gallery.token_count
+    for key, expected in (("vectors", vectors), ("dim", gallery.embed_size)):
+        if record[key] != expected:
+            message = f"got {record[key]}, expected {expected} (an index of another gallery?)"
+            raise input_error(where, f"{label}.{key}", f"{message}: {_FIX}")
+    file = gallery.path / file_name
     if not file.is_file():
-        raise input_error(file, None, f"missing (named by {MANIFEST} faiss_index)")
-    if file.stat().st_size != size:
-        message = f"is {file.stat().st_size} bytes, the manifest records {size}: {_FIX}"
+        raise input_error(file, None, f"missing (named by {MANIFEST} {label})")
+    if file.stat().st_size != record["bytes"]:
+        message = f"is {file.stat().st_size} bytes, the manifest records {record['bytes']}: {_FIX}"
         raise input_error(file, "size", message)
     if verify:
         check_sha256(file, sha256_file(file), record["sha256"], _FIX)
+    return record
 
 
 def _check_record(record: Any, where: Path, field_name: str) -> list[int]:

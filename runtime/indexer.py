@@ -28,7 +28,7 @@ from scan_deploy.runtime.gallery import MARKER, GalleryWriter
 from scan_deploy.atomic import atomic_dir, check_output_dir
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
-from scan_deploy.choices import GalleryDtype
+from scan_deploy.choices import FirstStage, GalleryDtype
 from scan_deploy.errors import input_error
 from scan_deploy.precomp import check_feature_dim, load_files
 
@@ -45,10 +45,11 @@ def index_gallery(
     shard_size: int = 4096,
     force: bool = False,
     progress: Progress | None = None,
-    faiss_index: bool = False,
+    first_stages: dict[FirstStage | str, str | None] | None = None,
 ) -> dict[str, int]:
-    """Write the gallery folder `out`; returns the number of items per kind. `faiss_index`:
-    also a FAISS index of each gallery's pooled embeddings for the shortlist."""
+    """Write the gallery folder `out`; returns the number of items per kind. `first_stages`:
+    the FAISS index of each first stage for `query --shortlist`, by index-factory string (None:
+    the default; `runtime.first_stage`), in both galleries."""
     report = progress or (lambda stage, done, total: None)
     out = Path(out)
     checkpoint = getattr(backend, "checkpoint", None)  # the torch backend's
@@ -67,7 +68,7 @@ def index_gallery(
     counts = {"images": len(features)}
     with atomic_dir(out) as tmp:
         images = GalleryWriter(
-            tmp / "images", "images", bundle, dtype, shard_size, faiss_index=faiss_index
+            tmp / "images", "images", bundle, dtype, shard_size, first_stages=first_stages
         )
         with images as writer:
             for start in range(0, len(features), sizes.image_batch):
@@ -85,7 +86,7 @@ def index_gallery(
         if captions:
             counts["captions"] = len(captions)
             writer = GalleryWriter(
-                tmp / "captions", "captions", bundle, dtype, shard_size, faiss_index=faiss_index
+                tmp / "captions", "captions", bundle, dtype, shard_size, first_stages=first_stages
             )
             _index_captions(writer, bundle, text_runner, captions_path, data, report, sizes)
     return counts

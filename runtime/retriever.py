@@ -4,6 +4,9 @@
     hits = retriever.search_text(["a man riding a bike"], k=10)          # images for each text
     hits = retriever.search_image(region_features, k=10, shortlist=1000) # captions for each image
 
+With `shortlist`, a first stage (`runtime.first_stage`: `maxsim` when the gallery was indexed
+with it, else `global`) picks that many candidates and the exact scorer re-ranks them only.
+
 A gallery folder holds `images/` (searched by text) and, when `index` was given captions,
 `captions/` (searched by image). Queries are batched, and every call sized by the engine the
 backend runs (`backends.base.CallSizes`: its optimization profile, or the manifest's shape
@@ -27,13 +30,19 @@ import numpy as np
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
+from scan_deploy.runtime.first_stage import Pooling, missing_stage, shortlist
 from scan_deploy.runtime.gallery import Gallery, open_gallery
-from scan_deploy.runtime.inner_product import FAISS_HINT, check_engine, gallery_engine
+from scan_deploy.runtime.inner_product import (
+    FAISS_HINT,
+    check_engine,
+    gallery_engine,
+    require_faiss,
+)
 from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
 
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle, load_bundle
-from scan_deploy.choices import Backend, Graph, Precision, Provider, ShortlistEngine
+from scan_deploy.choices import Backend, FirstStage, Graph, Precision, Provider, ShortlistEngine
 from scan_deploy.errors import UserError, input_error
 from scan_deploy.precomp import check_finite_features
 
@@ -60,10 +69,24 @@ class Retriever:
         backend,
         shortlist_engine: ShortlistEngine | str = ShortlistEngine.AUTO,
         threads: int = 0,
+        first_stage: FirstStage | str | None = None,
+        token_candidates: int | None = None,
     ) -> None:
         self.bundle, self.galleries, self.backend = bundle, galleries, backend
         self.shortlist_engine = check_engine(shortlist_engine)
         self.threads = threads
+        self.first_stage = (
+            None if first_stage is None else FirstStage.parse(first_stage, "first_stage")
+        )
+        if token_candidates is not None and (
+            isinstance(token_candidates, bool)
+            or not isinstance(token_candidates, int)
+            or token_candidates < 1
+        ):
+            message = f"expected an integer ≥ 1 or None, got {token_candidates!r}"
+            raise input_error(None, "token_candidates", message)
+        self.token_candidates = token_candidates
+        self.pooling = Pooling.of(bundle.config)
         self._runners = {name: _Locked(backend.runner(name)) for name in Graph}
         self.sizes = CallSizes.of(backend)
 
@@ -80,13 +103,21 @@ class Retriever:
         checkpoint: str | Path | None = None,
         verify: bool = True,
         shortlist_engine: ShortlistEngine | str = ShortlistEngine.AUTO,
+        first_stage: FirstStage | str | None = None,
+        faiss_params: str | None = None,
+        token_candidates: int | None = None,
     ) -> Retriever:
         """`bundle` None: the bundle the gallery was indexed with (its recorded path).
-        `shortlist_engine`: a `ShortlistEngine` (auto: FAISS for a gallery indexed with
-        `--faiss-index` when faiss is installed, else numpy); a gallery's FAISS index is opened
-        and checked here when it will be used. `threads` (0: the libraries' defaults) sizes ONNX
-        Runtime's intra-op pool and FAISS's OpenMP threads."""
+        `first_stage`: what picks a shortlist's candidates (None: `maxsim` for a gallery indexed
+        with it, else `global`); `shortlist_engine` ranks the `global` stage (auto: the
+        gallery's global FAISS index when faiss is installed, else numpy); `faiss_params`
+        ("nprobe=64", "efSearch=256") replace the search parameters recorded with the indexes;
+        `token_candidates`: gallery tokens each query token retrieves in the `maxsim` stage
+        (default: max(shortlist, 64)). The FAISS indexes that will be used are opened and
+        checked here. `threads` (0: the libraries' defaults) sizes ONNX Runtime's intra-op pool
+        and FAISS's OpenMP threads."""
         engine = check_engine(shortlist_engine)
+        stage = None if first_stage is None else FirstStage.parse(first_stage, "first_stage")
         galleries = open_galleries(gallery, verify)
         if not isinstance(bundle, Bundle):
             if bundle is None:
@@ -95,16 +126,11 @@ class Retriever:
         for part in galleries.values():
             part.check_bundle(bundle)
         for part in galleries.values():
-            if part.faiss_record is None:
-                continue
-            if gallery_engine(engine, has_index=True) == ShortlistEngine.FAISS:
-                part.faiss_index()
-            elif engine == ShortlistEngine.AUTO:
-                LOG.warning("unused FAISS index in %s: %s", part.path, FAISS_HINT)
+            _open_stage_index(part, stage_of(part, stage), engine, faiss_params)
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
         )
-        return cls(bundle, galleries, opened, engine, threads)
+        return cls(bundle, galleries, opened, engine, threads, stage, token_candidates)
 
     def encode_text(self, texts: Sequence[str]) -> Queries:
         """Caption-side scorer inputs of `texts`, padded to their longest (in input order)."""
@@ -184,10 +210,12 @@ class Retriever:
         if size is None or size >= gallery.count:
             scores, indices = exhaustive(scorer, queries, gallery, k, cross_attn, block)
         else:
-            engine, threads = self.shortlist_engine, self.threads
-            scores, indices = reranked(
-                scorer, queries, gallery, k, size, cross_attn, block, engine, threads
+            stage, engine = stage_of(gallery, self.first_stage), self.shortlist_engine
+            pooling, threads, per_token = self.pooling, self.threads, self.token_candidates
+            candidates = shortlist(
+                queries, gallery, size, stage, pooling, engine, threads, per_token
             )
+            scores, indices = reranked(scorer, queries, gallery, k, candidates, cross_attn, block)
         texts = gallery.texts
         return [
             [
@@ -209,6 +237,10 @@ class Retriever:
             raise input_error(None, "k", f"expected 1..{gallery.count} (gallery size), got {k}")
         if shortlist is not None and not k <= shortlist:
             raise input_error(None, "shortlist", f"expected at least k = {k}, got {shortlist}")
+        stage = stage_of(gallery, self.first_stage)
+        shortlisted = shortlist is not None and shortlist < gallery.count
+        if shortlisted and stage == FirstStage.MAXSIM and stage not in gallery.first_stages:
+            raise missing_stage(gallery, stage)
         return gallery
 
     def _token_lists(self, texts: Sequence[str]) -> list[list[int]]:
@@ -236,6 +268,31 @@ class Retriever:
             )
         check_finite_features(features, None, "image features")
         return features
+
+
+def stage_of(gallery: Gallery, requested: FirstStage | None) -> FirstStage:
+    """The first stage a shortlist on `gallery` runs: the one requested, else `maxsim` when the
+    gallery was indexed for it, else `global`."""
+    if requested is not None:
+        return requested
+    return FirstStage.MAXSIM if FirstStage.MAXSIM in gallery.first_stages else FirstStage.GLOBAL
+
+
+def _open_stage_index(
+    gallery: Gallery, stage: FirstStage, engine: ShortlistEngine, params: str | None
+) -> None:
+    """Open (and check) the FAISS index a shortlist on `gallery` will use, with `params`."""
+    if stage == FirstStage.MAXSIM:
+        if stage in gallery.first_stages:
+            require_faiss()
+            gallery.stage_index(stage, params)
+        return
+    if stage not in gallery.first_stages:
+        return
+    if gallery_engine(engine, has_index=True) == ShortlistEngine.FAISS:
+        gallery.stage_index(stage, params)
+    elif engine == ShortlistEngine.AUTO:
+        LOG.warning("unused FAISS index in %s: %s", gallery.path, FAISS_HINT)
 
 
 def open_galleries(path: str | Path, verify: bool = True) -> dict[str, Gallery]:

@@ -1,5 +1,6 @@
-"""Scoring queries against a gallery: exhaustive exact SCAN, or a pooled-embedding shortlist
-re-ranked by the exact scorer, with a streaming top-k so memory stays bounded by one block.
+"""Scoring queries against a gallery: exhaustive exact SCAN, or the candidates of a first stage
+(`runtime.first_stage`) re-ranked by the exact scorer, with a streaming top-k so memory stays
+bounded by one block.
 
 The scorer graph computes similarity(image, caption) for either search direction: text queries
 are the caption side against gallery images; image queries are the image side against gallery
@@ -15,14 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scan_deploy.runtime.gallery import Gallery
-from scan_deploy.runtime.inner_product import (
-    check_engine,
-    gallery_engine,
-    search_faiss_index,
-    top_inner_products,
-)
-
-from scan_deploy.choices import ShortlistEngine
 
 
 @dataclass(frozen=True)
@@ -112,42 +105,17 @@ def exhaustive(
     return top.result()
 
 
-def shortlist(
-    queries: Queries,
-    gallery: Gallery,
-    size: int,
-    engine: ShortlistEngine | str = ShortlistEngine.AUTO,
-    threads: int = 0,
-) -> np.ndarray:
-    """(queries, size) gallery indices with the largest pooled-embedding inner products, best
-    first; `engine` a `ShortlistEngine`, `threads` FAISS's (0: its default)."""
-    pooled, top = queries.arrays["global"], TopK(queries.count, size)
-    has_index = gallery.faiss_record is not None
-    engine = gallery_engine(check_engine(engine), has_index)
-    if engine == ShortlistEngine.FAISS and has_index:
-        index = gallery.faiss_index()
-        top.update(*search_faiss_index(index, pooled, min(size, gallery.count), threads))
-        return top.result()[1]
-    for offset, embeddings in gallery.global_embeddings():
-        scores, indices = top_inner_products(pooled, embeddings, size, engine, threads)
-        top.update(scores, offset + indices)
-    return top.result()[1]
-
-
 def reranked(
     scorer,
     queries: Queries,
     gallery: Gallery,
     k: int,
-    size: int,
+    candidates: np.ndarray,
     cross_attn: str,
     block: int,
-    engine: ShortlistEngine | str = ShortlistEngine.AUTO,
-    threads: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shortlist `size` candidates per query (on `engine`), then exact SCAN on those only,
-    `block` candidates per scorer call."""
-    candidates = shortlist(queries, gallery, size, engine, threads)
+    """Exact SCAN on each query's `candidates` (queries, size) only (`runtime.first_stage`
+    picks them), `block` candidates per scorer call."""
     if gallery.larger_than_memory():  # the rows come from disk: queue all the reads at once
         gallery.prefetch(candidates.ravel())
     keep = min(k, candidates.shape[1])

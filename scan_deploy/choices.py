@@ -96,3 +96,11 @@ class ShortlistEngine(Choice):
     AUTO = "auto"
     NUMPY = "numpy"
     FAISS = "faiss"
+
+
+class FirstStage(Choice):
+    """What picks a two-stage search's candidates: the pooled embeddings (global) or late
+    interaction over the region and word vectors (maxsim)."""
+
+    GLOBAL = "global"
+    MAXSIM = "maxsim"

@@ -57,10 +57,24 @@ TorchCheckpoint = Annotated[Path | None, typer.Option(help="Checkpoint, for --ba
 GalleryBundle = Annotated[
     Path | None, typer.Option(help="Bundle (default: the one the gallery was indexed with).")
 ]
-Shortlist = Annotated[int | None, typer.Option(help="Re-rank only the N best by pooled embedding.")]
+Shortlist = Annotated[
+    int | None, typer.Option(help="Re-rank only the N candidates of the first stage.")
+]
 ShortlistEngine = Annotated[
     choices.ShortlistEngine,
-    typer.Option(help="Shortlist on auto (faiss if installed), numpy or faiss."),
+    typer.Option(help="The global stage on auto (its FAISS index if installed), numpy or faiss."),
+]
+FirstStage = Annotated[
+    choices.FirstStage | None,
+    typer.Option(help="What picks the shortlist (default: maxsim if indexed, else global)."),
+]
+FaissParams = Annotated[
+    str | None,
+    typer.Option(help="FAISS search parameters, e.g. nprobe=64 (default: recorded by index)."),
+]
+TokenCandidates = Annotated[
+    int | None,
+    typer.Option(min=1, help="maxsim: gallery tokens per query token (default: the shortlist)."),
 ]
 DataVocab = Annotated[
     Path | None,
@@ -609,9 +623,14 @@ def index(
     precision: GraphPrecision = choices.Precision.FP32,
     threads: Threads = 0,
     checkpoint: TorchCheckpoint = None,
-    faiss_index: Annotated[
-        bool, typer.Option(help="Also a float16 FAISS index for --shortlist (needs faiss).")
-    ] = False,
+    first_stage: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="STAGE[:FACTORY]: a FAISS index for that --shortlist first stage (global or "
+            "maxsim), by index-factory string (default SQfp16; IVF…,SQ8 past 2^20 tokens); "
+            "repeat for both. Needs faiss."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing gallery folder.")] = False,
     as_json: Summary = False,
 ) -> None:
@@ -621,6 +640,7 @@ def index(
     from scan_deploy.runtime.backends import open_backend
     from scan_deploy.runtime.indexer import index_gallery
 
+    stages = _first_stage_options(first_stage or [])
     loaded = load_bundle(bundle)
     opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
     with progress_bar(err_console) as progress:
@@ -635,15 +655,16 @@ def index(
             shard_size,
             force,
             on_progress,
-            faiss_index,
+            stages,
         )
     if as_json:
         summary = {"out": str(out), **counts, "dtype": dtype, "backend": opened.name}
-        summary.update(precision=precision, faiss_index=faiss_index)
+        summary.update(precision=precision, first_stages=_indexed_stages(out))
         print(json.dumps(summary))
         return
     parts = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-    extra = ", FAISS index" if faiss_index else ""
+    built = _indexed_stages(out).get("images", {})
+    extra = "".join(f", {stage} index {record['factory']}" for stage, record in built.items())
     console.print(f"{out}: {parts} ({dtype}, {opened.name}, {precision} graphs{extra})")
 
 
@@ -659,7 +680,10 @@ def query(
         Path | None, typer.Option(help="Image queries: region features (.npy) -> captions.")
     ] = None,
     shortlist: Shortlist = None,
+    first_stage: FirstStage = None,
     shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
+    faiss_params: FaissParams = None,
+    token_candidates: TokenCandidates = None,
     bundle: GalleryBundle = None,
     backend: Backend = choices.Backend.ONNXRUNTIME,
     precision: GraphPrecision = choices.Precision.FP32,
@@ -688,6 +712,9 @@ def query(
         threads=threads,
         checkpoint=checkpoint,
         shortlist_engine=shortlist_engine,
+        first_stage=first_stage,
+        faiss_params=faiss_params,
+        token_candidates=token_candidates,
     )
     results: list[tuple[str, list]] = []
     if texts:
@@ -717,7 +744,10 @@ def bench(
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Hits per query.")] = 10,
     shortlist: Shortlist = None,
+    first_stage: FirstStage = None,
     shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
+    faiss_params: FaissParams = None,
+    token_candidates: TokenCandidates = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per batch size.")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="Timed calls per batch size.")] = 20,
     bundle: GalleryBundle = None,
@@ -743,6 +773,9 @@ def bench(
         threads=threads,
         checkpoint=checkpoint,
         shortlist_engine=shortlist_engine,
+        first_stage=first_stage,
+        faiss_params=faiss_params,
+        token_candidates=token_candidates,
     )
     with progress_bar(err_console, transient=True) as progress:
         report = run_bench(
@@ -755,8 +788,9 @@ def bench(
         f"{gallery}: {report['gallery']['items']} images ({report['gallery']['dtype']}), "
         f"{report['backend']}, {report['precision']} graphs, k={k}"
         + (
-            f", shortlist {shortlist} ({report['shortlist_engine']}"
-            + (" fp16 index)" if report["faiss_index"] else ")")
+            f", shortlist {shortlist} ({report['first_stage']} on "
+            + (report["first_stage_index"] or report["shortlist_engine"])
+            + ")"
             if shortlist
             else ", exhaustive"
         )
@@ -779,6 +813,28 @@ def bench(
             f"top-{k} agreement {100 * top_k:.1f}%, top-1 {100 * top_1:.1f}%"
         )
     console.print(table)
+
+
+def _first_stage_options(options: list[str]) -> dict[str, str | None]:
+    """`--first-stage STAGE[:FACTORY]` options → {stage: factory or None}."""
+    stages: dict[str, str | None] = {}
+    for option in options:
+        stage, _, factory = option.partition(":")
+        stage = choices.FirstStage.parse(stage.strip(), "--first-stage")
+        if stage in stages:
+            raise UserError(f"--first-stage: {stage} given twice, expected each stage once")
+        stages[stage] = factory.strip() or None
+    return stages
+
+
+def _indexed_stages(gallery: Path) -> dict[str, dict]:
+    """{kind: {stage: record}} of a gallery folder `index` just wrote."""
+    indexed = {}
+    for kind in ("images", "captions"):
+        manifest = gallery / kind / "manifest.json"
+        if manifest.is_file():
+            indexed[kind] = json.loads(manifest.read_text())["first_stages"]
+    return indexed
 
 
 def _read_lines(path: Path) -> list[str]:

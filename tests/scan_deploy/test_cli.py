@@ -275,7 +275,7 @@ def test_export_compare_check(trained, tmp_path):
         "captions": 50,
         "dtype": "fp16",
         "precision": "fp32",
-        "faiss_index": False,
+        "first_stages": {"images": {}, "captions": {}},
     }
     scorer = bundle / "scorer.onnx"
     scorer.write_bytes(scorer.read_bytes()[:100])
