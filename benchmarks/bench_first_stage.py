@@ -70,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="the work folder of a --keep run: its gallery"
+    )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
 
@@ -87,7 +90,8 @@ def prepare(args, work: Path) -> tuple[Path, Path, list[str]]:
     features = args.data / "test_ims.npy"
     if n < len(data.images):
         features = work / "ims.npy"
-        np.save(features, np.asarray(data.images[:n]))
+        if not features.exists():
+            np.save(features, np.asarray(data.images[:n]))
     captions = work / "caps.txt"
     captions.write_text("\n".join(data.captions[i * per] for i in range(n)) + "\n")
     return features, captions, data.captions[: n * per], per
@@ -145,9 +149,8 @@ def latency(retriever, direction, queries, size, stage, engine) -> dict:
         one = queries[i : i + 1]
         encoded = encode(retriever, direction, one)
         start = time.perf_counter()
-        shortlist(
-            encoded, gallery, size, stage, engine, retriever.threads, retriever.token_candidates
-        )
+        shortlist(encoded, gallery, size, stage, retriever.pooling, engine, retriever.threads,
+                  retriever.token_candidates)  # fmt: skip
         first.append(time.perf_counter() - start)
         start = time.perf_counter()
         search(retriever, direction, one, 10, size)
@@ -170,11 +173,11 @@ def main() -> None:
     args = parse_args()
     parent = args.workdir or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench_first_stage.", dir=parent))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_first_stage.", dir=parent))
     try:
         report = run(args, work)
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(report))
@@ -188,11 +191,16 @@ def run(args, work: Path) -> dict:
     backend = open_backend(bundle, threads=args.threads)
     gallery_path = work / "gallery"
     first, *others = args.maxsim_factory
-    log(f"indexing {features} (global SQfp16, maxsim {first})")
     start = time.perf_counter()
-    stages = {"global": "SQfp16", "maxsim": first}
-    counts = index_gallery(bundle, backend, features, captions_file, gallery_path, "fp16",
-                           first_stages=stages)  # fmt: skip
+    if args.reuse:
+        log(f"reusing {gallery_path}")
+        counts = {kind: json.loads((gallery_path / kind / "manifest.json").read_text())["count"]
+                  for kind in ("images", "captions")}  # fmt: skip
+    else:
+        log(f"indexing {features} (global SQfp16, maxsim {first})")
+        stages = {"global": "SQfp16", "maxsim": first}
+        counts = index_gallery(bundle, backend, features, captions_file, gallery_path, "fp16",
+                               first_stages=stages)  # fmt: skip
     index_seconds = time.perf_counter() - start
     retriever = Retriever.open(bundle, gallery_path, threads=args.threads)
     builds = {first: {}}

@@ -161,10 +161,13 @@ class GalleryWriter:
         shard_size: int = 4096,
         force: bool = False,
         first_stages: dict[FirstStage | str, str | None] | None = None,
+        where: Path | None = None,
     ) -> None:
         """`first_stages`: the FAISS index to build for each first stage, by index-factory
-        string (None: `first_stage.default_factory`)."""
+        string (None: `first_stage.default_factory`). `where`: the path errors name (default
+        `path`; the indexer writes into a temporary folder renamed later)."""
         self.path = Path(path)
+        self.where = Path(where) if where is not None else self.path
         one_of(kind, KINDS, "kind")
         stages = {FirstStage.parse(k, "first_stages"): v for k, v in (first_stages or {}).items()}
         if stages:
@@ -407,7 +410,7 @@ class GalleryWriter:
         written = open_gallery(self._tmp, verify=False)
         records = {}
         for stage, factory in self.first_stages.items():
-            record = write_stage_index(written, stage, factory, self.path)
+            record = write_stage_index(written, stage, factory, self.where)
             records[str(stage)] = {**record, "sha256": sha256_file(self._tmp / record["file"])}
         return records
 

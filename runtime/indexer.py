@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
+from scan_deploy.runtime.first_stage import check_stages
 from scan_deploy.runtime.gallery import MARKER, GalleryWriter
 
 from scan_deploy.atomic import atomic_dir, check_output_dir
@@ -61,6 +62,8 @@ def index_gallery(
         message = f"expected {expected} regions per image (the bundle's), got {data.num_regions}"
         raise input_error(features_path, "shape", message)
     check_feature_dim(data, bundle.config.img_dim, bundle.path / "manifest.json")
+    n, dim = len(data.images), int(bundle.config.embed_size)
+    stages = check_stages(first_stages or {}, dim, n, n * data.num_regions, out / "images")
     features, captions, per_image = data.images, data.captions, data.captions_per_image
     runner = backend.runner("image_encoder")  # both graphs opened (and checked) before any work
     text_runner = backend.runner("text_encoder") if captions else None
@@ -68,7 +71,13 @@ def index_gallery(
     counts = {"images": len(features)}
     with atomic_dir(out) as tmp:
         images = GalleryWriter(
-            tmp / "images", "images", bundle, dtype, shard_size, first_stages=first_stages
+            tmp / "images",
+            "images",
+            bundle,
+            dtype,
+            shard_size,
+            first_stages=stages,
+            where=out / "images",
         )
         with images as writer:
             for start in range(0, len(features), sizes.image_batch):
@@ -86,7 +95,13 @@ def index_gallery(
         if captions:
             counts["captions"] = len(captions)
             writer = GalleryWriter(
-                tmp / "captions", "captions", bundle, dtype, shard_size, first_stages=first_stages
+                tmp / "captions",
+                "captions",
+                bundle,
+                dtype,
+                shard_size,
+                first_stages=stages,
+                where=out / "captions",
             )
             _index_captions(writer, bundle, text_runner, captions_path, data, report, sizes)
     return counts

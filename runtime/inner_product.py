@@ -94,7 +94,7 @@ def make_faiss_index(factory: str, dim: int, where: Path) -> Any:
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError:
-        message = f"FAISS cannot make an index of {factory!r}: {FACTORY_HELP}"
+        message = f"FAISS cannot make an index of {factory!r} for {dim} dimensions: {FACTORY_HELP}"
         raise input_error(where, "factory", message) from None
 
 
@@ -138,11 +138,13 @@ def _largest_kmeans(index: Any) -> int:
 
 def default_search_params(index: Any) -> str:
     """The search parameters recorded with a new index (`query --faiss-params` overrides them):
-    probe 1/16 of the IVF lists (at least 8, at most 256), or an HNSW beam of 128."""
+    probe 1/128 of the IVF lists (at least 16), or an HNSW beam of 128. Measured on 3.6M region
+    tokens in 4096 lists: nprobe 32 and 128 kept the same share of exhaustive SCAN's top 10
+    (98.1% and 98.0% with a 1% shortlist), 32 in 194 ms per query, 128 in 262 ms."""
     faiss = require_faiss()
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return f"nprobe={min(ivf.nlist, max(8, min(256, ivf.nlist // 16)))}"
+        return f"nprobe={min(ivf.nlist, max(16, ivf.nlist // 128))}"
     if "HNSW" in type(index).__name__:
         return "efSearch=128"
     return ""

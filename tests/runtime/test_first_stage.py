@@ -202,9 +202,10 @@ def test_factory_strings_train_on_a_sample_and_keep_exact_maxsims_best(
 
 def test_default_factories():
     assert default_factory(FirstStage.GLOBAL, 10**9) == "SQfp16"
-    assert default_factory(FirstStage.MAXSIM, 36_000) == "SQfp16"
-    assert default_factory(FirstStage.MAXSIM, 3_600_000) == "IVF8192,SQ8"
-    assert default_factory(FirstStage.MAXSIM, 36_000_000) == "IVF32768,SQ8"
+    assert default_factory(FirstStage.MAXSIM, 2**18) == "SQfp16"
+    assert default_factory(FirstStage.MAXSIM, 3_600_000) == "IVF4096,SQ8"  # as measured
+    assert default_factory(FirstStage.MAXSIM, 36_000_000) == "IVF16384,SQ8"
+    assert default_factory(FirstStage.MAXSIM, 10**12) == "IVF65536,SQ8"
 
 
 def test_global_stage_takes_a_factory_string_too(tmp_path):
@@ -219,7 +220,7 @@ def test_global_stage_takes_a_factory_string_too(tmp_path):
 @pytest.mark.parametrize(
     ("factory", "message"),
     [
-        ("IVFbad", r"factory: FAISS cannot make an index of 'IVFbad': expected an index-factory"),
+        ("IVFbad", r"factory: FAISS cannot make an index of 'IVFbad' for 8 dimensions: expected"),
         ("IVF64,SQ8", r"'IVF64,SQ8' trains 64 centroids on at least 2496 vectors .* has 55"),
         ("OPQ4,Flat", r"'OPQ4,Flat' trains 256 centroids on at least 9984 vectors"),
         (" ", r"factory: expected a FAISS index-factory string, got nothing"),
@@ -235,7 +236,7 @@ def test_a_factory_faiss_refuses_is_one_line_and_writes_nothing(tmp_path, factor
 
 def test_unknown_search_params_are_refused(tmp_path):
     gallery, _ = large_gallery(tmp_path, "IVF8,Flat")
-    assert gallery.stage_index(FirstStage.MAXSIM).nprobe == 8  # recorded: at least 8 lists
+    assert gallery.stage_index(FirstStage.MAXSIM).nprobe == 8  # recorded: all 8 (< 16) lists
     with pytest.raises(UserError, match=r"faiss_params: IndexIVFFlat takes no search param"):
         gallery.stage_index(FirstStage.MAXSIM, "efSearch=3")
 
@@ -287,3 +288,18 @@ def test_stages_need_faiss_and_write_nothing_without_it(tmp_path, monkeypatch):
             tmp_path / "g", "images", fake_bundle(tmp_path), first_stages={"maxsim": None}
         )
     assert not (tmp_path / "g").exists()
+
+
+def test_stages_are_checked_before_any_work(tmp_path):
+    """`index` checks each stage's factory against the gallery's sizes before encoding."""
+    from scan_deploy.runtime.first_stage import check_stages
+
+    where = tmp_path / "g" / "images"
+    stages = check_stages({"maxsim": "IVF8,SQ8", "global": None}, D, 10, 400, where)
+    assert stages == {FirstStage.MAXSIM: "IVF8,SQ8", FirstStage.GLOBAL: None}
+    with pytest.raises(UserError, match=r"g/images: factory: 'IVF8,SQ8' trains 8 centroids on at"):
+        check_stages({"global": "IVF8,SQ8"}, D, 10, 400, where)  # 10 pooled vectors
+    with pytest.raises(UserError, match=r"factory: FAISS cannot make an index of 'PQ3' for 8 dim"):
+        check_stages({"maxsim": "PQ3"}, D, 10, 400, where)
+    with pytest.raises(UserError, match=r"first_stages: got 'bm25', expected one of global, maxs"):
+        check_stages({"bm25": None}, D, 10, 400, where)

@@ -414,3 +414,60 @@ def test_maxsim_first_stage_end_to_end_against_pooled(trained, tmp_path):
             kept[stage, direction] = np.mean(overlap)
     assert kept["maxsim", "i2t"] >= kept["global", "i2t"] + 0.15, kept
     assert kept["maxsim", "t2i"] >= kept["global", "t2i"] - 0.1, kept
+
+
+@needs_faiss
+def test_first_stages_from_the_command_line(trained, tmp_path):
+    """`index --first-stage` builds each stage's index from its factory string; `query` and
+    `bench` pick the stage (maxsim by default when indexed); every bad first-stage input is
+    one line and exit 2, and a refused index writes nothing."""
+    data, _, bundle = trained
+    out = tmp_path / "g"
+    files = ("--features", data / "test_ims.npy", "--captions", data / "test_caps.txt")
+    done = run_cli("index", bundle, *files, "--out", out, "--first-stage", "maxsim:IVF8,SQ8",
+                   "--first-stage", "global", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stages = json.loads(done.stdout)["first_stages"]
+    assert stages["images"]["maxsim"]["factory"] == "IVF8,SQ8"
+    assert stages["images"]["maxsim"]["vectors"] == 400 * 8
+    assert stages["captions"]["global"]["factory"] == "SQfp16"
+    caption = (data / "test_caps.txt").read_text().splitlines()[10]
+    answers = {}
+    for stage in ("maxsim", "global"):
+        done = run_cli("query", out, caption, "-k", 3, "--shortlist", 400, "--first-stage", stage,
+                       "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        answers[stage] = json.loads(done.stdout)["hits"]
+    assert answers["maxsim"] == answers["global"]  # the whole gallery: exhaustive either way
+    done = run_cli("bench", out, "--batch", 1, "--iterations", 1, "--warmup", 0,
+                   "--shortlist", 40, "--faiss-params", "nprobe=8")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "shortlist 40 (maxsim on IVF8,SQ8)" in done.stdout
+    bad = [
+        (("index", bundle, *files, "--out", tmp_path / "b", "--first-stage", "colbert"),
+         "--first-stage: got 'colbert', expected one of global, maxsim"),
+        (("index", bundle, *files, "--out", tmp_path / "b", "--first-stage", "maxsim:IVFx"),
+         "factory: FAISS cannot make an index of 'IVFx'"),
+        (("index", bundle, *files, "--out", tmp_path / "b", "--first-stage", "maxsim:IVF4096,SQ8"),
+         "trains 4096 centroids on at least 159744 vectors"),
+        (("query", out, caption, "--shortlist", 20, "--faiss-params", "efSearch=3"),
+         "faiss_params: IndexIVFScalarQuantizer takes no search parameters 'efSearch=3'"),
+        (("query", out, caption, "--shortlist", 20, "--first-stage", "tfidf"),
+         "Invalid value for '--first-stage'"),
+        (("query", out, caption, "--shortlist", 20, "--token-candidates", 0),
+         "--token-candidates"),
+    ]  # fmt: skip
+    for args, message in bad:
+        done = run_cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["g"]
+    plain = tmp_path / "plain"
+    assert (
+        run_cli("index", bundle, "--features", data / "test_ims.npy", "--out", plain).returncode
+        == 0
+    )
+    done = run_cli("query", plain, caption, "--shortlist", 20, "--first-stage", "maxsim")
+    assert done.returncode == 2
+    assert "first_stages: the gallery has no maxsim first stage (indexed: none)" in done.stderr
