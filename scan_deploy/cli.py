@@ -829,12 +829,12 @@ def _first_stage_options(options: list[str]) -> dict[str, str | None]:
 
 def _indexed_stages(gallery: Path) -> dict[str, dict]:
     """{kind: {stage: record}} of a gallery folder `index` just wrote."""
-    indexed = {}
-    for kind in ("images", "captions"):
-        manifest = gallery / kind / "manifest.json"
-        if manifest.is_file():
-            indexed[kind] = json.loads(manifest.read_text())["first_stages"]
-    return indexed
+    from scan_deploy.runtime.retriever import open_galleries
+
+    return {
+        kind: {str(stage): record for stage, record in part.first_stages.items()}
+        for kind, part in open_galleries(gallery, verify=False).items()
+    }
 
 
 def _read_lines(path: Path) -> list[str]:
