@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 from scan_deploy.runtime.backends import open_backend
-from scan_deploy.runtime.first_stage import shortlist, write_stage_index
+from scan_deploy.runtime.bench import agreement
+from scan_deploy.runtime.first_stage import default_candidates, shortlist, write_stage_index
 from scan_deploy.runtime.indexer import index_gallery
 from scan_deploy.runtime.inner_product import open_faiss_index
 from scan_deploy.runtime.retriever import Retriever
@@ -51,8 +52,6 @@ from scan_deploy.runtime.retriever import Retriever
 from scan_deploy.bundle import load_bundle
 from scan_deploy.choices import FirstStage
 from scan_deploy.precomp import load_files
-
-Z95 = 1.959964
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +64,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shortlist", type=float, nargs="+", default=[0.002, 0.005, 0.01, 0.02])
     parser.add_argument("--maxsim-factory", nargs="+", default=["IVF4096,SQ8"])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[32])
-    parser.add_argument("--token-candidates", type=float, nargs="+", default=[1.0])
+    parser.add_argument(
+        "--token-candidates",
+        type=float,
+        nargs="+",
+        default=[],
+        help="× shortlist × tokens per item (default: the runtime's own default)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -97,31 +102,13 @@ def prepare(args, work: Path) -> tuple[Path, Path, list[str]]:
     return features, captions, data.captions[: n * per], per
 
 
-def wilson(hits: int, n: int) -> tuple[float, float]:
-    centre = (hits + Z95**2 / 2) / (n + Z95**2)
-    half = Z95 * math.sqrt(hits * (n - hits) / n + Z95**2 / 4) / (n + Z95**2)
-    return centre - half, centre + half
-
-
-def bootstrap(values: np.ndarray, seed: int, resamples: int = 2000) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def agreement(exact, fast, seed: int) -> dict:
-    overlap = np.array(
-        [
-            len({h.index for h in a} & {h.index for h in b}) / len(a)
-            for a, b in zip(exact, fast, strict=True)
-        ]
-    )
-    top1 = sum(a[0].index == b[0].index for a, b in zip(exact, fast, strict=True))
+def agreement_row(exact, fast, seed: int) -> dict:
+    found = agreement(exact, fast, seed)
     return {
-        "top10": float(overlap.mean()),
-        "top10_ci": bootstrap(overlap, seed),
-        "top1": top1 / len(exact),
-        "top1_ci": wilson(top1, len(exact)),
+        "top10": found["top_k_agreement"],
+        "top10_ci": found["top_k_ci95"],
+        "top1": found["top_1_agreement"],
+        "top1_ci": found["top_1_ci95"],
     }
 
 
@@ -246,7 +233,7 @@ def run(args, work: Path) -> dict:
         configs = [("global", "numpy", None, None, None), ("global", "faiss", None, None, None)]
         for factory in builds:
             for nprobe in args.nprobe if "IVF" in factory else [None]:
-                for factor in args.token_candidates:
+                for factor in args.token_candidates or [None]:
                     configs.append(("maxsim", "faiss", factory, nprobe, factor))
         for stage, engine, factory, nprobe, factor in configs:
             if factory is not None:
@@ -260,6 +247,10 @@ def run(args, work: Path) -> dict:
                 retriever.token_candidates = (
                     None if factor is None else max(64, round(factor * size * per_item))
                 )
+                pools_query = (direction == "t2i") == (bundle.config.cross_attn == "t2i")
+                per_token = retriever.token_candidates or default_candidates(
+                    gallery, size, pools_query
+                )
                 log(f"{direction} {stage} {factory or engine} nprobe={nprobe} ×{factor} {size}")
                 start = time.perf_counter()
                 fast = search(retriever, direction, batch, 10, size)
@@ -268,10 +259,10 @@ def run(args, work: Path) -> dict:
                     "stage": stage,
                     "index": factory or ("SQfp16" if engine == "faiss" else "float32 numpy"),
                     "nprobe": nprobe,
-                    "token_candidates": retriever.token_candidates,
+                    "token_candidates": per_token if stage == "maxsim" else None,
                     "shortlist": size,
                     "fraction": size / n,
-                    **agreement(exact, fast, args.seed),
+                    **agreement_row(exact, fast, args.seed),
                     "batched_ms_per_query": 1e3 * batch_s / len(picked),
                     **latency(
                         retriever,

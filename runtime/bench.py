@@ -25,6 +25,7 @@ from scan_deploy.runtime.gallery import Gallery
 from scan_deploy.runtime.indexer import Progress
 from scan_deploy.runtime.inner_product import gallery_engine
 from scan_deploy.runtime.retriever import Retriever, stage_of
+from scan_deploy.runtime.search import Hit
 
 from scan_deploy.choices import FirstStage, ShortlistEngine
 from scan_deploy.errors import UserError
@@ -128,13 +129,33 @@ def shortlist_agreement(
     progress("shortlist agreement", 1, 2)
     fast = retriever.search_text(queries, k, shortlist)
     progress("shortlist agreement", 1, 2)
-    overlap = [
-        len({h.index for h in a} & {h.index for h in b}) / k
-        for a, b in zip(exact, fast, strict=True)
-    ]
-    top1 = [a[0].index == b[0].index for a, b in zip(exact, fast, strict=True)]
+    return {"queries": len(queries), **agreement(exact, fast, seed)}
+
+
+def agreement(exact: list[list[Hit]], fast: list[list[Hit]], seed: int = 0) -> dict:
+    """Per query, the share of `exact`'s hits that `fast` also returns, and whether their first
+    hits agree: the means, with 95% intervals — a bootstrap over queries (2000 resamples,
+    seeded) for the top-k share, Wilson's score interval for the top-1 proportion."""
+    overlap = np.array(
+        [
+            len({h.index for h in a} & {h.index for h in b}) / len(a)
+            for a, b in zip(exact, fast, strict=True)
+        ]
+    )
+    top1 = sum(a[0].index == b[0].index for a, b in zip(exact, fast, strict=True))
+    resampled = np.random.default_rng(seed).integers(0, len(overlap), (2000, len(overlap)))
+    means = overlap[resampled].mean(axis=1)
     return {
-        "queries": len(queries),
-        "top_k_agreement": float(np.mean(overlap)),
-        "top_1_agreement": float(np.mean(top1)),
+        "top_k_agreement": float(overlap.mean()),
+        "top_k_ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+        "top_1_agreement": top1 / len(exact),
+        "top_1_ci95": list(wilson_interval(top1, len(exact))),
     }
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's 95% score interval of a proportion `hits` / `n` (sound at 0 and n, unlike the
+    normal approximation)."""
+    centre = (hits + z**2 / 2) / (n + z**2)
+    half = z * np.sqrt(hits * (n - hits) / n + z**2 / 4) / (n + z**2)
+    return float(centre - half), float(centre + half)

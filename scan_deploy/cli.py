@@ -808,9 +808,11 @@ def bench(
     if "agreement" in report:
         agreement = report["agreement"]
         top_k, top_1 = agreement["top_k_agreement"], agreement["top_1_agreement"]
+        (low_k, high_k), (low_1, high_1) = agreement["top_k_ci95"], agreement["top_1_ci95"]
         table.caption = (
             f"shortlist vs exhaustive on {agreement['queries']} queries: "
-            f"top-{k} agreement {100 * top_k:.1f}%, top-1 {100 * top_1:.1f}%"
+            f"top-{k} agreement {100 * top_k:.1f}% [95% CI {100 * low_k:.1f}, {100 * high_k:.1f}], "
+            f"top-1 {100 * top_1:.1f}% [{100 * low_1:.1f}, {100 * high_1:.1f}]"
         )
     console.print(table)
 

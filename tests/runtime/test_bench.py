@@ -55,3 +55,25 @@ def test_batch_sizes_outside_the_limit_are_refused_before_any_search(retriever, 
             "queries in batches the engine takes: larger calls only repeat those)"
         )
     check_batch_sizes([1, MAX_BATCH])  # the limit itself is allowed
+
+
+def test_agreement_reports_means_with_95_percent_intervals():
+    """Per-query overlap of the exact top k, its bootstrap interval, and Wilson's interval for
+    the top 1 (known values: 0 of 10 → [0, 0.2775], 10 of 10 → [0.7225, 1])."""
+    from scan_deploy.runtime.bench import agreement, wilson_interval
+    from scan_deploy.runtime.search import Hit
+
+    def hits(*indices):
+        return [Hit(i, str(i), 0.0, None) for i in indices]
+
+    exact = [hits(0, 1), hits(2, 3), hits(4, 5), hits(6, 7)]
+    fast = [hits(0, 1), hits(3, 9), hits(8, 9), hits(6, 7)]
+    found = agreement(exact, fast, seed=1)
+    assert found["top_k_agreement"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert found["top_1_agreement"] == 0.5
+    low, high = found["top_k_ci95"]
+    assert 0 <= low < found["top_k_agreement"] < high <= 1
+    assert found["top_1_ci95"] == pytest.approx(list(wilson_interval(2, 4)))
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert agreement(exact, exact)["top_k_ci95"] == [1.0, 1.0]
