@@ -118,6 +118,7 @@ def test_token_order_and_vectors_follow_the_gallery(tmp_path):
 class TenTokensEach:
     """A gallery whose item i owns tokens 10i .. 10i+9."""
 
+    count = 10
     token_starts = np.arange(0, 101, 10)
 
     def token_owner(self, tokens):
