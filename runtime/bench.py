@@ -21,13 +21,14 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from scan_deploy.runtime.first_stage import reads_index
 from scan_deploy.runtime.gallery import Gallery
 from scan_deploy.runtime.indexer import Progress
 from scan_deploy.runtime.inner_product import gallery_engine
 from scan_deploy.runtime.retriever import Retriever, stage_of
 from scan_deploy.runtime.search import Hit
 
-from scan_deploy.choices import FirstStage, ShortlistEngine
+from scan_deploy.choices import FirstStage
 from scan_deploy.errors import UserError
 
 AGREEMENT_QUERIES = 50
@@ -110,8 +111,7 @@ def first_stage_report(retriever: Retriever, gallery: Gallery) -> dict:
     factory string; None when it reads the float32 globals with numpy)."""
     stage = stage_of(gallery, retriever.first_stage)
     engine = gallery_engine(retriever.shortlist_engine, stage in gallery.first_stages)
-    uses_index = stage == FirstStage.MAXSIM or engine == ShortlistEngine.FAISS
-    record = gallery.first_stages.get(stage) if uses_index else None
+    record = gallery.first_stages[stage] if reads_index(gallery, stage, engine) else None
     return {
         "first_stage": stage,
         "shortlist_engine": "faiss" if stage == FirstStage.MAXSIM else engine,

@@ -117,6 +117,15 @@ def check_stages(
     return parsed
 
 
+def reads_index(gallery: Gallery, stage: FirstStage, engine: ShortlistEngine | str) -> bool:
+    """Whether a `stage` shortlist on `gallery` reads the gallery's FAISS index of that stage:
+    `maxsim` always (it has no other way), `global` when `engine` resolves to FAISS."""
+    if stage not in gallery.first_stages:
+        return False
+    engine = ShortlistEngine.parse(engine, "shortlist_engine")
+    return stage == FirstStage.MAXSIM or gallery_engine(engine, True) == ShortlistEngine.FAISS
+
+
 def shortlist(
     queries: Queries,
     gallery: Gallery,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scan_deploy.runtime.backends.base import CallSizes
@@ -47,8 +48,9 @@ def index_gallery(
     force: bool = False,
     progress: Progress | None = None,
     first_stages: dict[FirstStage | str, str | None] | None = None,
-) -> dict[str, int]:
-    """Write the gallery folder `out`; returns the number of items per kind. `first_stages`:
+) -> dict[str, dict[str, Any]]:
+    """Write the gallery folder `out`; returns the manifest written for each kind (its `count`,
+    `first_stages` records, ...). `first_stages`:
     the FAISS index of each first stage for `query --shortlist`, by index-factory string (None:
     the default; `runtime.first_stage`), in both galleries."""
     report = progress or (lambda stage, done, total: None)
@@ -68,7 +70,6 @@ def index_gallery(
     runner = backend.runner("image_encoder")  # both graphs opened (and checked) before any work
     text_runner = backend.runner("text_encoder") if captions else None
     sizes = CallSizes.of(backend)
-    counts = {"images": len(features)}
     with atomic_dir(out) as tmp:
         images = GalleryWriter(
             tmp / "images",
@@ -92,8 +93,8 @@ def index_gallery(
                     {"regions": regions, "region_gram": region_gram, "global": pooled}, ids, texts
                 )
                 report("images", len(batch), len(features))
+        manifests = {"images": images.manifest}
         if captions:
-            counts["captions"] = len(captions)
             writer = GalleryWriter(
                 tmp / "captions",
                 "captions",
@@ -104,7 +105,8 @@ def index_gallery(
                 where=out / "captions",
             )
             _index_captions(writer, bundle, text_runner, captions_path, data, report, sizes)
-    return counts
+            manifests["captions"] = writer.manifest
+    return manifests
 
 
 def ids_range(start: int, batch: np.ndarray) -> range:

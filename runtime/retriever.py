@@ -30,13 +30,11 @@ import numpy as np
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
-from scan_deploy.runtime.first_stage import Pooling, missing_stage, shortlist
+from scan_deploy.runtime.first_stage import Pooling, missing_stage, reads_index, shortlist
 from scan_deploy.runtime.gallery import Gallery, open_gallery
 from scan_deploy.runtime.inner_product import (
     FAISS_HINT,
     check_engine,
-    gallery_engine,
-    require_faiss,
 )
 from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
 
@@ -282,16 +280,9 @@ def _open_stage_index(
     gallery: Gallery, stage: FirstStage, engine: ShortlistEngine, params: str | None
 ) -> None:
     """Open (and check) the FAISS index a shortlist on `gallery` will use, with `params`."""
-    if stage == FirstStage.MAXSIM:
-        if stage in gallery.first_stages:
-            require_faiss()
-            gallery.stage_index(stage, params)
-        return
-    if stage not in gallery.first_stages:
-        return
-    if gallery_engine(engine, has_index=True) == ShortlistEngine.FAISS:
+    if reads_index(gallery, stage, engine):
         gallery.stage_index(stage, params)
-    elif engine == ShortlistEngine.AUTO:
+    elif stage in gallery.first_stages and engine == ShortlistEngine.AUTO:
         LOG.warning("unused FAISS index in %s: %s", gallery.path, FAISS_HINT)
 
 

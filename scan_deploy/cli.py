@@ -645,7 +645,7 @@ def index(
     opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
     with progress_bar(err_console) as progress:
         on_progress = stage_bars(progress, "encoding ")
-        counts = index_gallery(
+        manifests = index_gallery(
             loaded,
             opened,
             features,
@@ -657,13 +657,15 @@ def index(
             on_progress,
             stages,
         )
+    counts = {kind: manifest["count"] for kind, manifest in manifests.items()}
+    indexed = {kind: manifest["first_stages"] for kind, manifest in manifests.items()}
     if as_json:
         summary = {"out": str(out), **counts, "dtype": dtype, "backend": opened.name}
-        summary.update(precision=precision, first_stages=_indexed_stages(out))
+        summary.update(precision=precision, first_stages=indexed)
         print(json.dumps(summary))
         return
     parts = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-    built = _indexed_stages(out).get("images", {})
+    built = indexed["images"]
     extra = "".join(f", {stage} index {record['factory']}" for stage, record in built.items())
     console.print(f"{out}: {parts} ({dtype}, {opened.name}, {precision} graphs{extra})")
 
@@ -827,16 +829,6 @@ def _first_stage_options(options: list[str]) -> dict[str, str | None]:
             raise UserError(f"--first-stage: {stage} given twice, expected each stage once")
         stages[stage] = factory.strip() or None
     return stages
-
-
-def _indexed_stages(gallery: Path) -> dict[str, dict]:
-    """{kind: {stage: record}} of a gallery folder `index` just wrote."""
-    from scan_deploy.runtime.retriever import open_galleries
-
-    return {
-        kind: {str(stage): record for stage, record in part.first_stages.items()}
-        for kind, part in open_galleries(gallery, verify=False).items()
-    }
 
 
 def _read_lines(path: Path) -> list[str]:
