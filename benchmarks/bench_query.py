@@ -83,7 +83,7 @@ from scan_deploy.runtime.first_stage import global_shortlist
 from scan_deploy.runtime.gallery import Gallery, GalleryWriter, open_gallery, stored_arrays
 from scan_deploy.runtime.inner_product import FAISS_HINT, faiss_installed, gallery_engine
 from scan_deploy.runtime.retriever import Retriever
-from scan_deploy.runtime.search import Queries, exhaustive, reranked
+from scan_deploy.runtime.search import GalleryScorer, Queries, exhaustive, reranked
 from workload import gemm_peak, workload_parser
 
 from scan_deploy import cli
@@ -341,12 +341,17 @@ class TimedGallery:
         return out
 
 
+def float_scorer(runner) -> GalleryScorer:
+    """The bundle's (t2i) scorer on dequantized rows, through the timing runner."""
+    return GalleryScorer(runner, "t2i")
+
+
 def shortlisted(scorer, one: Queries, gallery, args, block: int) -> tuple[float, np.ndarray]:
     """(seconds of the global first stage, top-k indices) of one two-stage search."""
     start = time.perf_counter()
     candidates = global_shortlist(one, gallery, args.shortlist, SHORTLIST_ENGINE)
     seconds = time.perf_counter() - start
-    _, top = reranked(scorer, one, gallery, args.k, candidates, "t2i", block)
+    _, top = reranked(float_scorer(scorer), one, gallery, args.k, candidates, block)
     return seconds, top
 
 
@@ -549,7 +554,7 @@ def bench_single(
         scorer.reset()
         timed.seconds = 0.0
         start = time.perf_counter()
-        exhaustive(scorer, one, timed, args.k, "t2i", block)
+        exhaustive(float_scorer(scorer), one, timed, args.k, block)
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
             scorer_s.append(scorer.seconds)
@@ -606,7 +611,9 @@ def bench_batched(scorer: TimedRunner, gallery: Gallery, queries: Queries, args,
     start = time.perf_counter()
     batches = text_batches(queries, batch_size)
     for s, batch in zip(range(0, queries.count, batch_size), batches, strict=True):
-        _, top[order[s : s + batch_size]] = exhaustive(scorer, batch, timed, args.k, "t2i", block)
+        _, top[order[s : s + batch_size]] = exhaustive(
+            float_scorer(scorer), batch, timed, args.k, block
+        )
         captions, words = batch.arrays["words"].shape[:2]  # padded: what the GEMM computes
         flops += 2 * gallery.count * args.regions * args.dim * captions * words
     seconds = time.perf_counter() - start
@@ -711,7 +718,7 @@ def large_agreement(
     first, batch, block = args.warmup, sizes.text_batch, sizes.block(gallery.kind)
     probe = cropped(queries, [first])
     start = time.perf_counter()
-    _, exact0 = exhaustive(scorer, probe, gallery, args.k, "t2i", block)
+    _, exact0 = exhaustive(float_scorer(scorer), probe, gallery, args.k, block)
     one = time.perf_counter() - start
     affordable = (args.agreement_budget - one) / (one / speedup)
     extra = int(min(queries.count - first - 1, max(0.0, affordable)))
@@ -723,7 +730,9 @@ def large_agreement(
         parts = {}
         for s in range(0, len(order), batch):
             chunk = order[s : s + batch]
-            _, indices = exhaustive(scorer, cropped(queries, chunk), gallery, args.k, "t2i", block)
+            _, indices = exhaustive(
+                float_scorer(scorer), cropped(queries, chunk), gallery, args.k, block
+            )
             parts.update(zip(chunk.tolist(), indices, strict=True))
         exact += [parts[int(r)][None] for r in rows]
         batched_s = time.perf_counter() - start_all

@@ -16,6 +16,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,6 +28,7 @@ from scan_deploy.calibration.gates import (
     run_gate,
     worst_delta,
 )
+from scan_deploy.calibration.int8_scorer import gate_int8_scorers
 from scan_deploy.calibration.search import (
     Measurement,
     Unit,
@@ -44,7 +46,7 @@ from scan_deploy.checkpoint import Checkpoint
 from scan_deploy.choices import Graph, Precision
 from scan_deploy.errors import one_of
 from scan_deploy.evaluate import split_similarities
-from scan_deploy.jsonfile import json_safe
+from scan_deploy.jsonfile import json_safe, read_json_object
 from scan_deploy.metrics import recall_metrics
 from scan_deploy.precomp import PrecompSplit
 
@@ -127,7 +129,17 @@ def calibrate_bundle(
     written = record["refused"] is None
     if written:
         _write_variant(bundle, settings.precision, variant, record)
-    return {**record, "written": written}
+    report = {**record, "written": written}
+    if settings.precision == Precision.INT8:
+        scorers, records = gate_int8_scorers(
+            bundle, eval_split, eval_reference, settings.threads, settings.accept_loss, progress
+        )
+        records = json_safe(records)
+        write_int8_scorers(bundle, scorers, records)
+        report["int8_scorers"] = {
+            kind: {**record, "written": kind in scorers} for kind, record in records.items()
+        }
+    return report
 
 
 def _builder(
@@ -238,21 +250,50 @@ def _write_variant(
     """The manifest first forgets the old variant, then the graph files are replaced (each
     atomically), then the manifest names the new ones: a crash in between leaves a bundle that
     loads (without this variant), never one whose hashes do not match."""
-    manifest = dict(bundle.manifest)
+    manifest = _manifest_on_disk(bundle)
     variants = {k: v for k, v in manifest.get("variants", {}).items() if k != precision}
     if precision in manifest.get("variants", {}):
         write_json(bundle.path / MANIFEST, {**manifest, "variants": variants})
-    entries = {}
-    for name, model in graphs.items():
-        target = bundle.path / f"{name}.{precision}.onnx"
-        with atomic_path(target, suffix=".onnx") as tmp:
-            onnx.save_model(model, str(tmp))
-            digest = sha256_file(tmp)
-        entries[name] = {
-            "file": target.name,
-            "sha256": digest,
-            "inputs": [describe_value(v) for v in model.graph.input],
-            "outputs": [describe_value(v) for v in model.graph.output],
-        }
+    entries = {
+        name: _graph_file(bundle.path / f"{name}.{precision}.onnx", model)
+        for name, model in graphs.items()
+    }
     variants[precision] = {"graphs": entries, **record}
     write_json(bundle.path / MANIFEST, {**manifest, "variants": variants})
+
+
+def write_int8_scorers(
+    bundle: Bundle, graphs: dict[str, onnx.ModelProto], records: dict[str, dict]
+) -> None:
+    """`int8_scorers.{kind}` (the graph's entry and its gate) for each scorer in `graphs`, in
+    the order `_write_variant` writes a variant; scorers not in `graphs` are forgotten."""
+    manifest = _manifest_on_disk(bundle)
+    if "int8_scorers" in manifest:
+        manifest.pop("int8_scorers")
+        write_json(bundle.path / MANIFEST, manifest)
+    if not graphs:
+        return
+    entries = {
+        kind: {**_graph_file(bundle.path / f"int8_scorer.{kind}.onnx", model), **records[kind]}
+        for kind, model in graphs.items()
+    }
+    write_json(bundle.path / MANIFEST, {**manifest, "int8_scorers": entries})
+
+
+def _manifest_on_disk(bundle: Bundle) -> dict:
+    """The manifest as it is now (a variant written earlier in this run is in it)."""
+    return read_json_object(bundle.path / MANIFEST, "the manifest of an export bundle folder")
+
+
+def _graph_file(target: Path, model: onnx.ModelProto) -> dict:
+    """Write `model` to `target` atomically; its manifest entry (file, sha256, inputs,
+    outputs)."""
+    with atomic_path(target, suffix=".onnx") as tmp:
+        onnx.save_model(model, str(tmp))
+        digest = sha256_file(tmp)
+    return {
+        "file": target.name,
+        "sha256": digest,
+        "inputs": [describe_value(v) for v in model.graph.input],
+        "outputs": [describe_value(v) for v in model.graph.output],
+    }

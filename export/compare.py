@@ -4,7 +4,7 @@ pipelines on a split)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -66,35 +66,41 @@ def ort_similarities(
 ) -> np.ndarray:
     """The deployed pipeline: ONNX encoders, then the ONNX scorer over blocks of
     (`batch` images × `batch` captions, captions grouped by length)."""
-    image_out = [
-        sessions["image_encoder"].run(None, {"features": np.asarray(split.images[s : s + batch])})
-        for s in range(0, split.num_images, batch)
-    ]
-    regions = np.concatenate([o[0] for o in image_out])
-    region_grams = np.concatenate([o[1] for o in image_out])
-    token_lists = [bundle.vocab.encode(c) for c in split.captions]
-    order = np.argsort([-len(t) for t in token_lists], kind="stable")
-
-    def caption_chunks():
-        for start in range(0, len(order), batch):
-            idx = order[start : start + batch]
-            tokens, lengths = pad_tokens([token_lists[j] for j in idx])
-            words, caption_gram, _ = sessions["text_encoder"].run(
-                None, {"tokens": tokens, "lengths": lengths}
-            )
-            yield idx, words, lengths, caption_gram
-
+    regions, region_grams = encode_split_images(sessions["image_encoder"], split, batch)
     t2i = bundle.config.cross_attn == "t2i"
     return scorer_blocks(
         sessions["scorer"],
         t2i,
         regions,
         region_grams,
-        caption_chunks(),
+        caption_chunks(bundle, sessions["text_encoder"], split, batch),
         split.num_captions,
         batch,
         progress,
     )
+
+
+def encode_split_images(encoder, split: PrecompSplit, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """`regions` and `region_gram` of every image of the split, by the image encoder session."""
+    outputs = [
+        encoder.run(None, {"features": np.asarray(split.images[s : s + batch])})
+        for s in range(0, split.num_images, batch)
+    ]
+    return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
+
+
+def caption_chunks(
+    bundle: Bundle, encoder, split: PrecompSplit, batch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(indices, words, lengths, caption_gram) of `batch` captions at a time, longest first, by
+    the text encoder session (one chunk in memory at a time)."""
+    token_lists = [bundle.vocab.encode(c) for c in split.captions]
+    order = np.argsort([-len(t) for t in token_lists], kind="stable")
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        tokens, lengths = pad_tokens([token_lists[j] for j in idx])
+        words, caption_gram, _ = encoder.run(None, {"tokens": tokens, "lengths": lengths})
+        yield idx, words, lengths, caption_gram
 
 
 def graph_sample(bundle: Bundle, split: PrecompSplit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,6 +11,8 @@ import onnx
 from onnx import TensorProto, helper
 from scan_deploy.export.graph_builder import DEFAULT_OPSET, with_oldest_ir_version
 
+from scan_deploy.int8_rows import INT8_ZERO_POINT
+
 
 def cast_float16() -> onnx.ModelProto:
     """values float16 (elements,) → float32: the gallery's float16 dequantization (the runtime
@@ -29,6 +31,31 @@ def dequantize_int8() -> onnx.ModelProto:
     )
 
 
+def dequantize_uint8() -> onnx.ModelProto:
+    """codes uint8 (rows, columns) × scale float32 (rows,) → float32 (codes − 128) · scale: an
+    int8 gallery's stored codes (`runtime/dequantize.py`). DequantizeLinear's per-row zero point
+    has the scale's shape, so the graph expands the constant 128 to it."""
+    values = helper.make_tensor_value_info("values", TensorProto.UINT8, ["rows", "columns"])
+    scale = helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["rows"])
+    zero = helper.make_tensor("zero_point_value", TensorProto.UINT8, [], [INT8_ZERO_POINT])
+    nodes = [
+        helper.make_node("Constant", [], ["code_of_zero"], value=zero),
+        helper.make_node("Shape", ["scale"], ["rows"]),
+        helper.make_node("Expand", ["code_of_zero", "rows"], ["zero_point"]),
+        helper.make_node(
+            "DequantizeLinear", ["values", "scale", "zero_point"], ["float32"], axis=0
+        ),
+    ]
+    output = helper.make_tensor_value_info("float32", TensorProto.FLOAT, ["rows", "columns"])
+    return _checked(
+        helper.make_model(
+            helper.make_graph(nodes, "dequantize_uint8", [values, scale], [output]),
+            producer_name="scan-deploy",
+            opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)],
+        )
+    )
+
+
 def _one_node(
     name: str, op_type: str, inputs: list, output_shape: list, **attrs
 ) -> onnx.ModelProto:
@@ -40,11 +67,19 @@ def _one_node(
         producer_name="scan-deploy",
         opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)],
     )
+    return _checked(model)
+
+
+def _checked(model: onnx.ModelProto) -> onnx.ModelProto:
     onnx.checker.check_model(model, full_check=True)
     return with_oldest_ir_version(model)
 
 
-RUNTIME_GRAPHS = {"cast_float16.onnx": cast_float16, "dequantize_int8.onnx": dequantize_int8}
+RUNTIME_GRAPHS = {
+    "cast_float16.onnx": cast_float16,
+    "dequantize_int8.onnx": dequantize_int8,
+    "dequantize_uint8.onnx": dequantize_uint8,
+}
 
 
 def write_runtime_graphs(folder: Path) -> list[Path]:

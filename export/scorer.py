@@ -13,12 +13,15 @@ inputs at once, so callers bound memory by feeding blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import TensorProto
 from scan_deploy.export.graph_builder import DEFAULT_OPSET, GraphBuilder, value_info
 
 from scan_deploy.config import ModelConfig
+from scan_deploy.int8_rows import INT8_ZERO_POINT
 from scan_deploy.scoring import EPS
 
 MASKED = -1e30
@@ -31,9 +34,11 @@ def scorer_graph(config: ModelConfig, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     words = g.op("Mul", ["words", g.op("Cast", [g.unsqueeze(valid, 2)], to=TensorProto.FLOAT)])
     logits = _logits(g, words, config.embed_size)  # (N, R, M, T)
     if t2i:
-        g.output_as(_t2i(g, config, logits, words, valid), "similarity")
+        norms = lambda: g.reduce("ReduceL2", words, [2], 0)  # noqa: E731 (M, T)
+        g.output_as(_t2i(g, config, logits, valid, norms), "similarity")
     else:
-        g.output_as(_i2t(g, config, logits, valid), "similarity")
+        norms = lambda: g.reduce("ReduceL2", "regions", [2], 1)  # noqa: E731 (N, R, 1)
+        g.output_as(_i2t(g, config, logits, valid, norms), "similarity")
     d = config.embed_size
     image_side = [value_info("regions", TensorProto.FLOAT, ["images", "regions", d])]
     caption_side = [
@@ -50,6 +55,116 @@ def scorer_graph(config: ModelConfig, opset: int = DEFAULT_OPSET) -> onnx.ModelP
         )
     output = value_info("similarity", TensorProto.FLOAT, ["images", "captions"])
     return g.model(image_side + caption_side, [output], f"scan_scorer_{config.cross_attn}")
+
+
+def int8_gallery_scorer_graph(
+    config: ModelConfig, kind: str, opset: int = DEFAULT_OPSET
+) -> onnx.ModelProto:
+    """The scorer with an int8 gallery of `kind` (images or captions) on one side, fed the
+    gallery's stored codes as they are: no dequantization pass over the gallery.
+
+    The gallery side takes the stored arrays by their stored names (`runtime/gallery.py`):
+    `regions` or `words` as uint8 codes (q + 128) with their per-row `*_scale`, and the side's
+    Gram the same way; the query side takes float32, as `scorer_graph`. The logits are one
+    `MatMulInteger` of the gallery's codes (uint8, zero point 128: the A operand, which ONNX
+    Runtime's u8s8 kernels take natively, `scan_deploy.int8_rows`) by the query's embeddings
+    quantized per row in the graph (symmetric int8, scale max|x| / 127), scaled back by both
+    scales. Everything after the logits is `scorer_graph`'s, in float32; the gallery side's
+    norms come from the diagonal of its Gram (the graph never turns its codes into floats).
+    """
+    g = GraphBuilder(opset)
+    t2i = config.cross_attn == "t2i"
+    valid = g.length_mask("words", "lengths")  # (M, T) bool
+    if kind == "images":
+        words = g.op("Mul", ["words", g.op("Cast", [g.unsqueeze(valid, 2)], to=TensorProto.FLOAT)])
+        flat = _integer_logits(g, "regions", "regions_scale", words, config.embed_size)
+        logits = g.op("Reshape", [flat, _pair_dims(g, "regions", "words")])
+        gram = _dequantize(g, "region_gram")
+        if t2i:
+            norms = lambda: g.reduce("ReduceL2", words, [2], 0)  # noqa: E731 (M, T)
+            similarity = _t2i(g, config, logits, valid, norms, gram)
+        else:
+            norms = lambda: g.unsqueeze(_diagonal_norms(g, gram), 2)  # noqa: E731 (N, R, 1)
+            similarity = _i2t(g, config, logits, valid, norms)
+    else:
+        flat = _integer_logits(g, "words", "words_scale", "regions", config.embed_size)
+        by_image = g.op("Transpose", [flat], perm=[1, 0])  # (N·R, M·T)
+        logits = g.op("Reshape", [by_image, _pair_dims(g, "regions", "words")])
+        gram = _dequantize(g, "caption_gram")
+        if t2i:
+            norms = lambda: _diagonal_norms(g, gram)  # noqa: E731 (M, T)
+            similarity = _t2i(g, config, logits, valid, norms)
+        else:
+            norms = lambda: g.reduce("ReduceL2", "regions", [2], 1)  # noqa: E731 (N, R, 1)
+            similarity = _i2t(g, config, logits, valid, norms, gram)
+    g.output_as(similarity, "similarity")
+    output = value_info("similarity", TensorProto.FLOAT, ["images", "captions"])
+    inputs = _int8_gallery_inputs(config, kind)
+    return g.model(inputs, [output], f"scan_scorer_{config.cross_attn}_int8_{kind}")
+
+
+def _int8_gallery_inputs(config: ModelConfig, kind: str) -> list[onnx.ValueInfoProto]:
+    d, t2i = config.embed_size, config.cross_attn == "t2i"
+    u8, f32 = TensorProto.UINT8, TensorProto.FLOAT
+    if kind == "images":
+        return [
+            value_info("regions", u8, ["images", "regions", d]),
+            value_info("regions_scale", f32, ["images", "regions"]),
+            value_info("region_gram", u8, ["images", "regions", "regions"]),
+            value_info("region_gram_scale", f32, ["images", "regions"]),
+            value_info("words", f32, ["captions", "words", d]),
+            value_info("lengths", TensorProto.INT64, ["captions"]),
+            *([] if t2i else [value_info("caption_gram", f32, ["captions", "words", "words"])]),
+        ]
+    return [
+        value_info("regions", f32, ["images", "regions", d]),
+        *([value_info("region_gram", f32, ["images", "regions", "regions"])] if t2i else []),
+        value_info("words", u8, ["captions", "words", d]),
+        value_info("words_scale", f32, ["captions", "words"]),
+        value_info("lengths", TensorProto.INT64, ["captions"]),
+        value_info("caption_gram", u8, ["captions", "words", "words"]),
+        value_info("caption_gram_scale", f32, ["captions", "words"]),
+    ]
+
+
+def _integer_logits(g: GraphBuilder, codes: str, scale: str, other: str, dim: int) -> str:
+    """(X·P, Y·Q) float32: the uint8 `codes` (X, P, D) with their per-row `scale` (X, P) times
+    the float32 `other` (Y, Q, D) quantized per row, in int32 by MatMulInteger."""
+    rows = g.const(np.array([-1, dim], np.int64), "rows")
+    amax = g.reduce("ReduceMax", g.op("Abs", [other]), [2], 1)  # (Y, Q, 1)
+    other_scale = g.op("Div", [amax, g.const(np.float32(127), "int8_max")])
+    divisor = g.op("Max", [other_scale, g.const(np.float32(np.finfo(np.float32).tiny), "tiny")])
+    quantized = g.op("Cast", [g.op("Round", [g.op("Div", [other, divisor])])], to=TensorProto.INT8)
+    operand = g.op("Transpose", [g.op("Reshape", [quantized, rows])], perm=[1, 0])  # (D, Y·Q)
+    zero_point = g.const(np.uint8(INT8_ZERO_POINT), "zero_point")
+    products = g.op("MatMulInteger", [g.op("Reshape", [codes, rows]), operand, zero_point])
+    column = g.const(np.array([-1, 1], np.int64), "column")
+    scaled = g.op(
+        "Mul", [g.op("Cast", [products], to=TensorProto.FLOAT), g.op("Reshape", [scale, column])]
+    )
+    line = g.const(np.array([1, -1], np.int64), "line")
+    return g.op("Mul", [scaled, g.op("Reshape", [other_scale, line])])
+
+
+def _pair_dims(g: GraphBuilder, regions: str, words: str) -> str:
+    """(N, R, M, T) from the leading dims of `regions` and `words`."""
+    image_dims = g.slice(g.op("Shape", [regions]), 0, 2)
+    caption_dims = g.slice(g.op("Shape", [words]), 0, 2)
+    return g.op("Concat", [image_dims, caption_dims], axis=0)
+
+
+def _dequantize(g: GraphBuilder, name: str) -> str:
+    """float32 of a stored uint8 array (X, P, P) and its `{name}_scale` (X, P): (c − 128)·scale,
+    the same arithmetic as the runtime's host dequantization."""
+    centred = g.op("Sub", [g.op("Cast", [name], to=TensorProto.FLOAT), g.const(np.float32(128))])
+    return g.op("Mul", [centred, g.unsqueeze(f"{name}_scale", 2)])
+
+
+def _diagonal_norms(g: GraphBuilder, gram: str) -> str:
+    """(X, P): the square root of the Gram's diagonal, the norms of the vectors it is made of."""
+    square = g.op("Gather", [gram, g.const(np.array(0, np.int64))], axis=0)  # (P, P)
+    diagonal = g.reduce("ReduceSum", g.op("Mul", [gram, g.op("EyeLike", [square])]), [2], 0)
+    return g.op("Sqrt", [g.op("Max", [diagonal, g.const(np.float32(0.0))])])
 
 
 def _logits(g: GraphBuilder, words: str, dim: int) -> str:
@@ -110,7 +225,15 @@ def _aggregate(g: GraphBuilder, config: ModelConfig, values: str, axis: int, val
     return g.op("Div", [total, count])
 
 
-def _t2i(g: GraphBuilder, config: ModelConfig, logits: str, words: str, valid: str) -> str:
+def _t2i(
+    g: GraphBuilder,
+    config: ModelConfig,
+    logits: str,
+    valid: str,
+    word_norms: Callable[[], str],
+    region_gram: str = "region_gram",
+) -> str:
+    """`word_norms()` emits the (M, T) norms of the words where the graph needs them."""
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
     scaled = _attention_logits(g, config, logits, 3, valid4)
     attn = g.softmax(scaled, 1, 4)  # over regions
@@ -118,16 +241,23 @@ def _t2i(g: GraphBuilder, config: ModelConfig, logits: str, words: str, valid: s
     n_r_mt = g.op(
         "Concat", [g.slice(g.op("Shape", [attn]), 0, 2), g.const(np.array([-1], np.int64))], axis=0
     )
-    gram_attn = g.op("MatMul", ["region_gram", g.op("Reshape", [attn, n_r_mt])])
+    gram_attn = g.op("MatMul", [region_gram, g.op("Reshape", [attn, n_r_mt])])
     gram_attn = g.op("Reshape", [gram_attn, g.op("Shape", [attn])])
     context_sq = g.reduce("ReduceSum", g.op("Mul", [attn, gram_attn]), [1], 0)
-    word_norms = g.reduce("ReduceL2", words, [2], 0)  # (M, T)
-    relevance = _cosine(g, numerator, word_norms, context_sq)  # (N, M, T)
+    relevance = _cosine(g, numerator, word_norms(), context_sq)  # (N, M, T)
     count = g.op("Cast", ["lengths"], to=TensorProto.FLOAT)  # broadcasts over (N, M)
     return _aggregate(g, config, relevance, 2, g.unsqueeze(valid, 0), count)
 
 
-def _i2t(g: GraphBuilder, config: ModelConfig, logits: str, valid: str) -> str:
+def _i2t(
+    g: GraphBuilder,
+    config: ModelConfig,
+    logits: str,
+    valid: str,
+    region_norms: Callable[[], str],
+    caption_gram: str = "caption_gram",
+) -> str:
+    """`region_norms()` emits the (N, R, 1) norms of the regions where the graph needs them."""
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
     scaled = _attention_logits(g, config, logits, 1, None)
     masked = g.op("Where", [valid4, scaled, g.const(np.float32(MASKED), "masked")])
@@ -140,12 +270,11 @@ def _i2t(g: GraphBuilder, config: ModelConfig, logits: str, valid: str) -> str:
         [g.slice(shape, 2, 3), g.const(np.array([-1], np.int64)), g.slice(shape, 3, 4)],
         axis=0,
     )
-    attn_gram = g.op("MatMul", [g.op("Reshape", [by_caption, m_nr_t]), "caption_gram"])
+    attn_gram = g.op("MatMul", [g.op("Reshape", [by_caption, m_nr_t]), caption_gram])
     m_n_r_t = g.op(
         "Concat", [g.slice(shape, 2, 3), g.slice(shape, 0, 2), g.slice(shape, 3, 4)], axis=0
     )
     attn_gram = g.op("Transpose", [g.op("Reshape", [attn_gram, m_n_r_t])], perm=[1, 2, 0, 3])
     context_sq = g.reduce("ReduceSum", g.op("Mul", [attn, attn_gram]), [3], 0)  # (N, R, M)
-    region_norms = g.reduce("ReduceL2", "regions", [2], 1)  # (N, R, 1)
-    relevance = _cosine(g, numerator, region_norms, context_sq)
+    relevance = _cosine(g, numerator, region_norms(), context_sq)
     return _aggregate(g, config, relevance, 1, None, None)

@@ -94,6 +94,7 @@ def run_bench(
         "backend": retriever.backend.name,
         "precision": retriever.backend.precision,
         "gallery": {"items": gallery.count, "dtype": gallery.dtype},
+        "scorer": "int8" if retriever.scorers[gallery.kind].stored else "float",
         "k": k,
         "shortlist": shortlist,
         **first_stage_report(retriever, gallery),

@@ -32,8 +32,10 @@ caption; every caption of a shard is zero-padded to T, so T varies from shard to
 
 Words and Gram entries beyond a caption's length are stored as zeros. Storage dtype (`dtype`):
 `regions`, `words` and the Grams are stored as float32 (`fp32`), float16 (`fp16`) or int8
-(`int8`: symmetric per-row quantization, `x ≈ q * scale[..., None]` with `q` int8 in [-127, 127]
-and `scale = max|row| / 127` stored as float32 in `{name}_scale.npy` of shape (n, R) or (n, T);
+(`int8`: symmetric per-row quantization, `x ≈ q * scale[..., None]` with `q` in [-127, 127]
+stored as the uint8 code `q + 128` — the operand ONNX Runtime's u8s8 integer GEMM reads without
+a conversion pass (`runtime/dequantize.py`; formats 1 and 2 stored `q` as int8) — and
+`scale = max|row| / 127` stored as float32 in `{name}_scale.npy` of shape (n, R) or (n, T);
 an all-zero row has scale 0). `global` stays float32 in every dtype, so the shortlist is as exact
 as the encoders (it costs D floats per item, ~1/R of the regions); `lengths` is int64.
 
@@ -73,11 +75,13 @@ from scan_deploy.atomic import Marker, atomic_dir, check_output_dir, write_json
 from scan_deploy.bundle import Bundle, check_sha256, sha256_file
 from scan_deploy.choices import FirstStage, GalleryDtype, Graph
 from scan_deploy.errors import input_error, one_of
+from scan_deploy.int8_rows import INT8_ZERO_POINT, quantize_int8
 from scan_deploy.jsonfile import read_json_object, typed
 from scan_deploy.precomp import open_npy, read_npy_header
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: one optional float16 index of the globals (`faiss_index`)
+FORMAT_VERSION = 3
+# 1: one optional float16 index of the globals (`faiss_index`); 1 and 2: int8 values as int8
+READABLE_VERSIONS = (1, 2, 3)
 _V1_INDEX = "shortlist.faiss"
 KINDS = ("images", "captions")
 MANIFEST = "manifest.json"
@@ -104,7 +108,7 @@ QUANTIZED = ("regions", "region_gram", "words", "caption_gram")
 _STORAGE = {
     GalleryDtype.FP32: np.dtype(np.float32),
     GalleryDtype.FP16: np.dtype(np.float16),
-    GalleryDtype.INT8: np.dtype(np.int8),
+    GalleryDtype.INT8: np.dtype(np.uint8),  # codes q + 128
 }
 _FIXED = {"global": np.dtype(np.float32), "lengths": np.dtype(np.int64)}
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -115,26 +119,21 @@ class _Aborted(Exception):
     """Thrown into the temp-folder context to discard a gallery that will not be finished."""
 
 
-def stored_arrays(kind: str, dtype: GalleryDtype) -> dict[str, np.dtype]:
-    """The files of one shard of a `kind`/`dtype` gallery: stored array name → numpy dtype."""
+def stored_arrays(
+    kind: str, dtype: GalleryDtype, version: int = FORMAT_VERSION
+) -> dict[str, np.dtype]:
+    """The files of one shard of a `kind`/`dtype` gallery of format `version`: stored array
+    name → numpy dtype."""
     stored = {}
     for name in ITEM_AXES[kind]:
         if name in QUANTIZED:
-            stored[name] = _STORAGE[dtype]
+            old_int8 = dtype == GalleryDtype.INT8 and version < 3
+            stored[name] = np.dtype(np.int8) if old_int8 else _STORAGE[dtype]
             if dtype == GalleryDtype.INT8:
                 stored[name + SCALE_SUFFIX] = np.dtype(np.float32)
         else:
             stored[name] = _FIXED[name]
     return stored
-
-
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row int8: `x` (..., K) float32 → (q int8 (..., K), scale float32 (...))."""
-    amax = np.abs(x).max(axis=-1)
-    scale = (amax / np.float32(127)).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
-    return q, scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +477,8 @@ def _mask_captions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _fit_captions(part: dict[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
-    """Crop or zero-pad the word axes of a stored captions batch to `t` words."""
+    """Crop or pad with zeros (as stored: `stored_zero`) the word axes of a stored captions
+    batch to `t` words."""
     word_axes = {"words": (1,), "caption_gram": (1, 2)}
     out = {}
     for name, value in part.items():
@@ -496,7 +496,12 @@ def _fit_axis(value: np.ndarray, axis: int, size: int) -> np.ndarray:
         return value[(slice(None),) * axis + (slice(0, size),)]
     pad = [(0, 0)] * value.ndim
     pad[axis] = (0, size - have)
-    return np.pad(value, pad)
+    return np.pad(value, pad, constant_values=stored_zero(value.dtype))
+
+
+def stored_zero(dtype: np.dtype) -> int:
+    """What a stored 0 is: the code 128 in uint8 (int8 values as codes), else 0."""
+    return INT8_ZERO_POINT if dtype == np.uint8 else 0
 
 
 def _write_list(folder: Path, name: str, items: list[str]) -> dict[str, Any]:
@@ -531,7 +536,8 @@ class Shard:
         return np.dtype(self._entry(name)["dtype"])
 
     def load(self, name: str) -> np.ndarray:
-        """The raw stored array (int8 / float16 / float32 / int64), memory-mapped read-only."""
+        """The raw stored array (uint8 codes / float16 / float32 / int64), memory-mapped
+        read-only."""
         return open_npy(self.path(name), f": {_FIX}")
 
     def block(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -543,8 +549,17 @@ class Shard:
             )
         return self._read(name, slice(start, stop))
 
+    def stored_block(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop (local to the shard) as stored, a read-only view of the memory map:
+        the int8 scorer reads an int8 gallery's codes without a copy."""
+        if not 0 <= start <= stop <= self.count:
+            raise IndexError(
+                f"rows {start}:{stop} out of range for shard {self.index} of {self.count} items"
+            )
+        return self.load(name)[start:stop]
+
     def take_stored(self, name: str, indices: np.ndarray) -> np.ndarray:
-        """Rows at local `indices` (any order) as stored (int8 / float16 / float32 / int64), by
+        """Rows at local `indices` (any order) as stored (uint8 / float16 / float32 / int64), by
         positioned reads: a re-rank's scattered rows, dequantized by the caller in one pass."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.count):
@@ -791,6 +806,18 @@ class Gallery:
         scale = self._gather(scale_name, idx) if scale_name in self.shards[0].files else None
         return to_float32(stored, scale)
 
+    def stored_rows(self, name: str, indices: np.ndarray) -> np.ndarray:
+        """Rows of the stored array `name` (`regions_scale` included) at global item `indices`,
+        as stored (an int8 gallery's uint8 codes, not dequantized), captions padded as in
+        `rows` (with the stored zero, `stored_zero`)."""
+        if name not in self.shards[0].files:
+            names = ", ".join(self.shards[0].files)
+            raise KeyError(f"a gallery of {self.kind} stores no {name!r} (stores {names})")
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.count):
+            raise IndexError(f"item indices out of range 0..{self.count - 1}")
+        return self._gather(name, idx)
+
     def _gather(self, name: str, idx: np.ndarray) -> np.ndarray:
         """The stored rows of `name` at global `idx`, zero-padded to the largest shard shape."""
         which = np.searchsorted(self.offsets, idx, side="right") - 1
@@ -798,7 +825,7 @@ class Gallery:
         shapes = [self.shards[int(s)].shape(name)[1:] for s in touched]
         item_shape = tuple(max(dims) for dims in zip(*shapes, strict=True)) if shapes[0] else ()
         stored_dtype = self.shards[int(touched[0])].stored_dtype(name)
-        out = np.zeros((idx.size, *item_shape), dtype=stored_dtype)
+        out = np.full((idx.size, *item_shape), stored_zero(stored_dtype), dtype=stored_dtype)
         for s in touched if idx.size else ():
             shard = self.shards[int(s)]
             sel = np.flatnonzero(which == s)
@@ -831,7 +858,7 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     entries = typed(manifest.get("shards"), list, "shards", where)
     if count < 1:
         raise input_error(where, "count", f"got {count}, expected at least one item")
-    expected_files = stored_arrays(kind, dtype)
+    expected_files = stored_arrays(kind, dtype, version)
     shards = []
     offset = 0
     sizes: dict[str, int] = {"D": embed_size}

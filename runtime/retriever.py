@@ -6,6 +6,9 @@
 
 With `shortlist`, a first stage (`runtime.first_stage`: `maxsim` when the gallery was indexed
 with it, else `global`) picks that many candidates and the exact scorer re-ranks them only.
+The exact scorer of an int8 gallery is, where it can run, the bundle's int8 scorer on the
+gallery's stored codes (`scorer`: ONNX Runtime on the CPU, a bundle calibrated with
+`--precision int8`), else the bundle's scorer on rows dequantized to float32.
 
 A gallery folder holds `images/` (searched by text) and, when `index` was given captions,
 `captions/` (searched by image). Queries are batched, and every call sized by the engine the
@@ -36,11 +39,20 @@ from scan_deploy.runtime.inner_product import (
     FAISS_HINT,
     check_engine,
 )
-from scan_deploy.runtime.search import Hit, Queries, exhaustive, reranked
+from scan_deploy.runtime.search import GalleryScorer, Hit, Queries, exhaustive, reranked
 
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle, load_bundle
-from scan_deploy.choices import Backend, FirstStage, Graph, Precision, Provider, ShortlistEngine
+from scan_deploy.choices import (
+    Backend,
+    FirstStage,
+    GalleryDtype,
+    Graph,
+    Precision,
+    Provider,
+    Scorer,
+    ShortlistEngine,
+)
 from scan_deploy.errors import UserError, input_error
 from scan_deploy.precomp import check_finite_features
 
@@ -69,6 +81,7 @@ class Retriever:
         threads: int = 0,
         first_stage: FirstStage | str | None = None,
         token_candidates: int | None = None,
+        scorer: Scorer | str = Scorer.AUTO,
     ) -> None:
         self.bundle, self.galleries, self.backend = bundle, galleries, backend
         self.shortlist_engine = check_engine(shortlist_engine)
@@ -87,6 +100,25 @@ class Retriever:
         self.pooling = Pooling.of(bundle.config)
         self._runners = {name: _Locked(backend.runner(name)) for name in Graph}
         self.sizes = CallSizes.of(backend)
+        choice = Scorer.parse(scorer, "scorer")
+        self.scorers = {
+            kind: self._gallery_scorer(gallery, choice) for kind, gallery in galleries.items()
+        }
+
+    def _gallery_scorer(self, gallery: Gallery, choice: Scorer) -> GalleryScorer:
+        """The exact scorer of `gallery`: the int8 scorer when asked for (a UserError says why
+        it cannot run) or, with auto, wherever it can; else the bundle's scorer."""
+        cross_attn = self.bundle.config.cross_attn
+        if choice != Scorer.FLOAT:
+            try:
+                runner = int8_scorer_runner(self.backend, gallery)
+            except UserError as exc:
+                if choice == Scorer.INT8:
+                    raise
+                LOG.info("%s: the float scorer (%s)", gallery.path, exc)
+            else:
+                return GalleryScorer(_Locked(runner), cross_attn, stored=True)
+        return GalleryScorer(self._runners[Graph.SCORER], cross_attn)
 
     @classmethod
     def open(
@@ -104,6 +136,7 @@ class Retriever:
         first_stage: FirstStage | str | None = None,
         faiss_params: str | None = None,
         token_candidates: int | None = None,
+        scorer: Scorer | str = Scorer.AUTO,
     ) -> Retriever:
         """`bundle` None: the bundle the gallery was indexed with (its recorded path).
         `first_stage`: what picks a shortlist's candidates (None: `maxsim` for a gallery indexed
@@ -111,9 +144,10 @@ class Retriever:
         gallery's global FAISS index when faiss is installed, else numpy); `faiss_params`
         ("nprobe=64", "efSearch=256") replace the search parameters recorded with the indexes;
         `token_candidates`: gallery tokens each query token retrieves in the `maxsim` stage
-        (default: max(shortlist, 64)). The FAISS indexes that will be used are opened and
-        checked here. `threads` (0: the libraries' defaults) sizes ONNX Runtime's intra-op pool
-        and FAISS's OpenMP threads."""
+        (default: max(shortlist, 64)); `scorer`: the exact scorer (`Scorer`: auto takes the
+        int8 scorer for an int8 gallery where it can run). The FAISS indexes that will be used
+        are opened and checked here. `threads` (0: the libraries' defaults) sizes ONNX
+        Runtime's intra-op pool and FAISS's OpenMP threads."""
         engine = check_engine(shortlist_engine)
         stage = None if first_stage is None else FirstStage.parse(first_stage, "first_stage")
         galleries = open_galleries(gallery, verify)
@@ -128,7 +162,7 @@ class Retriever:
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
         )
-        return cls(bundle, galleries, opened, engine, threads, stage, token_candidates)
+        return cls(bundle, galleries, opened, engine, threads, stage, token_candidates, scorer)
 
     def encode_text(self, texts: Sequence[str]) -> Queries:
         """Caption-side scorer inputs of `texts`, padded to their longest (in input order)."""
@@ -203,17 +237,16 @@ class Retriever:
         return results
 
     def _search(self, queries: Queries, gallery: Gallery, k: int, size: int | None):
-        scorer, cross_attn = self._runners["scorer"], self.bundle.config.cross_attn
-        block = self.sizes.block(gallery.kind)
+        scorer, block = self.scorers[gallery.kind], self.sizes.block(gallery.kind)
         if size is None or size >= gallery.count:
-            scores, indices = exhaustive(scorer, queries, gallery, k, cross_attn, block)
+            scores, indices = exhaustive(scorer, queries, gallery, k, block)
         else:
             stage, engine = stage_of(gallery, self.first_stage), self.shortlist_engine
             pooling, threads, per_token = self.pooling, self.threads, self.token_candidates
             candidates = shortlist(
                 queries, gallery, size, stage, pooling, engine, threads, per_token
             )
-            scores, indices = reranked(scorer, queries, gallery, k, candidates, cross_attn, block)
+            scores, indices = reranked(scorer, queries, gallery, k, candidates, block)
         texts = gallery.texts
         return [
             [
@@ -266,6 +299,23 @@ class Retriever:
             )
         check_finite_features(features, None, "image features")
         return features
+
+
+def int8_scorer_runner(backend, gallery: Gallery):
+    """The backend's int8 scorer for `gallery`, or a UserError saying why there is none."""
+    if gallery.dtype != GalleryDtype.INT8:
+        raise UserError(
+            f"scorer int8: {gallery.path} stores {gallery.dtype}, not int8 "
+            "(scan-deploy index --dtype int8)"
+        )
+    if gallery.manifest["format_version"] < 3:
+        raise UserError(
+            f"scorer int8: {gallery.path} is of format {gallery.manifest['format_version']}, "
+            "which stored int8 values as int8: re-run scan-deploy index"
+        )
+    if not hasattr(backend, "int8_scorer"):
+        raise UserError(f"scorer int8: runs on the onnxruntime backend, not {backend.name}")
+    return backend.int8_scorer(gallery.kind)
 
 
 def stage_of(gallery: Gallery, requested: FirstStage | None) -> FirstStage:

@@ -6,16 +6,18 @@ The scorer graph computes similarity(image, caption) for either search direction
 are the caption side against gallery images; image queries are the image side against gallery
 captions. Blocks of gallery items are read (and dequantized) from the memory-mapped shards one at
 a time, scored against every query of a batch in one scorer call, and merged into each query's
-top k. A block holds `block` items: the most the backend's scorer takes
-(`runtime.backends.base.CallSizes`).
+top k. With the int8 scorer (`GalleryScorer.stored`) an int8 gallery's blocks go to it as
+stored, with no dequantization pass. A block holds `block` items: the most the backend's scorer
+takes (`runtime.backends.base.CallSizes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from scan_deploy.runtime.gallery import Gallery
+from scan_deploy.runtime.gallery import Gallery, Shard
 
 
 @dataclass(frozen=True)
@@ -82,36 +84,60 @@ def scorer_feeds(queries: Queries, items: dict[str, np.ndarray], cross_attn: str
     return feeds
 
 
-def score(scorer, queries: Queries, items: dict[str, np.ndarray], cross_attn: str) -> np.ndarray:
-    """(queries, items) similarities of one block."""
-    similarity = scorer.run(scorer_feeds(queries, items, cross_attn))[0]
-    return similarity.T if "regions" in items else similarity
+@dataclass(frozen=True)
+class GalleryScorer:
+    """A scorer graph's runner and how gallery items reach it: dequantized to float32 for the
+    bundle's scorer, or, with `stored`, as an int8 gallery stores them (uint8 codes and per-row
+    scales, straight from the memory maps) for the int8 scorer
+    (`export/scorer.int8_gallery_scorer_graph`)."""
+
+    runner: Any  # .run(feeds) -> [similarity (images, captions)]
+    cross_attn: str
+    stored: bool = False
+
+    def block(self, gallery: Gallery, shard: Shard, start: int, stop: int) -> dict:
+        """The scorer's inputs for the shard's items start:stop."""
+        if self.stored:
+            return {name: shard.stored_block(name, start, stop) for name in _stored(gallery)}
+        return {name: shard.block(name, start, stop) for name in _item_arrays(gallery)}
+
+    def rows(self, gallery: Gallery, indices: np.ndarray) -> dict:
+        """The scorer's inputs for the gallery items at `indices`."""
+        if self.stored:
+            return {name: gallery.stored_rows(name, indices) for name in _stored(gallery)}
+        return {name: gallery.rows(name, indices) for name in _item_arrays(gallery)}
+
+    def score(self, queries: Queries, items: dict[str, np.ndarray]) -> np.ndarray:
+        """(queries, items) similarities of one block (the runner ignores inputs its graph
+        does not take)."""
+        if self.stored:
+            feeds = {**queries.arrays, **items}
+        else:
+            feeds = scorer_feeds(queries, items, self.cross_attn)
+        similarity = self.runner.run(feeds)[0]
+        return similarity.T if "regions" in items else similarity
 
 
 def exhaustive(
-    scorer, queries: Queries, gallery: Gallery, k: int, cross_attn: str, block: int
+    scorer: GalleryScorer, queries: Queries, gallery: Gallery, k: int, block: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact SCAN scores of every query against every gallery item, streamed `block` items at
     a time."""
     top = TopK(queries.count, k)
-    names = _item_arrays(gallery)
     for shard in gallery.shards:
         for start in range(0, shard.count, block):
             stop = min(start + block, shard.count)
-            items = {name: shard.block(name, start, stop) for name in names}
-            top.update(
-                score(scorer, queries, items, cross_attn), shard.offset + np.arange(start, stop)
-            )
+            items = scorer.block(gallery, shard, start, stop)
+            top.update(scorer.score(queries, items), shard.offset + np.arange(start, stop))
     return top.result()
 
 
 def reranked(
-    scorer,
+    scorer: GalleryScorer,
     queries: Queries,
     gallery: Gallery,
     k: int,
     candidates: np.ndarray,
-    cross_attn: str,
     block: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact SCAN on each query's `candidates` (queries, size) only (`runtime.first_stage`
@@ -121,13 +147,11 @@ def reranked(
     keep = min(k, candidates.shape[1])
     scores = np.empty((queries.count, keep), np.float32)
     indices = np.empty((queries.count, keep), np.int64)
-    names = _item_arrays(gallery)
     for q in range(queries.count):
         one, top = queries.take(np.array([q])), TopK(1, keep)
         for start in range(0, candidates.shape[1], block):
             chosen = candidates[q, start : start + block]
-            items = {name: gallery.rows(name, chosen) for name in names}
-            top.update(score(scorer, one, items, cross_attn), chosen)
+            top.update(scorer.score(one, scorer.rows(gallery, chosen)), chosen)
         (scores[q],), (indices[q],) = top.result()
     return scores, indices
 
@@ -136,3 +160,8 @@ def _item_arrays(gallery: Gallery) -> tuple[str, ...]:
     if gallery.kind == "images":
         return ("regions", "region_gram")
     return ("words", "lengths", "caption_gram")
+
+
+def _stored(gallery: Gallery) -> tuple[str, ...]:
+    """Every stored array but `global`: the int8 scorer's gallery inputs."""
+    return tuple(name for name in gallery.shards[0].files if name != "global")

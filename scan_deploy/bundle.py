@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 MARKER = Marker(MANIFEST, ("format_version", "graphs", "opset", "shape_ranges"), "bundle")
 LOG = logging.getLogger(__name__)
+INT8_SCORER_KINDS = ("images", "captions")  # gallery kinds (`runtime.gallery.KINDS`)
 # The graphs' symbolic dims, by the manifest shape range they take their sizes from.
 DIM_RANGES = {
     "batch": "batch",
@@ -99,6 +100,12 @@ class Bundle:
                 f"(run: scan-deploy calibrate {self.path} --data DIR --precision {precision})"
             )
         return self.manifest["variants"][precision]["graphs"][name]
+
+    def int8_scorer(self, kind: str) -> dict[str, Any] | None:
+        """The manifest entry of the int8-gallery scorer for a gallery of `kind` (images or
+        captions), written by `scan-deploy calibrate --precision int8` when it passed its gate,
+        or None."""
+        return self.manifest.get("int8_scorers", {}).get(kind)
 
     def precisions(self) -> list[str]:
         return ["fp32", *self.manifest.get("variants", {})]
@@ -176,6 +183,12 @@ def load_bundle(path: str | Path) -> Bundle:
             if name not in graphs:
                 raise input_error(manifest_path, field, "missing from the manifest")
             _check_file(path, variant["graphs"][name], manifest_path, field)
+    scorers = typed(manifest.get("int8_scorers", {}), dict, "int8_scorers", manifest_path)
+    for kind, entry in scorers.items():
+        if kind not in INT8_SCORER_KINDS:
+            message = f"has {kind!r}, expected {' or '.join(INT8_SCORER_KINDS)}"
+            raise input_error(manifest_path, "int8_scorers", message)
+        _check_file(path, entry, manifest_path, f"int8_scorers.{kind}")
     return Bundle(path, manifest, config, vocab)
 
 

@@ -104,3 +104,13 @@ class FirstStage(Choice):
 
     GLOBAL = "global"
     MAXSIM = "maxsim"
+
+
+class Scorer(Choice):
+    """Which exact scorer reads the gallery: `float` (the bundle's scorer at the backend's
+    precision, on rows dequantized to float32), `int8` (the integer-GEMM scorer on an int8
+    gallery's stored codes, ONNX Runtime on the CPU) or `auto` (int8 where it can run)."""
+
+    AUTO = "auto"
+    FLOAT = "float"
+    INT8 = "int8"

@@ -76,6 +76,13 @@ TokenCandidates = Annotated[
     int | None,
     typer.Option(min=1, help="maxsim: gallery tokens per query token (default: the shortlist)."),
 ]
+ExactScorer = Annotated[
+    choices.Scorer,
+    typer.Option(
+        "--scorer",
+        help="Exact scorer: auto (int8 on an int8 gallery where it can run), float or int8.",
+    ),
+]
 DataVocab = Annotated[
     Path | None,
     typer.Option(help="Vocabulary of original .pth.tar checkpoints (default: the one in --data)."),
@@ -483,7 +490,8 @@ def calibrate(
 ) -> None:
     """FP16 or INT8 (Q/DQ) graphs from calibration data, gated against the FP32 PyTorch reference:
     |ΔRecall@K| <= 0.3 (fp16) / 1.0 (int8) points on the evaluation split. A variant that misses
-    its target is not written (exit 1) unless --accept-loss."""
+    its target is not written (exit 1) unless --accept-loss. int8 also gates and writes the int8
+    scorers, which `query` runs on int8 galleries (their stored codes, no dequantization)."""
     from scan_deploy.bundle import load_bundle
     from scan_deploy.calibration.calibrate import CalibrationSettings, calibrate_bundle
     from scan_deploy.checkpoint import load_checkpoint
@@ -507,7 +515,8 @@ def calibrate(
         print(json.dumps(report))
     else:
         console.print(precision_tables(report, f"{bundle} {precision}"))
-    if not report["written"]:
+    scorers = report.get("int8_scorers", {}).values()
+    if not report["written"] or not all(scorer["written"] for scorer in scorers):
         raise typer.Exit(1)
 
 
@@ -569,7 +578,31 @@ def precision_tables(report: dict, title: str):
             f"suspect op: {op['graph']}:{op['op']} alone in {gate['precision']}: worst |ΔR@K| "
             f"{number(op['worst_delta_recall'], '.2f')} on the calibration sample"
         )
+    if "int8_scorers" in report:
+        lines.append(int8_scorer_table(report["int8_scorers"], gate["split_images"]))
     return Group(*lines)
+
+
+def int8_scorer_table(scorers: dict, images: int) -> Table:
+    """ΔR@K of each int8-gallery scorer (FP32 encoders, the gallery side as an int8 gallery
+    stores it) against the FP32 PyTorch reference, and whether it was written."""
+    table = Table(title=f"int8 scorers (int8 galleries, ONNX Runtime CPU): ΔR@K on {images} images")
+    for column in ("gallery", "i2t ΔR@1", "ΔR@5", "ΔR@10", "t2i ΔR@1", "ΔR@5", "ΔR@10"):
+        table.add_column(column, justify="left" if column == "gallery" else "right")
+    table.add_column("worst |ΔR@K|", justify="right")
+    table.add_column("result")
+    keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    for kind, record in scorers.items():
+        gate, deltas = record["gate"], record["gate"]["delta_recall"] or {}
+        worst = gate["worst_delta_recall"]
+        verdict = "PASSED" if gate["passed"] else "FAILED"
+        table.add_row(
+            kind,
+            *(f"{deltas[key]:+.2f}" if key in deltas else "n/a" for key in keys),
+            "not finite" if worst is None else f"{worst:.2f}",
+            f"{verdict}, {'written' if record['written'] else 'not written'}",
+        )
+    return table
 
 
 @app.command()
@@ -686,6 +719,7 @@ def query(
     shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
     faiss_params: FaissParams = None,
     token_candidates: TokenCandidates = None,
+    scorer: ExactScorer = choices.Scorer.AUTO,
     bundle: GalleryBundle = None,
     backend: Backend = choices.Backend.ONNXRUNTIME,
     precision: GraphPrecision = choices.Precision.FP32,
@@ -717,6 +751,7 @@ def query(
         first_stage=first_stage,
         faiss_params=faiss_params,
         token_candidates=token_candidates,
+        scorer=scorer,
     )
     results: list[tuple[str, list]] = []
     if texts:
@@ -750,6 +785,7 @@ def bench(
     shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
     faiss_params: FaissParams = None,
     token_candidates: TokenCandidates = None,
+    scorer: ExactScorer = choices.Scorer.AUTO,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per batch size.")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="Timed calls per batch size.")] = 20,
     bundle: GalleryBundle = None,
@@ -778,6 +814,7 @@ def bench(
         first_stage=first_stage,
         faiss_params=faiss_params,
         token_candidates=token_candidates,
+        scorer=scorer,
     )
     with progress_bar(err_console, transient=True) as progress:
         report = run_bench(
@@ -788,7 +825,7 @@ def bench(
         return
     title = (
         f"{gallery}: {report['gallery']['items']} images ({report['gallery']['dtype']}), "
-        f"{report['backend']}, {report['precision']} graphs, k={k}"
+        f"{report['backend']}, {report['precision']} graphs, {report['scorer']} scorer, k={k}"
         + (
             f", shortlist {shortlist} ({report['first_stage']} on "
             + (report["first_stage_index"] or report["shortlist_engine"])

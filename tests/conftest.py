@@ -32,3 +32,25 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     checkpoint = load_checkpoint(root / "run" / BEST)
     export_bundle(checkpoint, root / "bundle", 17, ShapeRanges.create(16, 8, 30))
     return root / "data", root / "run" / BEST, root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def int8_scored(trained, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the trained bundle with both int8-gallery scorers gated on the test split and
+    recorded (what `calibrate --precision int8` adds), and their gate records."""
+    import shutil
+
+    from scan_deploy.calibration.calibrate import write_int8_scorers
+    from scan_deploy.calibration.int8_scorer import gate_int8_scorers
+
+    from scan_deploy.bundle import load_bundle
+    from scan_deploy.evaluate import split_similarities
+
+    data, checkpoint, bundle_path = trained
+    copy = tmp_path_factory.mktemp("int8_scored") / "bundle"
+    shutil.copytree(bundle_path, copy)
+    bundle, test = load_bundle(copy), load_split(data, "test")
+    reference = split_similarities(load_checkpoint(checkpoint), test)
+    graphs, records = gate_int8_scorers(bundle, test, reference)
+    write_int8_scorers(bundle, graphs, records)
+    return copy, records

@@ -157,7 +157,9 @@ def _numpy_dtype(ort_type: str) -> str:
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, graph: Graph, entry: dict[str, Any], session: Any, source: Path) -> None:
+    def __init__(
+        self, graph: Graph | str, entry: dict[str, Any], session: Any, source: Path
+    ) -> None:
         self.graph = graph
         self.inputs: list[dict[str, Any]] = entry["inputs"]
         self.outputs: list[dict[str, Any]] = entry["outputs"]
@@ -186,6 +188,7 @@ class OnnxRuntimeBackend(RunnerCache):
         self.threads = threads
         self.providers = choose_providers(providers, self.ort.get_available_providers())
         self.name = f"onnxruntime ({EXECUTION_PROVIDERS[self.providers[0]]})"
+        self._int8_scorers: dict[str, OnnxRuntimeRunner] = {}
 
     def _open(self, graph: Graph) -> OnnxRuntimeRunner:
         entry = self.bundle.graph(graph, self.precision)
@@ -197,12 +200,7 @@ class OnnxRuntimeBackend(RunnerCache):
             providers = [
                 (EXECUTION_PROVIDERS[p], self._provider_options(p, graph)) for p in self.providers
             ]
-            try:
-                session = session_with_caches(self.ort, str(source), options, providers)
-            except _load_errors(self.ort) as exc:
-                reason = " ".join(str(exc).split())
-                message = f"ONNX Runtime cannot load the graph ({reason}): re-export the bundle"
-                raise input_error(source, None, message) from None
+            session = self._session(source, options, providers)
         check_interface(graph, entry, session, source)
         leading = EXECUTION_PROVIDERS[self.providers[0]]
         if session.get_providers()[:1] != [leading]:
@@ -213,6 +211,39 @@ class OnnxRuntimeBackend(RunnerCache):
                 ", ".join(session.get_providers()),
             )
         return OnnxRuntimeRunner(graph, entry, session, source)
+
+    def int8_scorer(self, kind: str) -> OnnxRuntimeRunner:
+        """The runner of the bundle's int8-gallery scorer for a gallery of `kind` (written by
+        `calibrate --precision int8`), opened once. It runs on the CPU provider only: its
+        integer GEMM is the CPU's u8s8 kernel; a UserError says why it cannot run here."""
+        if self.providers[0] != Provider.CPU:
+            leading = EXECUTION_PROVIDERS[self.providers[0]]
+            raise UserError(f"scorer int8: runs on ONNX Runtime's CPU provider, not {leading}")
+        entry = self.bundle.int8_scorer(kind)
+        if entry is None:
+            raise UserError(
+                f"scorer int8: {self.bundle.path} has no int8 scorer for {kind} galleries "
+                f"(scan-deploy calibrate {self.bundle.path} --data DIR --precision int8)"
+            )
+        with self._lock:
+            if kind not in self._int8_scorers:
+                source = self.bundle.path / entry["file"]
+                options = self.ort.SessionOptions()
+                options.intra_op_num_threads = self.threads
+                session = self._session(source, options, [("CPUExecutionProvider", {})])
+                label = f"int8_scorer.{kind}"
+                check_interface(label, entry, session, source)
+                self._int8_scorers[kind] = OnnxRuntimeRunner(label, entry, session, source)
+            return self._int8_scorers[kind]
+
+    def _session(self, source: Path, options: Any, providers: list) -> Any:
+        """A session on a bundle graph; a file ONNX Runtime cannot load is a UserError."""
+        try:
+            return session_with_caches(self.ort, str(source), options, providers)
+        except _load_errors(self.ort) as exc:
+            reason = " ".join(str(exc).split())
+            message = f"ONNX Runtime cannot load the graph ({reason}): re-export the bundle"
+            raise input_error(source, None, message) from None
 
     def _provider_options(self, provider: Provider, graph: Graph) -> dict[str, Any]:
         if provider != Provider.TENSORRT:

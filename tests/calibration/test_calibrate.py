@@ -50,6 +50,11 @@ def test_variant_meets_its_target_and_is_recorded(setup, precision):
     variant = reloaded.manifest["variants"][precision]
     assert variant["calibration"]["samples"] == SAMPLES
     assert variant["gate"]["delta_recall"] == gate["delta_recall"]
+    scorers = report.get("int8_scorers", {})  # int8 also gates the int8-gallery scorers
+    assert sorted(scorers) == ([] if precision == "fp16" else ["captions", "images"])
+    for kind, scorer in scorers.items():
+        assert scorer["written"] and scorer["gate"]["passed"]
+        assert reloaded.int8_scorer(kind)["gate"] == scorer["gate"]
 
 
 def test_int8_calibration_is_cached(setup, monkeypatch):
@@ -157,6 +162,7 @@ def test_calibrate_command(trained, tmp_path):
                  "--checkpoint", checkpoint, "--samples", 50)  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "error vs the FP32 PyTorch reference" in table.stdout and "PASSED" in table.stdout
+    assert "int8 scorers (int8 galleries" in table.stdout and "PASSED, written" in table.stdout
     assert load_bundle(tmp_path / "bundle").precisions() == ["fp32", "fp16", "int8"]
     bad = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "fp32")
     assert bad.returncode == 2

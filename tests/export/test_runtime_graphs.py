@@ -3,12 +3,18 @@
 import onnx
 import pytest
 from scan_deploy.export.runtime_graphs import RUNTIME_GRAPHS, write_runtime_graphs
-from scan_deploy.runtime.dequantize import CAST_FLOAT16, DEQUANTIZE_INT8, GRAPHS_DIR
+from scan_deploy.runtime.dequantize import (
+    CAST_FLOAT16,
+    DEQUANTIZE_INT8,
+    DEQUANTIZE_UINT8,
+    GRAPHS_DIR,
+)
 
 
 def test_the_runtime_ships_every_graph_by_its_name():
-    assert {CAST_FLOAT16.name, DEQUANTIZE_INT8.name} == set(RUNTIME_GRAPHS)
-    assert CAST_FLOAT16.parent == DEQUANTIZE_INT8.parent == GRAPHS_DIR
+    graphs = (CAST_FLOAT16, DEQUANTIZE_INT8, DEQUANTIZE_UINT8)
+    assert {graph.name for graph in graphs} == set(RUNTIME_GRAPHS)
+    assert {graph.parent for graph in graphs} == {GRAPHS_DIR}
 
 
 @pytest.mark.parametrize("name", list(RUNTIME_GRAPHS))

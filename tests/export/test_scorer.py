@@ -7,9 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from scan_deploy.export.scorer import scorer_graph
+from scan_deploy.export.scorer import int8_gallery_scorer_graph, scorer_graph
 
 from scan_deploy.config import AGG_FUNCS, CROSS_ATTNS, RAW_FEATURE_NORMS, ModelConfig
+from scan_deploy.int8_rows import quantize_int8
 from scan_deploy.scoring import caption_gram, l2norm, region_gram, score_block
 
 R, D, T = 5, 8, 7
@@ -77,3 +78,70 @@ def test_scorer_without_normalised_embeddings(direction):
     np.testing.assert_allclose(
         got, score_block(regions, words, lengths, config).numpy(), atol=1e-4, rtol=0
     )
+
+
+def _int8_run(config: ModelConfig, kind: str, regions, words, lengths) -> np.ndarray:
+    """The int8-gallery scorer of a `kind` gallery: that side's arrays fed as the gallery
+    stores them (codes and per-row scales), the other side float32."""
+    graph = int8_gallery_scorer_graph(config, kind)
+    onnx.checker.check_model(graph, full_check=True)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    images = {"regions": regions.numpy(), "region_gram": region_gram(regions).numpy()}
+    captions = {"words": words.numpy(), "caption_gram": caption_gram(words).numpy()}
+    stored = images if kind == "images" else captions
+    for name, value in list(stored.items()):
+        stored[name], stored[f"{name}_scale"] = quantize_int8(value)
+    feeds = {**images, **captions, "lengths": lengths.numpy()}
+    return session.run(["similarity"], {v.name: feeds[v.name] for v in session.get_inputs()})[0]
+
+
+@pytest.mark.parametrize("kind", ["images", "captions"])
+@pytest.mark.parametrize(
+    "norm,agg,direction", list(itertools.product(RAW_FEATURE_NORMS, AGG_FUNCS, CROSS_ATTNS))
+)
+def test_int8_gallery_scorer_is_close_to_pytorch_for_every_variant(kind, norm, agg, direction):
+    config = ModelConfig(
+        vocab_size=5, embed_size=32, raw_feature_norm=norm, agg_func=agg, cross_attn=direction
+    )
+    gen = torch.Generator().manual_seed(4)
+    regions = l2norm(torch.randn(3, R, 32, generator=gen), -1)
+    lengths = torch.tensor([T, 3, 1, 5])
+    words = torch.randn(4, T, 32, generator=gen)
+    words[torch.arange(T)[None] >= lengths[:, None]] = 0
+    words = l2norm(words, -1)
+    got = _int8_run(config, kind, regions, words, lengths)
+    expected = score_block(regions, words, lengths, config).numpy()
+    error = np.abs(got - expected).max()
+    assert got.shape == (3, 4) and 0 < error < 1.5e-2  # quantized (≤ 1/254 of each row), close
+
+
+@pytest.mark.parametrize("kind,direction", [("images", "t2i"), ("captions", "i2t")])
+def test_int8_gallery_scorer_is_the_float_scorer_on_the_quantized_values(kind, direction):
+    """Where the query side gives the norms (text queries of t2i models, image queries of i2t
+    ones) and its values are on the grid the graph rounds them to, the int8 scorer is the float
+    scorer fed the dequantized gallery side: only the GEMM's arithmetic differs."""
+    config = ModelConfig(vocab_size=5, embed_size=D, cross_attn=direction, agg_func="Mean")
+    regions, words, lengths = _inputs(4, 5, seed=7)
+
+    def on_grid(x):  # symmetric per row, the scale max|x| / 127, as the graph quantizes
+        scale = x.abs().amax(-1, keepdim=True) / 127
+        return torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)) * scale
+
+    def dequantized(x):
+        codes, scale = quantize_int8(x.numpy())
+        return torch.from_numpy((codes.astype(np.float32) - 128) * scale[..., None])
+
+    if kind == "images":
+        words = on_grid(words)
+        feeds = {"regions": dequantized(regions), "words": words}
+        feeds["region_gram"] = dequantized(region_gram(regions))
+    else:
+        regions = on_grid(regions)
+        feeds = {"regions": regions, "words": dequantized(words)}
+        feeds["caption_gram"] = dequantized(caption_gram(words))
+    got = _int8_run(config, kind, regions, words, lengths)
+    graph = scorer_graph(config)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {name: value.numpy() for name, value in feeds.items()} | {"lengths": lengths.numpy()}
+    expected = session.run(["similarity"], feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)

@@ -33,6 +33,7 @@ def test_float16_is_bit_identical_to_numpy(shape):
 def test_onnxruntime_graphs_are_used_when_installed():
     assert dequantize._session(dequantize.CAST_FLOAT16) is not None
     assert dequantize._session(dequantize.DEQUANTIZE_INT8) is not None
+    assert dequantize._session(dequantize.DEQUANTIZE_UINT8) is not None
 
 
 def without_onnxruntime(monkeypatch):
@@ -67,6 +68,22 @@ def test_int8_is_values_times_row_scale(monkeypatch, onnxruntime, shape):
     got = to_float32(q, scale)
     assert got.dtype == np.float32 and got.shape == q.shape
     expected = q.astype(np.float32) * scale[..., None]
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("onnxruntime", [True, False])
+@pytest.mark.parametrize("shape", [(4, 5, 8), (3, 8), (0, 5, 8), (2, 1, 1)])
+def test_uint8_codes_are_code_minus_128_times_row_scale(monkeypatch, onnxruntime, shape):
+    """Format 3 int8 galleries store q + 128: the same floats as q stored as int8."""
+    if not onnxruntime:
+        without_onnxruntime(monkeypatch)
+    rng = np.random.default_rng(3)
+    q = rng.integers(-127, 128, shape).astype(np.int8)
+    scale = (rng.random(shape[:-1]) * 0.01).astype(np.float32)
+    codes = (q.astype(np.int16) + 128).astype(np.uint8)
+    got = to_float32(codes, scale)
+    expected = q.astype(np.float32) * scale[..., None]
+    assert got.dtype == np.float32 and got.shape == q.shape
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 

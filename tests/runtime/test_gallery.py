@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scan_deploy.runtime.gallery import (
+    EMBEDDINGS,
+    ITEM_AXES,
     KINDS,
     GalleryWriter,
     open_gallery,
 )
 
-from scan_deploy.bundle import Bundle
+from scan_deploy.bundle import Bundle, sha256_file
 from scan_deploy.choices import GalleryDtype
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import UserError
@@ -144,7 +146,7 @@ def test_round_trip_every_kind_and_dtype(tmp_path, kind, dtype):
         (1, 4, 4),
         (2, 3, 8),
     ]
-    stored = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[dtype]
+    stored = {"fp32": np.float32, "fp16": np.float16, "int8": np.uint8}[dtype]
     main = "regions" if kind == "images" else "words"
     assert gallery.shards[0].load(main).dtype == stored
     assert isinstance(gallery.shards[0].load(main), np.memmap)
@@ -270,7 +272,7 @@ def test_manifest_records_bundle_identity_and_files(tmp_path):
     path, _, manifest = write(tmp_path, "images", "int8")
     on_disk = json.loads((path / "manifest.json").read_text())
     assert on_disk == manifest
-    assert manifest["format_version"] == 2 and manifest["shard_size"] == SHARD
+    assert manifest["format_version"] == 3 and manifest["shard_size"] == SHARD
     assert manifest["bundle"]["graphs"]["scorer"] == "c" * 64
     assert manifest["bundle"]["vocab"]["words_sha256"] == "d" * 64
     assert (manifest["bundle"]["embed_size"], manifest["bundle"]["cross_attn"]) == (D, "t2i")
@@ -282,7 +284,7 @@ def test_manifest_records_bundle_identity_and_files(tmp_path):
         "file": "shard-00002/regions.npy",
         "sha256": None,
         "shape": [3, R, D],
-        "dtype": "int8",
+        "dtype": "uint8",  # codes q + 128
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery"]  # no temp folder left
 
@@ -531,3 +533,22 @@ def test_import_needs_neither_torch_nor_onnx():
         "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_format_2_int8_gallery_stored_as_int8_reads_the_same(tmp_path, kind):
+    """Formats 1 and 2 stored int8 values as int8; format 3 stores the codes q + 128."""
+    path, _, manifest = write(tmp_path, kind, "int8")
+    now = open_gallery(path)
+    expected = {name: now.rows(name, np.arange(COUNT)) for name in ITEM_AXES[kind]}
+    for shard in manifest["shards"]:
+        for record in shard["files"].values():
+            if record["dtype"] == "uint8":
+                file = path / record["file"]
+                np.save(file, (np.load(file).astype(np.int16) - 128).astype(np.int8))
+                record.update(dtype="int8", sha256=sha256_file(file))
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    old = open_gallery(path)
+    assert old.shards[0].load(EMBEDDINGS[kind]).dtype == np.int8
+    for name, want in expected.items():
+        np.testing.assert_array_equal(old.rows(name, np.arange(COUNT)), want)

@@ -471,3 +471,98 @@ def test_first_stages_from_the_command_line(trained, tmp_path):
     done = run_cli("query", plain, caption, "--shortlist", 20, "--first-stage", "maxsim")
     assert done.returncode == 2
     assert "first_stages: the gallery has no maxsim first stage (indexed: none)" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def int8_indexed(int8_scored, trained, tmp_path_factory):
+    """(bundle with int8 scorers, test split, int8 gallery of it): shards of 150, so caption
+    shards differ in padded length."""
+    path, _ = int8_scored
+    data = trained[0]
+    bundle = load_bundle(path)
+    out = tmp_path_factory.mktemp("int8") / "g"
+    index_gallery(bundle, open_backend(bundle), data / "test_ims.npy", data / "test_caps.txt",
+                  out, dtype="int8", shard_size=150)  # fmt: skip
+    return bundle, load_split(data, "test"), out
+
+
+def _by_id(hits) -> dict[str, float]:
+    return {h.id: h.score for h in hits}
+
+
+def test_an_int8_gallery_is_scored_by_the_int8_scorer_close_to_the_float_one(int8_indexed):
+    bundle, split, gallery = int8_indexed
+    fast = Retriever.open(bundle, gallery)  # auto: the int8 scorer where it can run
+    slow = Retriever.open(bundle, gallery, scorer="float")
+    assert [s.stored for s in fast.scorers.values()] == [True, True]
+    assert [s.stored for s in slow.scorers.values()] == [False, False]
+    texts = split.captions[::50]
+    images = np.asarray(split.images[::20])
+    for got, want in (
+        (fast.search_text(texts, k=10), slow.search_text(texts, k=10)),
+        (fast.search_image(images, k=10), slow.search_image(images, k=10)),
+    ):
+        same_first = [a[0].id == b[0].id for a, b in zip(got, want, strict=True)]
+        assert np.mean(same_first) >= 0.9
+        for a, b in zip(got, want, strict=True):
+            common = _by_id(a).keys() & _by_id(b).keys()
+            assert len(common) >= 7
+            assert max(abs(_by_id(a)[i] - _by_id(b)[i]) for i in common) < 0.02
+
+
+def test_the_int8_scorer_reranks_stored_rows_as_it_scores_stored_blocks(int8_indexed):
+    """Re-ranked candidates (gathered across shards, captions padded to the longest shard) get
+    the scores the exhaustive pass gives them (blocks read straight from the memory maps)."""
+    bundle, split, gallery = int8_indexed
+    retriever = Retriever.open(bundle, gallery, scorer="int8")
+    texts = split.captions[:30]
+    for exact, short in (
+        (retriever.search_text(texts, k=5), retriever.search_text(texts, k=5, shortlist=350)),
+        (
+            retriever.search_image(np.asarray(split.images[:10]), k=5),
+            retriever.search_image(np.asarray(split.images[:10]), k=5, shortlist=1900),
+        ),
+    ):
+        for a, b in zip(exact, short, strict=True):
+            for hit in b:
+                if hit.id in _by_id(a):
+                    assert abs(hit.score - _by_id(a)[hit.id]) < 1e-5
+
+
+def test_the_int8_scorer_says_why_it_cannot_run(int8_indexed, indexed, trained):
+    bundle, split, gallery = int8_indexed
+    with pytest.raises(UserError, match=r"^scorer int8: .* stores fp32, not int8 \(scan-deploy"):
+        Retriever.open(bundle, indexed[2], scorer="int8")
+    plain = load_bundle(trained[2])  # never calibrated: no int8 scorers
+    with pytest.raises(UserError, match=r"has no int8 scorer for images galleries \(scan-deploy"):
+        Retriever.open(plain, gallery, scorer="int8")
+    assert not Retriever.open(plain, gallery).scorers["images"].stored  # auto: the float one
+    opened = Retriever.open(bundle, gallery, scorer="float")
+    opened.galleries["images"].manifest["format_version"] = 2
+    with pytest.raises(UserError, match="format 2, which stored int8 values as int8: re-run"):
+        Retriever(bundle, opened.galleries, opened.backend, scorer="int8")
+    with pytest.raises(UserError, match="^scorer: got 'int4', expected one of auto, float, int8$"):
+        Retriever.open(bundle, gallery, scorer="int4")
+
+
+def test_the_scorer_option_of_query_and_bench(int8_indexed, indexed):
+    bundle, split, gallery = int8_indexed
+    caption = split.captions[3]
+    done = run_cli("bench", gallery, "--bundle", bundle.path, "--batch", 1, "--iterations", 1,
+                   "--warmup", 0, "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["scorer"] == "int8"
+    done = run_cli("bench", gallery, "--bundle", bundle.path, "--batch", 1, "--iterations", 1,
+                   "--warmup", 0, "--scorer", "float")  # fmt: skip
+    assert done.returncode == 0 and "float scorer" in done.stdout
+    fast = run_cli("query", gallery, caption, "--bundle", bundle.path, "--json")
+    slow = run_cli("query", gallery, caption, "--bundle", bundle.path, "--scorer", "float",
+                   "--json")  # fmt: skip
+    first = [json.loads(out.stdout)["hits"][0]["id"] for out in (fast, slow)]
+    assert first[0] == first[1]
+    bad = run_cli("query", indexed[2], caption, "--scorer", "int8")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: scorer int8: {indexed[2] / 'images'} stores fp32, not int8 "
+        "(scan-deploy index --dtype int8)"
+    ]
