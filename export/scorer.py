@@ -155,9 +155,13 @@ def _pair_dims(g: GraphBuilder, regions: str, words: str) -> str:
 
 def _dequantize(g: GraphBuilder, name: str) -> str:
     """float32 of a stored uint8 array (X, P, P) and its `{name}_scale` (X, P): (c − 128)·scale,
-    the same arithmetic as the runtime's host dequantization."""
-    centred = g.op("Sub", [g.op("Cast", [name], to=TensorProto.FLOAT), g.const(np.float32(128))])
-    return g.op("Mul", [centred, g.unsqueeze(f"{name}_scale", 2)])
+    the runtime's host dequantization (`runtime/graphs/dequantize_uint8.onnx`), in one
+    DequantizeLinear over the rows (its per-row zero point has the scale's shape)."""
+    scale = g.op("Reshape", [f"{name}_scale", g.const(np.array([-1], np.int64), "flat")])
+    zero_point = g.op("Expand", [g.const(np.uint8(INT8_ZERO_POINT)), g.op("Shape", [scale])])
+    rows = g.op("Reshape", [name, g.const(np.array([-1, 0], np.int64), "rows")])  # (X·P, P)
+    flat = g.op("DequantizeLinear", [rows, scale, zero_point], axis=0)
+    return g.op("Reshape", [flat, g.op("Shape", [name])])
 
 
 def _diagonal_norms(g: GraphBuilder, gram: str) -> str:

@@ -524,6 +524,7 @@ class Shard:
     files: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
     dtype: GalleryDtype = GalleryDtype.FP32
     headers: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
+    maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def path(self, name: str) -> Path:
         return self.root / self._entry(name)["file"]
@@ -537,8 +538,12 @@ class Shard:
 
     def load(self, name: str) -> np.ndarray:
         """The raw stored array (uint8 codes / float16 / float32 / int64), memory-mapped
-        read-only."""
-        return open_npy(self.path(name), f": {_FIX}")
+        read-only, the map made once: a new map per block faulted its pages in again on every
+        query (32 of the int8 scorer's 152 ms per query over 10K images,
+        benchmarks/bench_int8_scorer.py)."""
+        if name not in self.maps:
+            self.maps[name] = open_npy(self.path(name), f": {_FIX}")
+        return self.maps[name]
 
     def block(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop (local to the shard) as a new float32 array, dequantized; `lengths`
