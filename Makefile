@@ -53,6 +53,15 @@ demo: install
 	$(CLI) query $(DEMO)/gallery --image-features $(DEMO)/query.npy -k 5
 	@echo "the same, two-stage: 50 of the 5000 captions (1%) by maxsim, re-ranked by exact SCAN"
 	$(CLI) query $(DEMO)/gallery --image-features $(DEMO)/query.npy -k 5 --shortlist 50
+	@echo "an int8 gallery, searched exactly on its stored codes by the int8 scorer"
+	@echo "(calibrate --precision int8 gated and wrote it), then the same against the float scorer"
+	$(CLI) index $(DEMO)/bundle --features $(DEMO)/data/test_ims.npy \
+		--captions $(DEMO)/data/test_caps.txt --out $(DEMO)/gallery-int8 --dtype int8
+	$(CLI) query $(DEMO)/gallery-int8 "$$(sed -n 1p $(DEMO)/data/test_caps.txt)" \
+		"$$(sed -n 7p $(DEMO)/data/test_caps.txt)" -k 3 --scorer int8
+	$(CLI) query $(DEMO)/gallery-int8 --image-features $(DEMO)/query.npy -k 5 --scorer int8
+	$(CLI) bench $(DEMO)/gallery-int8 --batch 1 --batch 32 --iterations 10 --scorer float
+	$(CLI) bench $(DEMO)/gallery-int8 --batch 1 --batch 32 --iterations 10 --scorer int8
 
 clean:
 	rm -rf $(DEMO)

@@ -47,7 +47,7 @@ from scan_deploy.calibration.gates import recall_deltas
 from scan_deploy.export.compare import check_same_model, ort_similarities
 from scan_deploy.export.verify import session
 from torch.utils._python_dispatch import TorchDispatchMode
-from workload import gemm_peak
+from workload import bf16_gemm_peak, gemm_peak
 
 from scan_deploy.allocator import keep_freed_memory
 from scan_deploy.batching import pad_tokens
@@ -236,17 +236,6 @@ def measure_latency(
         ms = 1e3 * np.asarray(seconds)
         table[graph][column] = Timing(float(np.median(ms)), float(np.percentile(ms, 90)))
     return dict(table)
-
-
-def bf16_gemm_peak(repeats: int = 5) -> float:
-    """Measured BF16 GEMM GFLOP/s (4096×1024×4096, autocast) with the current torch threads."""
-    a, b = torch.randn(4096, 1024), torch.randn(1024, 4096)
-    with torch.autocast("cpu", torch.bfloat16):
-        a @ b
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-    return 2 * 4096 * 1024 * 4096 * repeats / (time.perf_counter() - start) / 1e9
 
 
 # ------------------------------------------------------------------------ what actually runs

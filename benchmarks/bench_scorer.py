@@ -7,7 +7,8 @@ Both run on the same inputs with the same torch threads. The original loop (a li
 explicit attended context and the original's copies) is timed on the first `--loop-captions`
 captions and extrapolated linearly to all captions (its cost is exactly linear in the number of
 captions); the max abs difference is taken on that subset. GFLOP/s counts the logits GEMM
-(2·N·R·D·Σ lengths), next to a measured fp32 GEMM peak.
+(2·N·R·D·Σ lengths), next to a measured fp32 GEMM peak; with `--bf16`, the vectorized scorer is
+also timed under `torch.autocast("cpu", torch.bfloat16)` against the measured BF16 GEMM peak.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import time
 
 import torch
-from workload import embeddings, gemm_peak, workload_parser
+from workload import bf16_gemm_peak, embeddings, gemm_peak, workload_parser
 
 from scan_deploy.allocator import keep_freed_memory
 from scan_deploy.config import ModelConfig
@@ -74,6 +75,7 @@ def main() -> None:
     keep_freed_memory()  # as the CLI does
     parser = workload_parser(__doc__.split("\n")[0])
     parser.add_argument("--loop-captions", type=int, default=100)
+    parser.add_argument("--bf16", action="store_true", help="also time it under bf16 autocast")
     args = parser.parse_args()
     images, words, lengths = embeddings(args)
     print(
@@ -103,6 +105,22 @@ def main() -> None:
                 f"{loop_s / fast_s:>9.1f}x"
                 f"{diff:>12.2e}{gflops:>10.1f}{100 * gflops / peak:>7.0f}%"
             )
+    if args.bf16:
+        bf16_peak = bf16_gemm_peak()
+        print(f"bf16 GEMM peak (4096x1024x4096, autocast): {bf16_peak:.1f} GFLOP/s")
+        for direction in ("t2i", "i2t"):
+            for agg in ("LogSumExp", "Mean"):
+                cfg = ModelConfig(vocab_size=1, cross_attn=direction, agg_func=agg)
+                with torch.autocast("cpu", torch.bfloat16):
+                    start = time.perf_counter()
+                    similarity_matrix(images, words, lengths, cfg)
+                    seconds = time.perf_counter() - start
+                flops = 2 * args.images * args.regions * args.dim * int(lengths.sum())
+                gflops = flops / seconds / 1e9
+                print(
+                    f"{direction + ' ' + agg + ' bf16':<22}{seconds:>14.2f}{'':>18}{'':>10}"
+                    f"{'':>12}{gflops:>10.1f}{100 * gflops / bf16_peak:>7.0f}%"
+                )
 
 
 if __name__ == "__main__":

@@ -65,11 +65,14 @@ def attention_logits(
         return torch.softmax(logits, dim=dim) * scale
     if kind.startswith("clipped"):
         logits = F.leaky_relu(logits, 0.1)
+    # The norms as sums, not `torch.linalg.vector_norm`: over a non-last dim (i2t normalises over
+    # the regions, dim 1 of (n, R, m, T)) it took 4.7 ms where the sum takes 0.2 (torch 2.13 CPU,
+    # one 41 × 36 × 64 × 18 block), 20% of the i2t scorer.
     if kind.endswith("l2norm"):
-        norm = torch.linalg.vector_norm(logits, ord=2, dim=dim, keepdim=True)
+        norm = (logits * logits).sum(dim=dim, keepdim=True).sqrt()
         return logits * (scale / (norm + EPS))
     if kind.endswith("l1norm"):  # the original's `l1norm_d` was never defined: this is the intent
-        norm = torch.linalg.vector_norm(logits, ord=1, dim=dim, keepdim=True)
+        norm = logits.abs().sum(dim=dim, keepdim=True)
         return logits * (scale / (norm + EPS))
     return logits * scale
 

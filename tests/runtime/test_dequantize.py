@@ -55,9 +55,11 @@ def test_float16_slices_of_a_memory_map_are_read(tmp_path):
     np.testing.assert_array_equal(to_float32(mapped[:, ::2]), raw[:, ::2].astype(np.float32))
 
 
+@pytest.mark.parametrize("codes", [False, True])
 @pytest.mark.parametrize("onnxruntime", [True, False])
 @pytest.mark.parametrize("shape", [(4, 5, 8), (3, 8), (0, 5, 8), (2, 1, 1)])
-def test_int8_is_values_times_row_scale(monkeypatch, onnxruntime, shape):
+def test_int8_is_values_times_row_scale(monkeypatch, onnxruntime, shape, codes):
+    """int8 values as int8 (gallery formats 1, 2) or as uint8 codes q + 128 (format 3)."""
     if not onnxruntime:
         without_onnxruntime(monkeypatch)
     rng = np.random.default_rng(1)
@@ -65,25 +67,10 @@ def test_int8_is_values_times_row_scale(monkeypatch, onnxruntime, shape):
     scale = (rng.random(shape[:-1]) * 0.01).astype(np.float32)
     if scale.size:
         scale.reshape(-1)[0] = 0  # an all-zero row
-    got = to_float32(q, scale)
+    stored = (q.astype(np.int16) + 128).astype(np.uint8) if codes else q
+    got = to_float32(stored, scale)
     assert got.dtype == np.float32 and got.shape == q.shape
     expected = q.astype(np.float32) * scale[..., None]
-    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
-
-
-@pytest.mark.parametrize("onnxruntime", [True, False])
-@pytest.mark.parametrize("shape", [(4, 5, 8), (3, 8), (0, 5, 8), (2, 1, 1)])
-def test_uint8_codes_are_code_minus_128_times_row_scale(monkeypatch, onnxruntime, shape):
-    """Format 3 int8 galleries store q + 128: the same floats as q stored as int8."""
-    if not onnxruntime:
-        without_onnxruntime(monkeypatch)
-    rng = np.random.default_rng(3)
-    q = rng.integers(-127, 128, shape).astype(np.int8)
-    scale = (rng.random(shape[:-1]) * 0.01).astype(np.float32)
-    codes = (q.astype(np.int16) + 128).astype(np.uint8)
-    got = to_float32(codes, scale)
-    expected = q.astype(np.float32) * scale[..., None]
-    assert got.dtype == np.float32 and got.shape == q.shape
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
