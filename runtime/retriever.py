@@ -118,7 +118,8 @@ class Retriever:
                 LOG.info("%s: the float scorer (%s)", gallery.path, exc)
             else:
                 return GalleryScorer(_Locked(runner), cross_attn, stored=True)
-        return GalleryScorer(self._runners[Graph.SCORER], cross_attn)
+        resident = getattr(self.backend, "resident", None)  # device-resident blocks (torch)
+        return GalleryScorer(self._runners[Graph.SCORER], cross_attn, resident=resident)
 
     @classmethod
     def open(

@@ -13,7 +13,8 @@ takes (`runtime.backends.base.CallSizes`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -94,12 +95,25 @@ class GalleryScorer:
     runner: Any  # .run(feeds) -> [similarity (images, captions)]
     cross_attn: str
     stored: bool = False
+    # The backend's `resident(arrays)`: device copies of a block, or None past its budget
+    # (`TorchBackend.resident`); the blocks it took are kept here and scored from the device.
+    resident: Callable[[dict], dict | None] | None = None
+    device_blocks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def block(self, gallery: Gallery, shard: Shard, start: int, stop: int) -> dict:
-        """The scorer's inputs for the shard's items start:stop."""
+        """The scorer's inputs for the shard's items start:stop (the device copy when the
+        backend keeps it)."""
+        key = (gallery.path, shard.index, start, stop)
+        if key in self.device_blocks:
+            return self.device_blocks[key]
         if self.stored:
             return {name: shard.stored_block(name, start, stop) for name in _stored(gallery)}
-        return {name: shard.block(name, start, stop) for name in _item_arrays(gallery)}
+        items = {name: shard.block(name, start, stop) for name in _item_arrays(gallery)}
+        on_device = self.resident(items) if self.resident is not None else None
+        if on_device is None:
+            return items
+        self.device_blocks[key] = on_device
+        return on_device
 
     def rows(self, gallery: Gallery, indices: np.ndarray) -> dict:
         """The scorer's inputs for the gallery items at `indices`."""

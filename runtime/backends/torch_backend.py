@@ -14,6 +14,12 @@ The runners compute the graphs' outputs as `scan_deploy.export.verify.reference_
   pooled_embedding(words, lengths);
 - scorer: score_block(regions, words, lengths, config, gram) with the Gram the graph takes
   (`region_gram` for t2i, `caption_gram` for i2t).
+
+Gallery blocks can stay on the device (`resident`): exhaustive search uploads each block once,
+dequantized, and scores later queries against the device copy, so a block no longer goes
+host → device for every query (`runtime.search.GalleryScorer`). Up to `resident_bytes`: on CUDA
+half the device memory free when the backend opens, on the CPU 0 (the blocks are already in host
+memory there; a copy would only save their dequantization).
 """
 
 from __future__ import annotations
@@ -71,14 +77,19 @@ class TorchRunner:
         self._backend = backend
         self._names = [value["name"] for value in self.outputs]
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        arrays = prepare_feeds(self.graph, self.inputs, feeds)
+    def run(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        """Feeds are numpy arrays, or tensors `TorchBackend.resident` already put on the device
+        (checked when they were read from the gallery)."""
         torch = self._backend.torch
+        resident = {name: v for name, v in feeds.items() if isinstance(v, torch.Tensor)}
+        host = [value for value in self.inputs if value["name"] not in resident]
+        arrays = prepare_feeds(self.graph, host, feeds)
         device = self._backend.device
         tensors = {  # memory-mapped inputs are read-only: torch needs its own copy of those
             name: torch.from_numpy(array if array.flags.writeable else array.copy()).to(device)
             for name, array in arrays.items()
         }
+        tensors.update(resident)
         with torch.inference_mode(), self._backend.fp32():
             results = self._backend.compute(self.graph, tensors)
         missing = [name for name in self._names if name not in results]
@@ -134,6 +145,29 @@ class TorchBackend(RunnerCache):
         self.config = loaded.config
         self.model = loaded.model.eval().to(self.device)
         self.name = f"torch {self.device}"
+        self.resident_bytes = (
+            torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda" else 0
+        )
+        self._resident_used = 0
+        self._resident_lock = threading.Lock()
+
+    def resident(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+        """Device copies of one gallery block's scorer inputs (float32 / int64, as the scorer
+        takes them), or None once they would pass `resident_bytes`."""
+        inputs = {
+            value["name"]: value["dtype"] for value in self.bundle.graph(Graph.SCORER)["inputs"]
+        }
+        host = {
+            name: np.ascontiguousarray(array, dtype=inputs.get(name, array.dtype))
+            for name, array in arrays.items()
+        }
+        size = sum(array.nbytes for array in host.values())
+        with self._resident_lock:
+            if self._resident_used + size > self.resident_bytes:
+                return None
+            self._resident_used += size
+        torch = self.torch
+        return {name: torch.from_numpy(array).to(self.device) for name, array in host.items()}
 
     def _open(self, graph: Graph) -> TorchRunner:
         return TorchRunner(graph, self.bundle.graph(graph), self)

@@ -566,3 +566,31 @@ def test_the_scorer_option_of_query_and_bench(int8_indexed, indexed):
         f"error: scorer int8: {indexed[2] / 'images'} stores fp32, not int8 "
         "(scan-deploy index --dtype int8)"
     ]
+
+
+def test_the_torch_backend_keeps_gallery_blocks_on_its_device(indexed, trained, monkeypatch):
+    """Blocks the backend keeps (`resident_bytes`: on CUDA half the free memory; forced here on
+    the CPU) are read and uploaded once and scored from the device copy afterwards, up to the
+    budget; the hits are the same."""
+    from scan_deploy.runtime.gallery import Shard
+
+    bundle, split, gallery, _ = indexed
+    checkpoint = trained[1]
+    plain = Retriever.open(bundle, gallery, "torch", checkpoint=checkpoint)
+    assert plain.backend.resident_bytes == 0  # the CPU: nothing kept
+    texts = split.captions[:12]
+    expected = plain.search_text(texts, k=5)
+    reads = []
+    original = Shard.block
+    monkeypatch.setattr(Shard, "block", lambda self, *a: reads.append(a) or original(self, *a))
+    block = 16 * 8 * (32 + 8) * 4  # 16 images: regions (8 × 32) and Gram (8 × 8), float32
+    for budget, kept in ((10**9, 27), (block, 1)):  # shards of 150, 150, 100: 27 blocks of ≤ 16
+        backend = open_backend(bundle, "torch", checkpoint=checkpoint, device="cpu")
+        backend.resident_bytes = budget
+        resident = Retriever(bundle, plain.galleries, backend)
+        reads.clear()
+        assert resident.search_text(texts, k=5) == expected
+        first = len(reads)
+        assert resident.search_text(texts, k=5) == expected
+        assert len(resident.scorers["images"].device_blocks) == kept
+        assert len(reads) - first == first - 2 * kept  # the kept blocks are not read again
