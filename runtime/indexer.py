@@ -1,8 +1,10 @@
 """`scan-deploy index`: encode region features (and optionally captions) once into a gallery
 folder: `images/` for text→image search and `captions/` for image→text search (docs/formats.md).
 
-Image ids are the row numbers of the features file; caption ids are `image:k` (the k-th caption
-of that image, 5 or 1 per image as in the precomp format), so a hit names its ground truth. The
+Image ids are those of `{split}_ids.txt` beside `{split}_ims.npy` when there is one (`data
+import-tsv` writes it: the detector's image ids), else the row numbers of the features file;
+caption ids are `image:k` (the k-th caption of that image, 5 or 1 per image as in the precomp
+format), so a hit names its ground truth. The
 whole folder is written beside the target and renamed when both galleries are complete.
 
 Images and captions are encoded in batches of the engine's optimal size, and captions longer
@@ -32,7 +34,7 @@ from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
 from scan_deploy.choices import FirstStage, GalleryDtype
 from scan_deploy.errors import input_error
-from scan_deploy.precomp import check_feature_dim, load_files
+from scan_deploy.precomp import check_feature_dim, image_ids, load_files
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -67,6 +69,7 @@ def index_gallery(
     n, dim = len(data.images), int(bundle.config.embed_size)
     stages = check_stages(first_stages or {}, dim, n, n * data.num_regions, out / "images")
     features, captions, per_image = data.images, data.captions, data.captions_per_image
+    names = image_ids(features_path, n)
     runner = backend.runner("image_encoder")  # both graphs opened (and checked) before any work
     text_runner = backend.runner("text_encoder") if captions else None
     sizes = CallSizes.of(backend)
@@ -85,7 +88,7 @@ def index_gallery(
                 batch = np.asarray(features[start : start + sizes.image_batch], np.float32)
                 regions, region_gram, pooled = runner.run({"features": batch})
                 check_encoded_images(batch, regions, pooled, features_path, start)
-                ids = [str(i) for i in ids_range(start, batch)]
+                ids = [names[i] for i in ids_range(start, batch)]
                 texts = (
                     [captions[i * per_image] for i in ids_range(start, batch)] if captions else None
                 )
@@ -104,7 +107,7 @@ def index_gallery(
                 first_stages=stages,
                 where=out / "captions",
             )
-            _index_captions(writer, bundle, text_runner, captions_path, data, report, sizes)
+            _index_captions(writer, bundle, text_runner, captions_path, data, names, report, sizes)
             manifests["captions"] = writer.manifest
     return manifests
 
@@ -113,7 +116,7 @@ def ids_range(start: int, batch: np.ndarray) -> range:
     return range(start, start + len(batch))
 
 
-def _index_captions(writer, bundle, runner, captions_path, data, report, sizes) -> None:
+def _index_captions(writer, bundle, runner, captions_path, data, names, report, sizes) -> None:
     captions, per_image, cut = data.captions, data.captions_per_image, 0
     with writer:
         for start in range(0, len(captions), sizes.text_batch):
@@ -125,7 +128,8 @@ def _index_captions(writer, bundle, runner, captions_path, data, report, sizes) 
             lines = [f"line {j + 1}" for j in range(start, start + len(chunk))]
             check_encoded_texts(words, pooled, lengths, captions_path, lines)
             arrays = {"words": words, "lengths": lengths, "caption_gram": caption_gram}
-            ids = [f"{j // per_image}:{j % per_image}" for j in range(start, start + len(chunk))]
+            rows = range(start, start + len(chunk))
+            ids = [f"{names[j // per_image]}:{j % per_image}" for j in rows]
             writer.add({**arrays, "global": pooled}, ids, chunk)
             report("captions", len(chunk), len(captions))
     bundle.warn_cut(cut, len(captions), "captions", sizes.max_tokens)

@@ -159,6 +159,49 @@ def data_synth(
         console.print(f"wrote {out}: {summary}")
 
 
+@data_app.command("import-tsv")
+def data_import_tsv(
+    tsv: Annotated[
+        list[Path], typer.Argument(help="Bottom-up-attention TSV files, read in this order.")
+    ],
+    out: Annotated[Path, typer.Option(help="Precomp data folder to write the split into.")],
+    split: Annotated[str, typer.Option(help="Split name: writes {split}_ims.npy and the rest.")],
+    captions: Annotated[
+        Path | None,
+        typer.Option(help="Captions, 1 or 5 per image a line, in the TSV's image order."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace the split's existing files.")] = False,
+    as_json: Summary = False,
+) -> None:
+    """Region features from bottom-up-attention TSV files (image_id, image_w, image_h,
+    num_boxes, boxes, features; base64 float32) into a precomp split, streamed: the features,
+    and beside them the image ids, the boxes and the image sizes."""
+    from dataclasses import asdict
+
+    from scan_deploy.bottom_up_tsv import import_tsv
+    from scan_deploy.precomp import read_captions, split_paths
+    from scan_deploy.progress import progress_bar, stage_bars
+
+    if not split or not split.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"split: got {split!r}, expected a name of letters, digits, - and _")
+    for path in tsv:
+        if not path.is_file():
+            raise UserError(f"{path}: file not found, expected a bottom-up-attention TSV file")
+    existing = split_paths(out, split)[0]
+    if existing.exists() and not force:
+        raise UserError(f"{existing}: exists; pass --force to replace the split")
+    lines = read_captions(captions) if captions is not None else None
+    with progress_bar(err_console, transient=True) as progress:
+        summary = import_tsv(tsv, out, split, lines, stage_bars(progress, "reading "))
+    if as_json:
+        print(json.dumps(asdict(summary)))
+    else:
+        console.print(
+            f"wrote split {split!r} to {out}: {summary.images} images × {summary.regions} boxes "
+            f"× {summary.features} features, with ids, boxes and image sizes"
+        )
+
+
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="Precomp data folder (train/dev splits + vocab).")],

@@ -89,9 +89,32 @@ def load_files(
         check_finite_features(images, Path(ims_path))
     if caps_path is None:
         return PrecompSplit(images, [], 0, Path(ims_path))
-    captions = _read_captions(Path(caps_path))
+    captions = read_captions(Path(caps_path))
     per_image = _captions_per_image(len(captions), images.shape[0], Path(caps_path), Path(ims_path))
     return PrecompSplit(images, captions, per_image, Path(ims_path))
+
+
+def image_ids(ims_path: Path, count: int) -> list[str]:
+    """The ids of the images of a features file: the lines of `{split}_ids.txt` beside
+    `{split}_ims.npy` when there is one (`data import-tsv` writes it), else the row numbers.
+    The file must hold `count` unique, non-empty ids (a UserError names the line)."""
+    ims_path = Path(ims_path)
+    if not ims_path.name.endswith("_ims.npy"):
+        return [str(i) for i in range(count)]
+    path = ims_path.with_name(ims_path.name.removesuffix("_ims.npy") + "_ids.txt")
+    if not path.is_file():
+        return [str(i) for i in range(count)]
+    ids = read_captions(path)  # one non-empty line each, UTF-8
+    if len(ids) != count:
+        message = f"has {len(ids)} ids for the {count} images of {ims_path.name}, expected one each"
+        raise input_error(path, None, message)
+    first: dict[str, int] = {}
+    for number, image_id in enumerate(ids, start=1):
+        if image_id in first:
+            message = f"{image_id!r} again (first at line {first[image_id]}), expected unique ids"
+            raise input_error(path, f"line {number}", message)
+        first[image_id] = number
+    return ids
 
 
 def find_vocab(data_dir: str | Path, data_name: str | None = None) -> Path:
@@ -268,7 +291,9 @@ def _chunks(images: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield start, np.asarray(images[start : start + rows])
 
 
-def _read_captions(path: Path) -> list[str]:
+def read_captions(path: Path) -> list[str]:
+    """One caption (or id) a line (UTF-8, a BOM dropped); an empty line is a UserError naming
+    it."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -36,3 +36,49 @@ def test_force_never_deletes_the_torch_backends_checkpoint(tmp_path):
     with pytest.raises(UserError, match=f"^{gallery}: holds the input {gallery / 'ckpt'}; "):
         index_gallery(bundle, backend, tmp_path / "ims.npy", None, gallery, force=True)
     assert (gallery / "ckpt" / "model.safetensors").is_file()
+
+
+def test_a_bottom_up_tsv_becomes_a_gallery_whose_hits_carry_its_image_ids(trained, tmp_path):
+    """The user's path: detector TSV → `data import-tsv` → `index` → `query`: hits are named by
+    the TSV's image ids (captions by `image_id:k`)."""
+    import base64
+    import json
+
+    from scan_deploy.precomp import load_split
+    from tests.cli_runner import run_cli
+
+    data, _, bundle = trained
+    test = load_split(data, "test")
+    count, per_image = 30, test.captions_per_image
+    lines = []
+    for i in range(count):
+        features = np.asarray(test.images[i], np.float32)
+        boxes = np.tile(np.array([[0, 0, 10, 10]], np.float32), (len(features), 1))
+        fields = [f"COCO_val_{1000 + i}", "640", "480", str(len(features))]
+        fields += [base64.b64encode(a.tobytes()).decode() for a in (boxes, features)]
+        lines.append("\t".join(fields) + "\n")
+    (tmp_path / "features.tsv").write_text("".join(lines))
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(c + "\n" for c in test.captions[: count * per_image]))
+    out = tmp_path / "data"
+    done = run_cli("data", "import-tsv", tmp_path / "features.tsv", "--out", out, "--split",
+                   "mine", "--captions", captions)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    gallery = tmp_path / "gallery"
+    done = run_cli("index", bundle, "--features", out / "mine_ims.npy", "--captions",
+                   out / "mine_caps.txt", "--out", gallery, "--dtype", "fp32")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = run_cli("query", gallery, test.captions[3 * per_image], "-k", 3, "--json")
+    hits = json.loads(done.stdout)["hits"]
+    assert [hit["id"] for hit in hits] == [f"COCO_val_{1000 + hit['index']}" for hit in hits]
+    np.save(tmp_path / "q.npy", np.asarray(test.images[5:6], np.float32))
+    done = run_cli("query", gallery, "--image-features", tmp_path / "q.npy", "-k", 5, "--json")
+    hits = json.loads(done.stdout)["hits"]
+    expected = [f"COCO_val_{1000 + h['index'] // per_image}:{h['index'] % per_image}" for h in hits]
+    assert [hit["id"] for hit in hits] == expected
+    (out / "mine_ids.txt").write_text("a\nb\na\n" + "".join(f"x{i}\n" for i in range(count - 3)))
+    bad = run_cli("index", bundle, "--features", out / "mine_ims.npy", "--out", tmp_path / "g2")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        f"error: {out / 'mine_ids.txt'}: line 3: 'a' again (first at line 1), expected unique ids"
+    )
