@@ -13,7 +13,7 @@ DEMO_EPOCHS ?= 4
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[reference,export,faiss,dev]'
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[reference,export,faiss,plots,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,7 +28,7 @@ test: lint
 demo: install
 	rm -rf $(DEMO)
 	$(CLI) data synth --out $(DEMO)/data --train $(DEMO_TRAIN) --dev 1000 --test 1000 --img-dim 256 \
-		--noise 0.5 --seed 0
+		--noise 0.5 --seed 0 --pictures
 	$(CLI) train --data $(DEMO)/data --out $(DEMO)/run --epochs $(DEMO_EPOCHS) --embed-size 256 \
 		--word-dim 128 --lr 2e-3 --lr-update 3 --val-images 500
 	$(CLI) evaluate $(DEMO)/run/model_best --data $(DEMO)/data --split test
@@ -62,6 +62,9 @@ demo: install
 	$(CLI) query $(DEMO)/gallery-int8 --image-features $(DEMO)/query.npy -k 5 --scorer int8
 	$(CLI) bench $(DEMO)/gallery-int8 --batch 1 --batch 32 --iterations 10 --scorer float
 	$(CLI) bench $(DEMO)/gallery-int8 --batch 1 --batch 32 --iterations 10 --scorer int8
+	@echo "explain: test caption 0 and its image; each word's attention over the image's boxes"
+	$(CLI) explain $(DEMO)/bundle --data $(DEMO)/data --image 0 --caption 0 \
+		--png $(DEMO)/explain.png
 
 clean:
 	rm -rf $(DEMO)

@@ -27,7 +27,12 @@ from scan_deploy.scoring import EPS
 MASKED = -1e30
 
 
-def scorer_graph(config: ModelConfig, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def scorer_graph(
+    config: ModelConfig, opset: int = DEFAULT_OPSET, attention: bool = False
+) -> onnx.ModelProto:
+    """The scorer; with `attention`, also its attention weights as a second output `attention`
+    (images, regions, captions, words): t2i, each word's weights over the regions; i2t, each
+    region's weights over the words (the explain graph, `scan-deploy explain`)."""
     g = GraphBuilder(opset)
     t2i = config.cross_attn == "t2i"
     valid = g.length_mask("words", "lengths")  # (M, T) bool
@@ -35,10 +40,13 @@ def scorer_graph(config: ModelConfig, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     logits = _logits(g, words, config.embed_size)  # (N, R, M, T)
     if t2i:
         norms = lambda: g.reduce("ReduceL2", words, [2], 0)  # noqa: E731 (M, T)
-        g.output_as(_t2i(g, config, logits, valid, norms), "similarity")
+        similarity, attn = _t2i(g, config, logits, valid, norms)
     else:
         norms = lambda: g.reduce("ReduceL2", "regions", [2], 1)  # noqa: E731 (N, R, 1)
-        g.output_as(_i2t(g, config, logits, valid, norms), "similarity")
+        similarity, attn = _i2t(g, config, logits, valid, norms)
+    g.output_as(similarity, "similarity")
+    if attention:
+        g.output_as(attn, "attention")
     d = config.embed_size
     image_side = [value_info("regions", TensorProto.FLOAT, ["images", "regions", d])]
     caption_side = [
@@ -53,8 +61,11 @@ def scorer_graph(config: ModelConfig, opset: int = DEFAULT_OPSET) -> onnx.ModelP
         caption_side.append(
             value_info("caption_gram", TensorProto.FLOAT, ["captions", "words", "words"])
         )
-    output = value_info("similarity", TensorProto.FLOAT, ["images", "captions"])
-    return g.model(image_side + caption_side, [output], f"scan_scorer_{config.cross_attn}")
+    outputs = [value_info("similarity", TensorProto.FLOAT, ["images", "captions"])]
+    if attention:
+        dims = ["images", "regions", "captions", "words"]
+        outputs.append(value_info("attention", TensorProto.FLOAT, dims))
+    return g.model(image_side + caption_side, outputs, f"scan_scorer_{config.cross_attn}")
 
 
 def int8_gallery_scorer_graph(
@@ -82,10 +93,10 @@ def int8_gallery_scorer_graph(
         gram = _dequantize(g, "region_gram")
         if t2i:
             norms = lambda: g.reduce("ReduceL2", words, [2], 0)  # noqa: E731 (M, T)
-            similarity = _t2i(g, config, logits, valid, norms, gram)
+            similarity, _ = _t2i(g, config, logits, valid, norms, gram)
         else:
             norms = lambda: g.unsqueeze(_diagonal_norms(g, gram), 2)  # noqa: E731 (N, R, 1)
-            similarity = _i2t(g, config, logits, valid, norms)
+            similarity, _ = _i2t(g, config, logits, valid, norms)
     else:
         flat = _integer_logits(g, "words", "words_scale", "regions", config.embed_size)
         by_image = g.op("Transpose", [flat], perm=[1, 0])  # (N·R, M·T)
@@ -93,10 +104,10 @@ def int8_gallery_scorer_graph(
         gram = _dequantize(g, "caption_gram")
         if t2i:
             norms = lambda: _diagonal_norms(g, gram)  # noqa: E731 (M, T)
-            similarity = _t2i(g, config, logits, valid, norms)
+            similarity, _ = _t2i(g, config, logits, valid, norms)
         else:
             norms = lambda: g.reduce("ReduceL2", "regions", [2], 1)  # noqa: E731 (N, R, 1)
-            similarity = _i2t(g, config, logits, valid, norms, gram)
+            similarity, _ = _i2t(g, config, logits, valid, norms, gram)
     g.output_as(similarity, "similarity")
     output = value_info("similarity", TensorProto.FLOAT, ["images", "captions"])
     inputs = _int8_gallery_inputs(config, kind)
@@ -236,8 +247,9 @@ def _t2i(
     valid: str,
     word_norms: Callable[[], str],
     region_gram: str = "region_gram",
-) -> str:
-    """`word_norms()` emits the (M, T) norms of the words where the graph needs them."""
+) -> tuple[str, str]:
+    """(similarity, attention); `word_norms()` emits the (M, T) norms of the words where the
+    graph needs them."""
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
     scaled = _attention_logits(g, config, logits, 3, valid4)
     attn = g.softmax(scaled, 1, 4)  # over regions
@@ -250,7 +262,7 @@ def _t2i(
     context_sq = g.reduce("ReduceSum", g.op("Mul", [attn, gram_attn]), [1], 0)
     relevance = _cosine(g, numerator, word_norms(), context_sq)  # (N, M, T)
     count = g.op("Cast", ["lengths"], to=TensorProto.FLOAT)  # broadcasts over (N, M)
-    return _aggregate(g, config, relevance, 2, g.unsqueeze(valid, 0), count)
+    return _aggregate(g, config, relevance, 2, g.unsqueeze(valid, 0), count), attn
 
 
 def _i2t(
@@ -260,8 +272,9 @@ def _i2t(
     valid: str,
     region_norms: Callable[[], str],
     caption_gram: str = "caption_gram",
-) -> str:
-    """`region_norms()` emits the (N, R, 1) norms of the regions where the graph needs them."""
+) -> tuple[str, str]:
+    """(similarity, attention); `region_norms()` emits the (N, R, 1) norms of the regions where
+    the graph needs them."""
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
     scaled = _attention_logits(g, config, logits, 1, None)
     masked = g.op("Where", [valid4, scaled, g.const(np.float32(MASKED), "masked")])
@@ -281,4 +294,4 @@ def _i2t(
     attn_gram = g.op("Transpose", [g.op("Reshape", [attn_gram, m_n_r_t])], perm=[1, 2, 0, 3])
     context_sq = g.reduce("ReduceSum", g.op("Mul", [attn, attn_gram]), [3], 0)  # (N, R, M)
     relevance = _cosine(g, numerator, region_norms(), context_sq)
-    return _aggregate(g, config, relevance, 1, None, None)
+    return _aggregate(g, config, relevance, 1, None, None), attn

@@ -40,6 +40,7 @@ VOCAB = "vocab.json"
 MARKER = Marker(MANIFEST, ("format_version", "graphs", "opset", "shape_ranges"), "bundle")
 LOG = logging.getLogger(__name__)
 INT8_SCORER_KINDS = ("images", "captions")  # gallery kinds (`runtime.gallery.KINDS`)
+EXPLAIN_FILE = "explain.onnx"  # the scorer with its attention as a second output
 # The graphs' symbolic dims, by the manifest shape range they take their sizes from.
 DIM_RANGES = {
     "batch": "batch",
@@ -106,6 +107,17 @@ class Bundle:
         captions), written by `scan-deploy calibrate --precision int8` when it passed its gate,
         or None."""
         return self.manifest.get("int8_scorers", {}).get(kind)
+
+    def explain_graph(self) -> dict[str, Any]:
+        """The manifest entry of the explain graph (the scorer with its attention, written by
+        `export`); a UserError for a bundle exported before it existed."""
+        entry = self.manifest.get("explain")
+        if entry is None:
+            raise UserError(
+                f"{self.path}: the bundle has no explain graph (exported before `explain` "
+                "existed): re-export it with scan-deploy export"
+            )
+        return entry
 
     def precisions(self) -> list[str]:
         return ["fp32", *self.manifest.get("variants", {})]
@@ -183,6 +195,8 @@ def load_bundle(path: str | Path) -> Bundle:
             if name not in graphs:
                 raise input_error(manifest_path, field, "missing from the manifest")
             _check_file(path, variant["graphs"][name], manifest_path, field)
+    if "explain" in manifest:
+        _check_file(path, manifest["explain"], manifest_path, "explain")
     scorers = typed(manifest.get("int8_scorers", {}), dict, "int8_scorers", manifest_path)
     for kind, entry in scorers.items():
         if kind not in INT8_SCORER_KINDS:

@@ -134,10 +134,14 @@ def data_synth(
     noise: Annotated[
         float, typer.Option(help="Appearance jitter and feature noise (lower is easier).")
     ] = 1.0,
+    pictures: Annotated[
+        bool, typer.Option(help="Also draw every image as {split}_images/{row}.png (needs plots).")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing synthetic data folder.")] = False,
     as_json: Summary = False,
 ) -> None:
-    """Write the synthetic benchmark (train/dev/test + vocabulary) in the precomp format."""
+    """Write the synthetic benchmark (train/dev/test + vocabulary) in the precomp format, with
+    each region's box beside the features."""
     from dataclasses import asdict
 
     from scan_deploy.synth import write_synthetic
@@ -151,6 +155,7 @@ def data_synth(
             img_dim=img_dim,
             seed=seed,
             noise=noise,
+            pictures=pictures,
             force=force,
         )
     if as_json:
@@ -813,6 +818,96 @@ def query(
         for rank, hit in enumerate(hits, start=1):
             table.add_row(str(rank), hit.id, f"{hit.score:.4f}", hit.text or "")
         console.print(table)
+
+
+@app.command()
+def explain(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
+    data: Annotated[Path, typer.Option(help="Precomp data folder holding the image.")],
+    image: Annotated[int, typer.Option(min=0, help="The image: its row in the split.")],
+    split: Annotated[str, typer.Option(help="Split the image is in.")] = "test",
+    caption: Annotated[
+        int | None, typer.Option(min=0, help="A caption of the split, by line (0-based).")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="Or any text to pair the image with.")] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Also draw the attention into this PNG (needs plots).")
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the image files, named by image id (default: {split}_images beside "
+            "the split, when there is one)."
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Regions listed per word in the table.")] = 3,
+    backend: Backend = choices.Backend.ONNXRUNTIME,
+    precision: GraphPrecision = choices.Precision.FP32,
+    threads: Threads = 0,
+    checkpoint: TorchCheckpoint = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The attention SCAN used to score an image and a caption: for each word, its weights over
+    the image's regions (t2i models; i2t: each region's weights over the words), with the
+    regions' boxes when the split has them (`data import-tsv`), as a table, JSON or a PNG."""
+    import numpy as np
+
+    from scan_deploy.attention_picture import find_picture, load_picture, write_explain_png
+    from scan_deploy.bundle import load_bundle
+    from scan_deploy.precomp import image_boxes, image_ids, load_split
+    from scan_deploy.runtime.backends import open_backend
+    from scan_deploy.runtime.explain import Explainer
+
+    if (caption is None) == (text is None):
+        raise UserError("give one of --caption (a line of the split) or --text")
+    loaded = load_bundle(bundle)
+    opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
+    explainer = Explainer(loaded, opened, threads)
+    pairs = load_split(data, split)
+    if image >= pairs.num_images:
+        raise UserError(f"image: got {image}, the {split} split has {pairs.num_images} images")
+    if caption is not None and caption >= pairs.num_captions:
+        raise UserError(f"caption: got {caption}, the {split} split has {pairs.num_captions}")
+    words = text if text is not None else pairs.captions[caption]
+    result = explainer.explain(np.asarray(pairs.images[image], np.float32), words)
+    name = image_ids(pairs.features_path, pairs.num_images)[image]
+    boxed = image_boxes(pairs.features_path, pairs.num_images, pairs.num_regions)
+    boxes = None if boxed is None else np.asarray(boxed[0][image], np.float32)
+    size = None if boxed is None else tuple(int(v) for v in boxed[1][image])
+    folder = images if images is not None else data / f"{split}_images"
+    picture_path = find_picture(folder, name) if folder.is_dir() else None
+    if images is not None and picture_path is None:
+        raise UserError(f"{folder}: no {name}.png, .jpg or .jpeg (the image's id is {name!r})")
+    if png is not None:
+        title = f"image {name} × {words!r}: similarity {result.similarity:.4f} ({result.direction})"
+        picture = None
+        if picture_path is not None and boxes is not None:
+            picture = load_picture(picture_path, size)
+        write_explain_png(png, result.tokens, result.weights, title, boxes, size, picture)
+    if as_json:
+        extra = {"image": name, "caption": words, "png": None if png is None else str(png)}
+        extra["image_file"] = None if picture_path is None else str(picture_path)
+        if boxes is not None:
+            extra.update(boxes=boxes.tolist(), image_size=list(size))
+        print(json.dumps({**result.to_dict(), **extra}))
+        return
+    what = "its regions" if result.direction == "t2i" else "the regions that attend to it"
+    table = Table(
+        title=f"image {name} × {words!r}: similarity {result.similarity:.4f}; each word and "
+        f"{what} (weight{', box x1 y1 x2 y2' if boxes is not None else ''})"
+    )
+    table.add_column("word")
+    for rank in range(1, top + 1):
+        table.add_column(f"region #{rank}", justify="right")
+    for index, token in enumerate(result.tokens):
+        cells = []
+        for region, weight in result.top_regions(index, top):
+            box = "" if boxes is None else " [" + " ".join(f"{v:.0f}" for v in boxes[region]) + "]"
+            cells.append(f"{region}: {weight:.3f}{box}")
+        table.add_row(token, *cells)
+    console.print(table)
+    if png is not None:
+        console.print(f"wrote {png}")
 
 
 @app.command()

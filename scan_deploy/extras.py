@@ -31,6 +31,8 @@ EXTRAS = {
     "onnx": Extra("ONNX", ("export", "gpu")),
     "onnxruntime": Extra("ONNX Runtime", ("export", "gpu")),
     "faiss": Extra("FAISS", ("faiss",)),
+    "matplotlib": Extra("matplotlib", ("plots",)),
+    "PIL": Extra("Pillow", ("plots",)),
 }
 
 

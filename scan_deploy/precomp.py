@@ -117,6 +117,27 @@ def image_ids(ims_path: Path, count: int) -> list[str]:
     return ids
 
 
+def image_boxes(ims_path: Path, images: int, regions: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The boxes (images, regions, 4) and image sizes (images, 2: width, height) written beside
+    `{split}_ims.npy` by `data import-tsv` (`{split}_boxes.npy`, `{split}_image_sizes.npy`),
+    memory-mapped, or None when the split has none; a UserError names a file of another shape."""
+    ims_path = Path(ims_path)
+    if not ims_path.name.endswith("_ims.npy"):
+        return None
+    stem = ims_path.name.removesuffix("_ims.npy")
+    paths = ims_path.with_name(f"{stem}_boxes.npy"), ims_path.with_name(f"{stem}_image_sizes.npy")
+    if not all(path.is_file() for path in paths):
+        return None
+    arrays = []
+    for path, shape in zip(paths, ((images, regions, 4), (images, 2)), strict=True):
+        array = open_npy(path)
+        if array.shape != shape:
+            message = f"has shape {array.shape}, expected {shape} (those of {ims_path.name})"
+            raise input_error(path, "shape", message)
+        arrays.append(array)
+    return arrays[0], arrays[1]
+
+
 def find_vocab(data_dir: str | Path, data_name: str | None = None) -> Path:
     """The vocabulary in `data_dir`: `{data_name}_vocab.json` when the data set's name is known,
     otherwise the single `*_vocab.json` file there."""

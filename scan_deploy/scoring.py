@@ -166,10 +166,7 @@ def score_t2i_block(images: ImageSide, captions: CaptionSide, config: ModelConfi
     m, t, _ = captions.words.shape
     valid = captions.valid
     logits = _logits(images.regions, captions.words)  # (n, R, m, T), zero at padded words
-    scaled = attention_logits(
-        logits, config.raw_feature_norm, 3, config.lambda_softmax, valid[None, None]
-    )
-    attn = torch.softmax(scaled, dim=1)  # over regions
+    attn = _t2i_attention(logits, valid, config)
     numerator = (attn * logits).sum(dim=1)  # (n, m, T)
     gram_attn = (images.gram @ attn.reshape(n, r, m * t)).view(n, r, m, t)
     context_sq = (attn * gram_attn).sum(dim=1)  # |c_l|² = a_lᵀ G a_l
@@ -181,16 +178,41 @@ def score_i2t_block(images: ImageSide, captions: CaptionSide, config: ModelConfi
     """i2t similarities of n images × m captions: regions attend to words. Returns (n, m)."""
     n, r, _ = images.regions.shape
     m, t, _ = captions.words.shape
-    valid = captions.valid[None, None]  # (1, 1, m, T)
     logits = _logits(images.regions, captions.words)  # (n, R, m, T), zero at padded words
-    scaled = attention_logits(logits, config.raw_feature_norm, 1, config.lambda_softmax)
-    attn = torch.softmax(scaled.masked_fill(~valid, float("-inf")), dim=3)  # over words
+    attn = _i2t_attention(logits, captions.valid, config)
     numerator = (attn * logits).sum(dim=3)  # (n, R, m)
     attn_by_caption = attn.permute(2, 0, 1, 3).reshape(m, n * r, t)
     attn_gram = (attn_by_caption @ captions.gram).view(m, n, r, t).permute(1, 2, 0, 3)
     context_sq = (attn * attn_gram).sum(dim=3)  # |c_r|² = a_rᵀ H a_r
     relevance = _cosine(numerator, images.norms[..., None], context_sq)
     return aggregate(relevance, config.agg_func, 1, config.lambda_lse)
+
+
+def _t2i_attention(logits: torch.Tensor, valid: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Each word's weights over the regions (softmax over dim 1 of (n, R, m, T))."""
+    scaled = attention_logits(
+        logits, config.raw_feature_norm, 3, config.lambda_softmax, valid[None, None]
+    )
+    return torch.softmax(scaled, dim=1)
+
+
+def _i2t_attention(logits: torch.Tensor, valid: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Each region's weights over the caption's valid words (softmax over dim 3)."""
+    scaled = attention_logits(logits, config.raw_feature_norm, 1, config.lambda_softmax)
+    return torch.softmax(scaled.masked_fill(~valid[None, None], float("-inf")), dim=3)
+
+
+def attention_weights(
+    regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, config: ModelConfig
+) -> torch.Tensor:
+    """(n, R, m, T): the attention the scorer uses, in its direction: t2i, each word's weights
+    over the regions (summing to 1 over R); i2t, each region's weights over the words (summing
+    to 1 over the valid T). What `scan-deploy explain` shows."""
+    valid = length_mask(lengths.to(torch.long), words.shape[1])
+    logits = _logits(regions, words * valid[..., None])
+    if config.cross_attn == "t2i":
+        return _t2i_attention(logits, valid, config)
+    return _i2t_attention(logits, valid, config)
 
 
 def score_sides(images: ImageSide, captions: CaptionSide, config: ModelConfig) -> torch.Tensor:

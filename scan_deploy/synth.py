@@ -30,6 +30,7 @@ import numpy as np
 from scan_deploy.atomic import Marker, atomic_dir, check_output_dir, write_json
 from scan_deploy.errors import input_error
 from scan_deploy.precomp import write_split_chunks
+from scan_deploy.synth_pictures import IMAGE_SIZE, region_boxes, render_image, scene_tint
 from scan_deploy.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -622,6 +623,7 @@ class SynthParams:
     noise: float
     num_categories: int
     attribute_prob: float
+    pictures: bool = False  # `{split}_images/{row}.png` rendered (`synth_pictures`)
 
     def validate(self) -> None:
         for split, n in self.images.items():
@@ -658,6 +660,7 @@ def write_synthetic(
     noise: float = 1.0,
     num_categories: int = len(CATEGORIES),
     attribute_prob: float = 0.6,
+    pictures: bool = False,
     force: bool = False,
 ) -> SynthSummary:
     """Write train/dev/test splits, `synth_vocab.json` (from the train captions) and `synth.json`.
@@ -666,13 +669,24 @@ def write_synthetic(
     `num_categories` make more images share objects; `attribute_prob` is how often a caption
     names an object's attributes (less often: captions are more ambiguous).
 
+    Beside each split's features: `{split}_boxes.npy` and `{split}_image_sizes.npy` (each region's
+    box, `synth_pictures.region_boxes`) and, with `pictures`, `{split}_images/{row}.png`.
+
     An existing non-empty `out` is replaced only with `force`, and only when it holds a data set
     this function wrote (`synth.json`); the folder is written aside and renamed into place.
     """
     out = Path(out)
     images = {"train": train, "dev": dev, "test": test}
     params = SynthParams(
-        images, img_dim, regions, seed, vocab_threshold, noise, num_categories, attribute_prob
+        images,
+        img_dim,
+        regions,
+        seed,
+        vocab_threshold,
+        noise,
+        num_categories,
+        attribute_prob,
+        pictures,
     )
     params.validate()
     check_output_dir(out, force, MARKER)
@@ -699,4 +713,28 @@ def _write_split(out: Path, split: str, world: World, params: SynthParams) -> li
             yield render_features(world, scenes, noise_rng, params.noise, start, stop)
 
     write_split_chunks(out, split, (n, params.regions, world.img_dim), chunks(), captions)
+    _write_boxes(out, split, world, scenes, params.pictures)
     return captions
+
+
+def _write_boxes(out: Path, split: str, world: World, scenes: Scenes, pictures: bool) -> None:
+    """The regions' boxes and the images' sizes beside the features; with `pictures`, each
+    image drawn (`synth_pictures`)."""
+    boxes = region_boxes(scenes.pos, scenes.kind, scenes.visibility, world.num_categories)
+    np.save(out / f"{split}_boxes.npy", boxes, allow_pickle=False)
+    sizes = np.tile(np.array(IMAGE_SIZE, np.int64), (len(scenes), 1))
+    np.save(out / f"{split}_image_sizes.npy", sizes, allow_pickle=False)
+    if not pictures:
+        return
+    folder = out / f"{split}_images"
+    folder.mkdir()
+    for i in range(len(scenes)):
+        whole = np.flatnonzero(
+            (scenes.kind[i] < world.num_categories) & (scenes.visibility[i] == 1)
+        )
+        objects = []
+        for region in whole:
+            colours = [a for a in scenes.attrs[i, region] if 0 <= a < len(COLOURS)]
+            colour = COLOURS[colours[0]][0] if colours else None
+            objects.append((int(region), CATEGORIES[scenes.kind[i, region]][0][0], colour))
+        render_image(folder / f"{i}.png", boxes[i], objects, scene_tint(int(scenes.scene[i])))

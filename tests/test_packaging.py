@@ -38,6 +38,8 @@ DISTRIBUTIONS = {
     "onnx": {"onnx"},
     "onnxruntime": {"onnxruntime", "onnxruntime-gpu"},
     "faiss": {"faiss-cpu"},
+    "matplotlib": {"matplotlib"},
+    "PIL": {"pillow"},
 }
 BASE = {"numpy", "typer", "rich"}
 
@@ -158,6 +160,8 @@ def test_the_gpu_extra_does_not_install_the_cpu_onnxruntime():
 # One mistake per command, and a fragment of its one-line error.
 USAGE_ERRORS = {
     "data synth": (("--train", "5"), "Missing option '--out'"),
+    "data import-tsv": (("f.tsv", "--out", "d"), "Missing option '--split'"),
+    "explain": (("b", "--image", "x"), "'--image'"),
     "train": (("--data", "d"), "Missing option '--out'"),
     "evaluate": (("--data", "d"), "Missing argument 'checkpoint'"),
     "convert": (("x.pth.tar", "--out", "o"), "Missing option '--vocab'"),

@@ -11,7 +11,13 @@ from scan_deploy.export.scorer import int8_gallery_scorer_graph, scorer_graph
 
 from scan_deploy.config import AGG_FUNCS, CROSS_ATTNS, RAW_FEATURE_NORMS, ModelConfig
 from scan_deploy.int8_rows import quantize_int8
-from scan_deploy.scoring import caption_gram, l2norm, region_gram, score_block
+from scan_deploy.scoring import (
+    attention_weights,
+    caption_gram,
+    l2norm,
+    region_gram,
+    score_block,
+)
 
 R, D, T = 5, 8, 7
 
@@ -145,3 +151,30 @@ def test_int8_gallery_scorer_is_the_float_scorer_on_the_quantized_values(kind, d
     feeds = {name: value.numpy() for name, value in feeds.items()} | {"lengths": lengths.numpy()}
     expected = session.run(["similarity"], feeds)[0]
     np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("norm,direction", list(itertools.product(RAW_FEATURE_NORMS, CROSS_ATTNS)))
+def test_the_explain_graph_outputs_the_references_attention(norm, direction):
+    """The attention output (images, regions, captions, words) is the reference's
+    `attention_weights` at every valid position (weights of padded words are not shown)."""
+    config = ModelConfig(vocab_size=5, embed_size=D, raw_feature_norm=norm, cross_attn=direction)
+    regions, words, lengths = _inputs(3, 6, seed=11)
+    graph = scorer_graph(config, attention=True)
+    onnx.checker.check_model(graph, full_check=True)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"regions": regions.numpy(), "words": words.numpy(), "lengths": lengths.numpy()}
+    if direction == "t2i":
+        feeds["region_gram"] = region_gram(regions).numpy()
+    else:
+        feeds["caption_gram"] = caption_gram(words).numpy()
+    similarity, attention = session.run(["similarity", "attention"], feeds)
+    expected = attention_weights(regions, words, lengths, config).numpy()
+    valid = (np.arange(T)[None] < lengths.numpy()[:, None])[None, None]  # (1, 1, M, T)
+    valid = np.broadcast_to(valid, expected.shape)
+    np.testing.assert_allclose(attention[valid], expected[valid], atol=1e-5, rtol=0)
+    summed = attention.sum(axis=1 if direction == "t2i" else 3)
+    if direction == "t2i":  # each valid word's weights over the regions sum to 1
+        np.testing.assert_allclose(summed[:, valid[0, 0]], 1.0, atol=1e-5)
+    else:  # each region's weights over the caption's words sum to 1
+        np.testing.assert_allclose(summed, 1.0, atol=1e-5)
+    np.testing.assert_allclose(similarity, score_block(regions, words, lengths, config), atol=1e-4)

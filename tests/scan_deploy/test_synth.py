@@ -41,13 +41,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, synth.SynthSum
 def test_writes_the_precomp_layout(tiny: tuple[Path, synth.SynthSummary]) -> None:
     out, _ = tiny
     assert sorted(p.name for p in out.iterdir()) == [
+        "dev_boxes.npy",
         "dev_caps.txt",
+        "dev_image_sizes.npy",
         "dev_ims.npy",
         "synth.json",
         "synth_vocab.json",
+        "test_boxes.npy",
         "test_caps.txt",
+        "test_image_sizes.npy",
         "test_ims.npy",
+        "train_boxes.npy",
         "train_caps.txt",
+        "train_image_sizes.npy",
         "train_ims.npy",
     ]
     assert find_vocab(out) == out / "synth_vocab.json"
@@ -85,6 +91,7 @@ def test_summary_and_parameters_file(tiny: tuple[Path, synth.SynthSummary]) -> N
         "noise": 1.0,
         "num_categories": 60,
         "attribute_prob": 0.6,
+        "pictures": False,
     }
 
 
@@ -308,3 +315,66 @@ def test_noise_knob() -> None:
     noisy = synth.render_features(world, scenes, np.random.default_rng(1), 1.0, 0, 4)
     assert noisy.shape == (4, 36, 64) and noisy.dtype == np.float32
     assert not np.array_equal(noisy, clean[0])
+
+
+# --- boxes and pictures ------------------------------------------------------------------------
+
+
+def test_every_region_has_a_box_inside_the_image(tiny: tuple[Path, synth.SynthSummary]) -> None:
+    from scan_deploy.precomp import image_boxes
+    from scan_deploy.synth_pictures import IMAGE_SIZE, OBJECT_HALF
+
+    out, _ = tiny
+    boxes, sizes = image_boxes(out / "train_ims.npy", TINY["train"], TINY["regions"])
+    assert sizes.tolist() == [list(IMAGE_SIZE)] * TINY["train"]
+    width, height = IMAGE_SIZE
+    assert (boxes[..., 0] >= 0).all() and (boxes[..., 2] <= width).all()
+    assert (boxes[..., 1] >= 0).all() and (boxes[..., 3] <= height).all()
+    assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
+    world, scenes = _scenes(50)
+    from scan_deploy.synth_pictures import region_boxes
+
+    placed = region_boxes(scenes.pos, scenes.kind, scenes.visibility, world.num_categories)
+    whole = (scenes.kind < world.num_categories) & (scenes.visibility == 1)
+    centres = (placed[..., :2] + placed[..., 2:]) / 2 / np.array(IMAGE_SIZE)
+    inside = (placed[..., 2] - placed[..., 0] < width) & (placed[..., 3] - placed[..., 1] < height)
+    away_from_edges = whole & inside & (np.abs(scenes.pos - 0.5) < 0.5 - OBJECT_HALF).all(-1)
+    np.testing.assert_allclose(centres[away_from_edges], scenes.pos[away_from_edges], atol=1e-5)
+
+
+def test_pictures_draw_each_object_in_its_colour_where_its_box_is(tmp_path: Path) -> None:
+    image = pytest.importorskip("PIL.Image")
+    from scan_deploy.synth_pictures import COLOUR_RGB, IMAGE_SIZE
+
+    plain = tmp_path / "plain"
+    synth.write_synthetic(plain, **TINY, seed=3, vocab_threshold=1)
+    drawn = tmp_path / "drawn"
+    synth.write_synthetic(drawn, **TINY, seed=3, vocab_threshold=1, pictures=True)
+    assert (drawn / "train_ims.npy").read_bytes() == (plain / "train_ims.npy").read_bytes()
+    assert sorted(p.name for p in (drawn / "test_images").iterdir()) == ["0.png", "1.png"]
+    world = synth.World.create(60, 16)
+    rng = np.random.default_rng([3, synth.SPLITS.index("test"), 0])
+    scenes = synth.sample_scenes(world, rng, TINY["test"], TINY["regions"])
+    boxes = np.load(drawn / "test_boxes.npy")
+    with image.open(drawn / "test_images/0.png") as picture:
+        assert picture.size == IMAGE_SIZE
+        pixels = np.asarray(picture.convert("RGB"))
+    checked = 0
+    for obj in scenes.objects[0]:
+        colours = [a for a in obj.attributes if a < len(synth.COLOURS)]
+        regions = np.flatnonzero((scenes.kind[0] == obj.category) & (scenes.visibility[0] == 1))
+        x1, y1, x2, y2 = boxes[0, regions[0]]
+        overlapped = sum(  # another object's box drawn over this one's corner
+            1
+            for other in np.flatnonzero((scenes.kind[0] < 60) & (scenes.visibility[0] == 1))
+            if other != regions[0]
+            and boxes[0, other, 0] <= x2 - 3
+            and boxes[0, other, 2] >= x2 - 3
+            and boxes[0, other, 1] <= y2 - 3
+            and boxes[0, other, 3] >= y2 - 3
+        )
+        if colours and not overlapped:
+            want = COLOUR_RGB[synth.COLOURS[colours[0]][0]]
+            assert tuple(pixels[int(y2) - 3, int(x2) - 3]) == want
+            checked += 1
+    assert checked >= 1
