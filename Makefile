@@ -31,11 +31,13 @@ demo: install
 		--noise 0.5 --seed 0 --pictures
 	$(CLI) train --data $(DEMO)/data --out $(DEMO)/run --epochs $(DEMO_EPOCHS) --embed-size 256 \
 		--word-dim 128 --lr 2e-3 --lr-update 3 --val-images 500
-	$(CLI) evaluate $(DEMO)/run/model_best --data $(DEMO)/data --split test
+	$(CLI) evaluate $(DEMO)/run/model_best --data $(DEMO)/data --split test \
+		--plot $(DEMO)/recall.png
 	$(CLI) export $(DEMO)/run/model_best --out $(DEMO)/bundle
 	$(CLI) compare $(DEMO)/bundle $(DEMO)/run/model_best --data $(DEMO)/data --split test
 	$(CLI) calibrate $(DEMO)/bundle --data $(DEMO)/data --precision fp16
-	$(CLI) calibrate $(DEMO)/bundle --data $(DEMO)/data --precision int8
+	$(CLI) calibrate $(DEMO)/bundle --data $(DEMO)/data --precision int8 \
+		--plot $(DEMO)/gate-int8.png
 	$(CLI) check $(DEMO)/bundle --target tensorrt
 	$(CLI) build-engine $(DEMO)/bundle --backend onnxruntime --precision int8
 	$(CLI) index $(DEMO)/bundle --features $(DEMO)/data/test_ims.npy \

@@ -87,6 +87,7 @@ KINDS = ("images", "captions")
 MANIFEST = "manifest.json"
 MARKER = Marker(MANIFEST, ("format_version", "kind", "shards", "bundle"), "gallery")
 IDS = "ids.json"
+BOX_FILES = {"boxes": "boxes.npy", "image_sizes": "image_sizes.npy"}  # optional, images only
 TEXTS = "texts.json"
 SCALE_SUFFIX = "_scale"
 QUANTIZATION = "symmetric-per-row"
@@ -161,10 +162,13 @@ class GalleryWriter:
         force: bool = False,
         first_stages: dict[FirstStage | str, str | None] | None = None,
         where: Path | None = None,
+        boxes: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """`first_stages`: the FAISS index to build for each first stage, by index-factory
         string (None: `first_stage.default_factory`). `where`: the path errors name (default
-        `path`; the indexer writes into a temporary folder renamed later)."""
+        `path`; the indexer writes into a temporary folder renamed later). `boxes`: an images
+        gallery's region boxes (items, R, 4) and image sizes (items, 2), in the order the items
+        will be added (`precomp.image_boxes`), kept for `explain`."""
         self.path = Path(path)
         self.where = Path(where) if where is not None else self.path
         one_of(kind, KINDS, "kind")
@@ -179,6 +183,7 @@ class GalleryWriter:
         self.dtype = dtype
         self.shard_size = shard_size
         self.first_stages = stages
+        self.boxes = boxes
         self.embed_size = int(bundle.config.embed_size)
         self.bundle_identity = bundle_identity(bundle)
         self.manifest: dict[str, Any] | None = None
@@ -232,6 +237,24 @@ class GalleryWriter:
             self.abort()
             raise
 
+    def _write_boxes(self) -> dict[str, Any]:
+        """`boxes.npy` and `image_sizes.npy` and their manifest records, when given."""
+        if self.boxes is None:
+            return {}
+        records = {}
+        for key, array in zip(BOX_FILES, self.boxes, strict=True):
+            if len(array) != self._count:
+                message = f"has {len(array)} rows for the {self._count} items added"
+                raise input_error(self.where, key, message)
+            file = self._tmp / BOX_FILES[key]
+            np.save(file, np.ascontiguousarray(array), allow_pickle=False)
+            records[key] = {
+                "file": file.name,
+                "sha256": sha256_file(file),
+                "shape": list(array.shape),
+            }
+        return records
+
     def close(self) -> dict[str, Any]:
         """Write the last shard, the ids/texts and manifest.json, and rename the folder into place;
         returns the manifest."""
@@ -255,6 +278,7 @@ class GalleryWriter:
                 else _write_list(self._tmp, TEXTS, self._texts),
                 "shards": self._shards,
                 "first_stages": {},
+                **self._write_boxes(),
             }
             write_json(self._tmp / MANIFEST, manifest)
             if self.first_stages:
@@ -655,6 +679,15 @@ class Gallery:
     def embed_size(self) -> int:
         return int(self.manifest["bundle"]["embed_size"])
 
+    def boxes_of(self, index: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """An image item's region boxes (R, 4) and its image size (W, H), when the gallery was
+        indexed from a split that has them; else None."""
+        if "boxes" not in self.manifest:
+            return None
+        boxes, sizes = (open_npy(self.path / BOX_FILES[key]) for key in BOX_FILES)
+        width, height = (int(v) for v in sizes[index])
+        return np.array(boxes[index], np.float32), (width, height)
+
     @functools.cached_property
     def nbytes(self) -> int:
         """Bytes of array data in the shards (what reading every item would read); summed once,
@@ -909,6 +942,7 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     texts = _read_list(path, manifest, "texts", count, where, required=False)
     if len(set(ids)) != len(ids):
         raise input_error(path / IDS, None, "has duplicate ids, expected unique ids")
+    _check_boxes(path, manifest, count, where, verify)
     gallery = Gallery(path, kind, dtype, count, manifest, shards, ids, texts)
     for stage, record in _first_stage_records(manifest, where).items():
         gallery.first_stages[stage] = _check_stage_record(gallery, stage, record, verify)
@@ -1007,6 +1041,28 @@ def _check_npy(file: Path, record: dict[str, Any], field_name: str, verify: bool
         )
     if verify:
         check_sha256(file, sha256_file(file), record["sha256"], _FIX)
+
+
+def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: bool) -> None:
+    """The optional `boxes` and `image_sizes` records: both or neither, files as recorded."""
+    present = [key for key in BOX_FILES if key in manifest]
+    if not present:
+        return
+    if len(present) != len(BOX_FILES):
+        missing = next(key for key in BOX_FILES if key not in manifest)
+        raise input_error(where, missing, f"missing, expected with {present[0]}")
+    for key, rows in (("boxes", 3), ("image_sizes", 2)):
+        record = typed(manifest[key], dict, key, where)
+        shape = typed(record.get("shape"), list, f"{key}.shape", where)
+        file = path / BOX_FILES[key]
+        if len(shape) != rows or shape[0] != count:
+            raise input_error(where, f"{key}.shape", f"got {shape}, expected {count} rows")
+        if not file.is_file():
+            raise input_error(file, None, f"missing (named by {MANIFEST} {key}): {_FIX}")
+        if list(read_npy_header(file, f": {_FIX}").shape) != shape:
+            raise input_error(file, None, f"does not hold the recorded shape {shape}: {_FIX}")
+        if verify:
+            check_sha256(file, sha256_file(file), record.get("sha256"), _FIX)
 
 
 def _read_list(

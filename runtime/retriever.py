@@ -33,6 +33,7 @@ import numpy as np
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
+from scan_deploy.runtime.explain import Explainer, Explanation
 from scan_deploy.runtime.first_stage import Pooling, missing_stage, reads_index, shortlist
 from scan_deploy.runtime.gallery import Gallery, open_gallery
 from scan_deploy.runtime.inner_product import (
@@ -100,6 +101,8 @@ class Retriever:
         self.pooling = Pooling.of(bundle.config)
         self._runners = {name: _Locked(backend.runner(name)) for name in Graph}
         self.sizes = CallSizes.of(backend)
+        self._explain: Explainer | None = None
+        self._explainer_lock = threading.Lock()
         choice = Scorer.parse(scorer, "scorer")
         self.scorers = {
             kind: self._gallery_scorer(gallery, choice) for kind, gallery in galleries.items()
@@ -257,6 +260,27 @@ class Retriever:
             for row_scores, row_indices in zip(scores, indices, strict=True)
         ]
 
+    def explain_text(self, text: str, hits: Sequence[Hit]) -> list[Explanation]:
+        """The attention between a text query and each of its image hits, from the gallery's
+        stored regions (`runtime.explain`; the bundle's explain graph)."""
+        explainer, gallery = self._explainer(), self.galleries["images"]
+        caption = explainer.encode_caption(text)
+        return [explainer.explain_encoded(_image_side(gallery, hit.index), caption) for hit in hits]
+
+    def explain_image(self, features: np.ndarray, hits: Sequence[Hit]) -> list[Explanation]:
+        """The attention between one image's region features (regions, img_dim) and each of
+        its caption hits (their texts, encoded again)."""
+        explainer = self._explainer()
+        image = self._encode_images(self._check_features(features[None]), None)
+        side = {name: image.arrays[name] for name in ("regions", "region_gram")}
+        return [explainer.explain_encoded(side, explainer.encode_caption(hit.text)) for hit in hits]
+
+    def _explainer(self) -> Explainer:
+        with self._explainer_lock:
+            if self._explain is None:
+                self._explain = Explainer(self.bundle, self.backend, self.threads)
+            return self._explain
+
     def gallery_for(self, query: str, k: int, shortlist: int | None) -> Gallery:
         kind = KINDS_BY_QUERY[query]
         if kind not in self.galleries:
@@ -300,6 +324,11 @@ class Retriever:
             )
         check_finite_features(features, None, "image features")
         return features
+
+
+def _image_side(gallery: Gallery, index: int) -> dict[str, np.ndarray]:
+    rows = np.array([index])
+    return {name: gallery.rows(name, rows) for name in ("regions", "region_gram")}
 
 
 def int8_scorer_runner(backend, gallery: Gallery):

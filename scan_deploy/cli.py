@@ -335,6 +335,9 @@ def evaluate(
         list[Path] | None, typer.Option(help="More checkpoints whose similarities are averaged.")
     ] = None,
     vocab: DataVocab = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw the Recall@K into this PNG (needs plots).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Recall@K, medr and meanr in both directions, and rsum, of one model or an ensemble."""
@@ -356,6 +359,10 @@ def evaluate(
     results["split"] = split
     results["images"] = data_split.num_images
     results["captions"] = data_split.num_captions
+    if plot is not None:
+        from scan_deploy.recall_plots import write_recall_png
+
+        write_recall_png(plot, results, f"{checkpoint.name} on {split} ({data_split.num_images})")
     if as_json:
         print(json.dumps(results))
     else:
@@ -534,6 +541,10 @@ def calibrate(
     ] = False,
     vocab: DataVocab = None,
     threads: Threads = 0,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Also draw each pipeline's ΔR@K against the target (needs plots)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """FP16 or INT8 (Q/DQ) graphs from calibration data, gated against the FP32 PyTorch reference:
@@ -559,6 +570,14 @@ def calibrate(
         report = calibrate_bundle(
             loaded, ckpt, calibration_split, evaluation_split, settings, stage_bars(progress)
         )
+    if plot is not None:
+        from scan_deploy.recall_plots import write_gate_png
+
+        rows = {f"onnxruntime {precision}": report["gate"]["delta_recall"]}
+        for kind, scorer_record in report.get("int8_scorers", {}).items():
+            rows[f"int8 scorer ({kind} gallery)"] = scorer_record["gate"]["delta_recall"]
+        title = f"{bundle} {precision}: ΔR@K on {report['gate']['split_images']} images"
+        write_gate_png(plot, rows, report["gate"]["target_delta_recall"], title)
     if as_json:
         print(json.dumps(report))
     else:
@@ -768,6 +787,13 @@ def query(
     faiss_params: FaissParams = None,
     token_candidates: TokenCandidates = None,
     scorer: ExactScorer = choices.Scorer.AUTO,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Attach the attention behind each hit (JSON) or show the first hit's (table).",
+        ),
+    ] = False,
     bundle: GalleryBundle = None,
     backend: Backend = choices.Backend.ONNXRUNTIME,
     precision: GraphPrecision = choices.Precision.FP32,
@@ -801,16 +827,26 @@ def query(
         token_candidates=token_candidates,
         scorer=scorer,
     )
-    results: list[tuple[str, list]] = []
+    results: list[tuple[str, str, list, list]] = []  # (query, gallery kind, hits, explanations)
     if texts:
-        results += list(zip(texts, retriever.search_text(texts, k, shortlist), strict=True))
+        for text, hits in zip(texts, retriever.search_text(texts, k, shortlist), strict=True):
+            explained = retriever.explain_text(text, hits) if explain else []
+            results.append((text, "images", hits, explained))
     if image_features is not None:
-        images = load_files(image_features, None).images
-        hits = retriever.search_image(np.asarray(images), k, shortlist, source=image_features)
-        results += [(f"{image_features.name}[{i}]", h) for i, h in enumerate(hits)]
-    for name, hits in results:
+        images = np.asarray(load_files(image_features, None).images)
+        found = retriever.search_image(images, k, shortlist, source=image_features)
+        for i, hits in enumerate(found):
+            explained = retriever.explain_image(images[i], hits) if explain else []
+            results.append((f"{image_features.name}[{i}]", "captions", hits, explained))
+    for name, kind, hits, explained in results:
+        boxes = [_hit_boxes(retriever, kind, hit) for hit in hits]
         if as_json:
-            print(json.dumps({"query": name, "hits": [asdict(h) for h in hits]}))
+            rows = [asdict(h) for h in hits]
+            for row, result, boxed in zip(rows, explained, boxes, strict=False):
+                row["attention"] = result.to_dict()
+                if boxed is not None:
+                    row["attention"].update(boxes=boxed[0].tolist(), image_size=list(boxed[1]))
+            print(json.dumps({"query": name, "hits": rows}))
             continue
         table = Table(title=f"{name!r}")
         for column in ("rank", "id", "score", "text"):
@@ -818,6 +854,14 @@ def query(
         for rank, hit in enumerate(hits, start=1):
             table.add_row(str(rank), hit.id, f"{hit.score:.4f}", hit.text or "")
         console.print(table)
+        if explained:
+            first = boxes[0][0] if boxes[0] is not None else None
+            console.print(attention_table(explained[0], f"hit 1 ({hits[0].id})", first, 3))
+
+
+def _hit_boxes(retriever, kind: str, hit):
+    """An image hit's (boxes, image size) when its gallery has them, else None."""
+    return retriever.galleries[kind].boxes_of(hit.index) if kind == "images" else None
 
 
 @app.command()
@@ -891,10 +935,17 @@ def explain(
             extra.update(boxes=boxes.tolist(), image_size=list(size))
         print(json.dumps({**result.to_dict(), **extra}))
         return
+    console.print(attention_table(result, f"image {name} × {words!r}", boxes, top))
+    if png is not None:
+        console.print(f"wrote {png}")
+
+
+def attention_table(result, title: str, boxes, top: int) -> Table:
+    """Each token and its `top` heaviest regions (with their boxes when known)."""
     what = "its regions" if result.direction == "t2i" else "the regions that attend to it"
     table = Table(
-        title=f"image {name} × {words!r}: similarity {result.similarity:.4f}; each word and "
-        f"{what} (weight{', box x1 y1 x2 y2' if boxes is not None else ''})"
+        title=f"{title}: similarity {result.similarity:.4f}; each word and {what} "
+        f"(weight{', box x1 y1 x2 y2' if boxes is not None else ''})"
     )
     table.add_column("word")
     for rank in range(1, top + 1):
@@ -905,9 +956,7 @@ def explain(
             box = "" if boxes is None else " [" + " ".join(f"{v:.0f}" for v in boxes[region]) + "]"
             cells.append(f"{region}: {weight:.3f}{box}")
         table.add_row(token, *cells)
-    console.print(table)
-    if png is not None:
-        console.print(f"wrote {png}")
+    return table
 
 
 @app.command()

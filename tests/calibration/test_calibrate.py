@@ -154,8 +154,9 @@ def test_calibrate_command(trained, tmp_path):
     data, checkpoint, bundle = trained
     shutil.copytree(bundle, tmp_path / "bundle")
     out = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "fp16",
-               "--samples", 50, "--json")  # fmt: skip
+               "--samples", 50, "--json", "--plot", tmp_path / "gate.png")  # fmt: skip
     assert out.returncode == 0, out.stderr
+    assert (tmp_path / "gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(out.stdout)  # the checkpoint defaults to the bundle's source
     assert report["written"] and report["gate"]["split_images"] == 400
     table = run_cli("calibrate", tmp_path / "bundle", "--data", data, "--precision", "int8",

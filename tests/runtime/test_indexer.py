@@ -76,6 +76,26 @@ def test_a_bottom_up_tsv_becomes_a_gallery_whose_hits_carry_its_image_ids(traine
     hits = json.loads(done.stdout)["hits"]
     expected = [f"COCO_val_{1000 + h['index'] // per_image}:{h['index'] % per_image}" for h in hits]
     assert [hit["id"] for hit in hits] == expected
+    done = run_cli("query", gallery, test.captions[0], "-k", 2, "--explain", "--json")
+    hit = json.loads(done.stdout)["hits"][0]
+    attention = hit["attention"]
+    assert attention["similarity"] == pytest.approx(hit["score"], abs=1e-5)
+    assert attention["boxes"] == [[0, 0, 10, 10]] * test.num_regions
+    assert attention["image_size"] == [640, 480]
+    weights = np.asarray(attention["weights"])
+    assert weights.shape == (len(attention["tokens"]), test.num_regions)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-5)  # t2i: per word
+    done = run_cli("query", gallery, "--image-features", tmp_path / "q.npy", "-k", 2, "--explain",
+                   "--json")  # fmt: skip
+    hit = json.loads(done.stdout)["hits"][0]
+    assert "boxes" not in hit["attention"] and hit["attention"]["tokens"][0] == "<start>"
+    table = run_cli("query", gallery, test.captions[0], "-k", 2, "--explain")
+    assert "hit 1 (COCO_val_" in table.stdout and "[0 0 10 10]" in table.stdout
+    manifest = json.loads((gallery / "images" / "manifest.json").read_text())
+    manifest["boxes"]["shape"] = [count + 1, test.num_regions, 4]
+    (gallery / "images" / "manifest.json").write_text(json.dumps(manifest))
+    bad = run_cli("query", gallery, "a dog")
+    assert bad.returncode == 2 and "boxes.shape: got [31," in bad.stderr
     (out / "mine_ids.txt").write_text("a\nb\na\n" + "".join(f"x{i}\n" for i in range(count - 3)))
     bad = run_cli("index", bundle, "--features", out / "mine_ims.npy", "--out", tmp_path / "g2")
     assert bad.returncode == 2

@@ -96,10 +96,12 @@ def test_train_json_is_the_only_stdout(trained, tmp_path):
     assert set(summary["epochs"][1]["metrics"]) >= {"i2t", "t2i", "rsum"}
 
 
-def test_evaluate_json_and_table(trained):
+def test_evaluate_json_and_table(trained, tmp_path):
     data, run_dir = trained
-    result = run("evaluate", run_dir / "model_best", "--data", data, "--split", "test", "--json")
+    result = run("evaluate", run_dir / "model_best", "--data", data, "--split", "test", "--json",
+                 "--plot", tmp_path / "recall.png")  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads(result.stdout)
     assert metrics["images"] == 10 and metrics["captions"] == 50
     assert set(metrics["i2t"]) == {"r1", "r5", "r10", "medr", "meanr"}
