@@ -77,7 +77,7 @@ from scan_deploy.choices import FirstStage, GalleryDtype, Graph
 from scan_deploy.errors import input_error, one_of
 from scan_deploy.int8_rows import INT8_ZERO_POINT, quantize_int8
 from scan_deploy.jsonfile import read_json_object, typed
-from scan_deploy.precomp import open_npy, read_npy_header
+from scan_deploy.precomp import image_file, open_npy, read_npy_header
 
 FORMAT_VERSION = 3
 # 1: one optional float16 index of the globals (`faiss_index`); 1 and 2: int8 values as int8
@@ -163,12 +163,15 @@ class GalleryWriter:
         first_stages: dict[FirstStage | str, str | None] | None = None,
         where: Path | None = None,
         boxes: tuple[np.ndarray, np.ndarray] | None = None,
+        images_dir: Path | None = None,
     ) -> None:
         """`first_stages`: the FAISS index to build for each first stage, by index-factory
         string (None: `first_stage.default_factory`). `where`: the path errors name (default
         `path`; the indexer writes into a temporary folder renamed later). `boxes`: an images
         gallery's region boxes (items, R, 4) and image sizes (items, 2), in the order the items
-        will be added (`precomp.image_boxes`), kept for `explain`."""
+        will be added (`precomp.image_boxes`), kept for `explain`. `images_dir`: the folder of
+        the items' image files, named by id (recorded as an absolute path; hits name their
+        file)."""
         self.path = Path(path)
         self.where = Path(where) if where is not None else self.path
         one_of(kind, KINDS, "kind")
@@ -184,6 +187,7 @@ class GalleryWriter:
         self.shard_size = shard_size
         self.first_stages = stages
         self.boxes = boxes
+        self.images_dir = None if images_dir is None else str(Path(images_dir).resolve())
         self.embed_size = int(bundle.config.embed_size)
         self.bundle_identity = bundle_identity(bundle)
         self.manifest: dict[str, Any] | None = None
@@ -279,6 +283,7 @@ class GalleryWriter:
                 "shards": self._shards,
                 "first_stages": {},
                 **self._write_boxes(),
+                **({"images_dir": self.images_dir} if self.images_dir else {}),
             }
             write_json(self._tmp / MANIFEST, manifest)
             if self.first_stages:
@@ -679,6 +684,13 @@ class Gallery:
     def embed_size(self) -> int:
         return int(self.manifest["bundle"]["embed_size"])
 
+    def image_file(self, image_id: str) -> str | None:
+        """The image file of an image id in the folder `index` recorded (`images_dir`), when
+        the file is there."""
+        folder = self.manifest.get("images_dir")
+        found = image_file(Path(folder), image_id) if isinstance(folder, str) else None
+        return None if found is None else str(found)
+
     def boxes_of(self, index: int) -> tuple[np.ndarray, tuple[int, int]] | None:
         """An image item's region boxes (R, 4) and its image size (W, H), when the gallery was
         indexed from a split that has them; else None."""
@@ -943,6 +955,8 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     if len(set(ids)) != len(ids):
         raise input_error(path / IDS, None, "has duplicate ids, expected unique ids")
     _check_boxes(path, manifest, count, where, verify)
+    if "images_dir" in manifest:
+        typed(manifest["images_dir"], str, "images_dir", where)
     gallery = Gallery(path, kind, dtype, count, manifest, shards, ids, texts)
     for stage, record in _first_stage_records(manifest, where).items():
         gallery.first_stages[stage] = _check_stage_record(gallery, stage, record, verify)

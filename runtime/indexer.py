@@ -34,7 +34,13 @@ from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
 from scan_deploy.choices import FirstStage, GalleryDtype
 from scan_deploy.errors import input_error
-from scan_deploy.precomp import check_feature_dim, image_boxes, image_ids, load_files
+from scan_deploy.precomp import (
+    check_feature_dim,
+    image_boxes,
+    image_ids,
+    images_folder,
+    load_files,
+)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -83,6 +89,7 @@ def index_gallery(
             first_stages=stages,
             where=out / "images",
             boxes=image_boxes(features_path, n, data.num_regions),
+            images_dir=images_folder(features_path),
         )
         with images as writer:
             for start in range(0, len(features), sizes.image_batch):

@@ -251,10 +251,16 @@ class Retriever:
                 queries, gallery, size, stage, pooling, engine, threads, per_token
             )
             scores, indices = reranked(scorer, queries, gallery, k, candidates, block)
-        texts = gallery.texts
+        texts, images = gallery.texts, self.galleries.get("images")
         return [
             [
-                Hit(int(i), gallery.ids[i], float(s), texts[i] if texts is not None else None)
+                Hit(
+                    int(i),
+                    gallery.ids[i],
+                    float(s),
+                    texts[i] if texts is not None else None,
+                    images.image_file(_image_id(gallery, int(i))) if images else None,
+                )
                 for s, i in zip(row_scores, row_indices, strict=True)
             ]
             for row_scores, row_indices in zip(scores, indices, strict=True)
@@ -324,6 +330,12 @@ class Retriever:
             )
         check_finite_features(features, None, "image features")
         return features
+
+
+def _image_id(gallery: Gallery, index: int) -> str:
+    """The image id of a gallery item: its own, or a caption's image (`image:k`)."""
+    item = gallery.ids[index]
+    return item if gallery.kind == "images" else item.rpartition(":")[0]
 
 
 def _image_side(gallery: Gallery, index: int) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ class Hit:
     id: str
     score: float
     text: str | None
+    image: str | None = None  # the image file (of a caption: of its image), when known
 
 
 @dataclass(frozen=True)

@@ -49,18 +49,6 @@ def attention_map(
     return light.astype(np.float32)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def find_picture(folder: Path, image_id: str) -> Path | None:
-    """`folder/{image_id}.png` (or .jpg, .jpeg), or None."""
-    for suffix in IMAGE_SUFFIXES:
-        path = folder / f"{image_id}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
 def load_picture(path: Path, size: tuple[int, int]) -> np.ndarray:
     """The image file as (H, W, 3) uint8 at `size` = (W, H), the size its boxes are in; a file
     Pillow cannot read is a UserError naming it."""

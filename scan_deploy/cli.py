@@ -896,9 +896,9 @@ def explain(
     regions' boxes when the split has them (`data import-tsv`), as a table, JSON or a PNG."""
     import numpy as np
 
-    from scan_deploy.attention_picture import find_picture, load_picture, write_explain_png
+    from scan_deploy.attention_picture import load_picture, write_explain_png
     from scan_deploy.bundle import load_bundle
-    from scan_deploy.precomp import image_boxes, image_ids, load_split
+    from scan_deploy.precomp import image_boxes, image_file, image_ids, load_split
     from scan_deploy.runtime.backends import open_backend
     from scan_deploy.runtime.explain import Explainer
 
@@ -919,7 +919,7 @@ def explain(
     boxes = None if boxed is None else np.asarray(boxed[0][image], np.float32)
     size = None if boxed is None else tuple(int(v) for v in boxed[1][image])
     folder = images if images is not None else data / f"{split}_images"
-    picture_path = find_picture(folder, name) if folder.is_dir() else None
+    picture_path = image_file(folder, name) if folder.is_dir() else None
     if images is not None and picture_path is None:
         raise UserError(f"{folder}: no {name}.png, .jpg or .jpeg (the image's id is {name!r})")
     if png is not None:

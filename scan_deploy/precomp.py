@@ -138,6 +138,27 @@ def image_boxes(ims_path: Path, images: int, regions: int) -> tuple[np.ndarray, 
     return arrays[0], arrays[1]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def images_folder(ims_path: Path) -> Path | None:
+    """`{split}_images/` beside `{split}_ims.npy` (the image files, named by image id), or None."""
+    ims_path = Path(ims_path)
+    if not ims_path.name.endswith("_ims.npy"):
+        return None
+    folder = ims_path.with_name(ims_path.name.removesuffix("_ims.npy") + "_images")
+    return folder if folder.is_dir() else None
+
+
+def image_file(folder: Path, image_id: str) -> Path | None:
+    """`folder/{image_id}.png` (or .jpg, .jpeg), or None."""
+    for suffix in IMAGE_SUFFIXES:
+        path = Path(folder) / f"{image_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
 def find_vocab(data_dir: str | Path, data_name: str | None = None) -> Path:
     """The vocabulary in `data_dir`: `{data_name}_vocab.json` when the data set's name is known,
     otherwise the single `*_vocab.json` file there."""

@@ -102,3 +102,37 @@ def test_a_bottom_up_tsv_becomes_a_gallery_whose_hits_carry_its_image_ids(traine
     assert bad.stderr.strip() == (
         f"error: {out / 'mine_ids.txt'}: line 3: 'a' again (first at line 1), expected unique ids"
     )
+
+
+def test_hits_name_their_image_files(trained, tmp_path):
+    """`{split}_images/` beside the features: `index` records it and hits (image hits, and the
+    images of caption hits) carry their file, when it is there."""
+    import json
+    import shutil
+
+    from tests.cli_runner import run_cli
+
+    data, _, bundle = trained
+    split = tmp_path / "data"
+    split.mkdir()
+    for name in ("test_ims.npy", "test_caps.txt"):
+        shutil.copy(data / name, split / name)
+    (split / "test_images").mkdir()
+    drawn = {str(i) for i in range(0, 400, 2)}  # every other image has its file
+    for image_id in drawn:
+        (split / "test_images" / f"{image_id}.png").write_bytes(b"png")
+    gallery = tmp_path / "gallery"
+    done = run_cli("index", bundle, "--features", split / "test_ims.npy", "--captions",
+                   split / "test_caps.txt", "--out", gallery)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    caption = (split / "test_caps.txt").read_text().splitlines()[0]
+    hits = json.loads(run_cli("query", gallery, caption, "-k", 10, "--json").stdout)["hits"]
+    folder = (split / "test_images").resolve()
+    for hit in hits:
+        expected = str(folder / f"{hit['id']}.png") if hit["id"] in drawn else None
+        assert hit["image"] == expected
+    np.save(tmp_path / "q.npy", np.load(data / "test_ims.npy")[:1])
+    done = run_cli("query", gallery, "--image-features", tmp_path / "q.npy", "-k", 10, "--json")
+    for hit in json.loads(done.stdout)["hits"]:
+        image_id = hit["id"].split(":")[0]
+        assert hit["image"] == (str(folder / f"{image_id}.png") if image_id in drawn else None)
