@@ -13,7 +13,13 @@ import onnxruntime as ort
 import torch
 
 from scan_deploy.model import SCAN
-from scan_deploy.scoring import caption_gram, pooled_embedding, region_gram, score_block
+from scan_deploy.scoring import (
+    attention_weights,
+    caption_gram,
+    pooled_embedding,
+    region_gram,
+    score_block,
+)
 
 # Tolerances of the issue's parity targets (float32, ONNX Runtime CPU).
 EMBEDDING_ATOL = 1e-5
@@ -63,6 +69,7 @@ def reference_outputs(
     length_t = torch.from_numpy(lengths)
     words = model.txt_enc(torch.from_numpy(tokens), length_t)
     similarity = score_block(regions, words, length_t, model.config)
+    attention = attention_weights(regions, words, length_t, model.config)
     return {
         "image_encoder": {
             "regions": regions.numpy(),
@@ -75,6 +82,7 @@ def reference_outputs(
             "global": pooled_embedding(words, length_t).numpy(),
         },
         "scorer": {"similarity": similarity.numpy()},
+        "explain": {"similarity": similarity.numpy(), "attention": attention.numpy()},
     }
 
 
@@ -85,8 +93,9 @@ def compare_graphs(
     tokens: np.ndarray,
     lengths: np.ndarray,
 ) -> list[OutputError]:
-    """Run the three graphs in ONNX Runtime (the scorer on the ONNX encoders' outputs, as the
-    deployed pipeline does) and compare every output with the reference."""
+    """Run the graphs in ONNX Runtime (the scorer, and the explain graph when `sessions` has
+    it, on the ONNX encoders' outputs, as the deployed pipeline does) and compare every output
+    with the reference."""
     expected = reference_outputs(model, features, tokens, lengths)
     image = dict(
         zip(
@@ -112,6 +121,9 @@ def compare_graphs(
         "text_encoder": text,
         "scorer": {"similarity": sessions["scorer"].run(None, scorer_inputs)[0]},
     }
+    if "explain" in sessions:
+        similarity, attention = sessions["explain"].run(None, scorer_inputs)
+        actual["explain"] = {"similarity": similarity, "attention": attention}
     return [
         error_stats(
             graph,
@@ -119,9 +131,10 @@ def compare_graphs(
             features.shape[0],
             actual[graph][name],
             value,
-            SIMILARITY_ATOL if graph == "scorer" else EMBEDDING_ATOL,
+            SIMILARITY_ATOL if graph in ("scorer", "explain") else EMBEDDING_ATOL,
         )
         for graph, outputs in expected.items()
+        if graph in actual
         for name, value in outputs.items()
     ]
 

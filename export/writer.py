@@ -21,7 +21,7 @@ from scan_deploy.export.verify import OutputError, compare_graphs, generated_inp
 
 from scan_deploy import __version__
 from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
-from scan_deploy.bundle import EXPLAIN_FILE, FORMAT_VERSION, MANIFEST, VOCAB, sha256_file
+from scan_deploy.bundle import FORMAT_VERSION, MANIFEST, VOCAB, sha256_file
 from scan_deploy.bundle import MARKER as BUNDLE_MARKER
 from scan_deploy.checkpoint import Checkpoint
 from scan_deploy.errors import UserError
@@ -66,11 +66,16 @@ class ShapeRanges:
         )
 
 
+EXPLAIN = "explain"  # written as explain.onnx, recorded as the manifest's `explain`
+
+
 def build_graphs(model, opset: int) -> dict[str, onnx.ModelProto]:
+    """The three graphs, and `explain` (the scorer with its attention)."""
     return {
         "image_encoder": image_encoder_graph(model, opset),
         "text_encoder": text_encoder_graph(model, opset),
         "scorer": scorer_graph(model.config, opset),
+        EXPLAIN: scorer_graph(model.config, opset, attention=True),
     }
 
 
@@ -122,14 +127,7 @@ def export_bundle(
                 "inputs": [describe_value(v) for v in graph.graph.input],
                 "outputs": [describe_value(v) for v in graph.graph.output],
             }
-        explain = scorer_graph(model.config, opset, attention=True)
-        onnx.save_model(explain, str(tmp / EXPLAIN_FILE))
-        explain_entry = {
-            "file": EXPLAIN_FILE,
-            "sha256": sha256_file(tmp / EXPLAIN_FILE),
-            "inputs": [describe_value(v) for v in explain.graph.input],
-            "outputs": [describe_value(v) for v in explain.graph.output],
-        }
+        explain_entry = entries.pop(EXPLAIN)
         checkpoint.vocab.save(tmp / VOCAB)
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -40,7 +40,6 @@ VOCAB = "vocab.json"
 MARKER = Marker(MANIFEST, ("format_version", "graphs", "opset", "shape_ranges"), "bundle")
 LOG = logging.getLogger(__name__)
 INT8_SCORER_KINDS = ("images", "captions")  # gallery kinds (`runtime.gallery.KINDS`)
-EXPLAIN_FILE = "explain.onnx"  # the scorer with its attention as a second output
 # The graphs' symbolic dims, by the manifest shape range they take their sizes from.
 DIM_RANGES = {
     "batch": "batch",

@@ -42,6 +42,11 @@ def test_bundle_has_graphs_manifest_and_parity_report(tmp_path, overrides):
     assert [o["name"] for o in manifest["graphs"]["scorer"]["outputs"]] == ["similarity"]
     assert {row["batch"] for row in manifest["export_parity"]} == {1, 8}
     assert all(row["max_abs"] <= row["tolerance"] for row in manifest["export_parity"])
+    checked = {(row["graph"], row["output"]) for row in manifest["export_parity"]}
+    assert {("explain", "attention"), ("explain", "similarity")} <= checked
+    explain = manifest["explain"]
+    assert explain["file"] == "explain.onnx" and "explain" not in manifest["graphs"]
+    assert [o["name"] for o in explain["outputs"]] == ["similarity", "attention"]
     # the written scorer runs on its own
     scorer = session(str(bundle.graph_path("scorer")))
     assert [i.name for i in scorer.get_inputs()][:1] == ["regions"]
