@@ -118,19 +118,32 @@ def _cosine(
 
 @dataclass(frozen=True)
 class ImageSide:
-    """Per-image tensors of a block: regions (n, R, D), their norms (n, R), the Gram (n, R, R)."""
+    """Per-image tensors of a block: regions (n, R, D), their norms (n, R), the Gram (n, R, R)
+    and, for images of fewer regions than R (adaptive features, padded), the valid mask (n, R)."""
 
     regions: torch.Tensor
     norms: torch.Tensor
     gram: torch.Tensor | None
+    valid: torch.Tensor | None = None
 
     @classmethod
     def prepare(
-        cls, regions: torch.Tensor, config: ModelConfig, gram: torch.Tensor | None = None
+        cls,
+        regions: torch.Tensor,
+        config: ModelConfig,
+        gram: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
     ) -> ImageSide:
+        """`counts` (n,): each image's real regions, the first `count` of its R rows; the rest
+        are zeroed and masked out of every softmax and pooling, so padding never reaches a
+        score."""
+        valid = None
+        if counts is not None:
+            valid = length_mask(counts.to(torch.long), regions.shape[1])
+            regions = regions * valid[..., None]
         if config.cross_attn == "t2i" and gram is None:
             gram = region_gram(regions)
-        return cls(regions, regions.norm(dim=-1), gram)
+        return cls(regions, regions.norm(dim=-1), gram, valid)
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,7 @@ def score_t2i_block(images: ImageSide, captions: CaptionSide, config: ModelConfi
     m, t, _ = captions.words.shape
     valid = captions.valid
     logits = _logits(images.regions, captions.words)  # (n, R, m, T), zero at padded words
-    attn = _t2i_attention(logits, valid, config)
+    attn = _t2i_attention(logits, valid, config, images.valid)
     numerator = (attn * logits).sum(dim=1)  # (n, m, T)
     gram_attn = (images.gram @ attn.reshape(n, r, m * t)).view(n, r, m, t)
     context_sq = (attn * gram_attn).sum(dim=1)  # |c_l|² = a_lᵀ G a_l
@@ -179,26 +192,40 @@ def score_i2t_block(images: ImageSide, captions: CaptionSide, config: ModelConfi
     n, r, _ = images.regions.shape
     m, t, _ = captions.words.shape
     logits = _logits(images.regions, captions.words)  # (n, R, m, T), zero at padded words
-    attn = _i2t_attention(logits, captions.valid, config)
+    attn = _i2t_attention(logits, captions.valid, config, images.valid)
     numerator = (attn * logits).sum(dim=3)  # (n, R, m)
     attn_by_caption = attn.permute(2, 0, 1, 3).reshape(m, n * r, t)
     attn_gram = (attn_by_caption @ captions.gram).view(m, n, r, t).permute(1, 2, 0, 3)
     context_sq = (attn * attn_gram).sum(dim=3)  # |c_r|² = a_rᵀ H a_r
     relevance = _cosine(numerator, images.norms[..., None], context_sq)
-    return aggregate(relevance, config.agg_func, 1, config.lambda_lse)
+    regions_valid = None if images.valid is None else images.valid[..., None]  # (n, R, 1)
+    return aggregate(relevance, config.agg_func, 1, config.lambda_lse, regions_valid)
 
 
-def _t2i_attention(logits: torch.Tensor, valid: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """Each word's weights over the regions (softmax over dim 1 of (n, R, m, T))."""
+def _t2i_attention(
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    config: ModelConfig,
+    regions_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each word's weights over the (valid) regions (softmax over dim 1 of (n, R, m, T))."""
     scaled = attention_logits(
         logits, config.raw_feature_norm, 3, config.lambda_softmax, valid[None, None]
     )
+    if regions_valid is not None:
+        scaled = scaled.masked_fill(~regions_valid[:, :, None, None], float("-inf"))
     return torch.softmax(scaled, dim=1)
 
 
-def _i2t_attention(logits: torch.Tensor, valid: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+def _i2t_attention(
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    config: ModelConfig,
+    regions_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Each region's weights over the caption's valid words (softmax over dim 3)."""
-    scaled = attention_logits(logits, config.raw_feature_norm, 1, config.lambda_softmax)
+    among = None if regions_valid is None else regions_valid[:, :, None, None]
+    scaled = attention_logits(logits, config.raw_feature_norm, 1, config.lambda_softmax, among)
     return torch.softmax(scaled.masked_fill(~valid[None, None], float("-inf")), dim=3)
 
 
@@ -227,15 +254,17 @@ def score_block(
     lengths: torch.Tensor,
     config: ModelConfig,
     gram: torch.Tensor | None = None,
+    region_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Similarities (n, m) of one block, for the configured attention direction.
 
     `gram` is the region Gram (n, R, R) for t2i or the caption Gram (m, T, T) for i2t; it is
     computed here when not given (a gallery stores it precomputed). Word vectors beyond each
-    length are zeroed, so padding never reaches a score.
+    length are zeroed, so padding never reaches a score; so are regions beyond each image's
+    `region_counts` (n,), when given (images of different region counts, padded to R).
     """
     t2i = config.cross_attn == "t2i"
-    images = ImageSide.prepare(regions, config, gram if t2i else None)
+    images = ImageSide.prepare(regions, config, gram if t2i else None, region_counts)
     captions = CaptionSide.prepare(words, lengths, config, None if t2i else gram)
     return score_sides(images, captions, config)
 

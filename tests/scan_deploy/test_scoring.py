@@ -84,3 +84,36 @@ def test_gradients_are_finite():
     score_block(images, words, LENGTHS, cfg).sum().backward()
     assert torch.isfinite(images.grad).all()
     assert images.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "norm,agg,direction",
+    [(n, a, d) for n in RAW_FEATURE_NORMS for a in AGG_FUNCS for d in CROSS_ATTNS],
+)
+def test_padded_regions_with_counts_score_as_the_images_alone(norm, agg, direction):
+    """Images of 2, 5 and R regions padded to R (adaptive features): with `region_counts` each
+    image scores as its own regions alone (the oracle on regions[:count]), whatever the padding
+    holds."""
+    cfg = ModelConfig(vocab_size=5, raw_feature_norm=norm, agg_func=agg, cross_attn=direction)
+    images, words = _inputs(normalize=True, seed=4)
+    counts = torch.tensor([2, R, 4])
+    padded = images.clone()
+    for i, count in enumerate(counts.tolist()):
+        padded[i, count:] = 7.0  # garbage where there are no regions
+    got = score_block(padded, words, LENGTHS, cfg, region_counts=counts)
+    for i, count in enumerate(counts.tolist()):
+        expected = oracle_scores(images[i : i + 1, :count], words, LENGTHS, cfg)
+        torch.testing.assert_close(got[i : i + 1], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("direction", CROSS_ATTNS)
+def test_full_counts_are_the_unmasked_scores(direction):
+    cfg = ModelConfig(vocab_size=5, cross_attn=direction)
+    images, words = _inputs(normalize=True, seed=5)
+    full = torch.full((N,), R)
+    torch.testing.assert_close(
+        score_block(images, words, LENGTHS, cfg, region_counts=full),
+        score_block(images, words, LENGTHS, cfg),
+        atol=0,
+        rtol=0,
+    )
