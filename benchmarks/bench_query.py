@@ -92,6 +92,7 @@ from scan_deploy.bundle import load_bundle
 from scan_deploy.checkpoint import Checkpoint
 from scan_deploy.choices import FirstStage, ShortlistEngine
 from scan_deploy.config import ModelConfig
+from scan_deploy.int8_rows import INT8_ZERO_POINT
 from scan_deploy.model import SCAN
 from scan_deploy.vocab import Vocabulary
 
@@ -474,8 +475,11 @@ def dequantize_rates(gallery: Gallery, block: int, repeats: int = 5) -> dict:
 
 
 def astype_float32(raw: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """numpy's dequantization before `to_float32`: `astype`, then the int8 scale in place."""
+    """numpy's dequantization before `to_float32`: `astype` (less the uint8 codes' zero point),
+    then the int8 scale in place."""
     values = raw.astype(np.float32)
+    if raw.dtype == np.uint8:
+        values -= INT8_ZERO_POINT
     if scale is not None:
         values *= scale[..., None]
     return values

@@ -505,6 +505,20 @@ def _mask_captions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+MAPS_KEPT = 256
+
+
+@functools.lru_cache(maxsize=MAPS_KEPT)
+def _mapped(path: str, inode: int, mtime_ns: int, size: int) -> np.ndarray:
+    """The memory map of a shard file, kept across calls: a new map per block faulted the
+    file's pages in again on every query (32 of the int8 scorer's 152 ms per query over 10K
+    images, benchmarks/bench_int8_scorer.py). At most MAPS_KEPT are kept, since each holds a
+    file descriptor (about 1M images in shards of 4096 would pass a 1024 descriptor limit);
+    keyed by the file's identity, so a gallery written again at the same path is mapped
+    afresh."""
+    return open_npy(Path(path), f": {_FIX}")
+
+
 def _fit_captions(part: dict[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
     """Crop or pad with zeros (as stored: `stored_zero`) the word axes of a stored captions
     batch to `t` words."""
@@ -553,7 +567,6 @@ class Shard:
     files: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
     dtype: GalleryDtype = GalleryDtype.FP32
     headers: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
-    maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def path(self, name: str) -> Path:
         return self.root / self._entry(name)["file"]
@@ -567,12 +580,13 @@ class Shard:
 
     def load(self, name: str) -> np.ndarray:
         """The raw stored array (uint8 codes / float16 / float32 / int64), memory-mapped
-        read-only, the map made once: a new map per block faulted its pages in again on every
-        query (32 of the int8 scorer's 152 ms per query over 10K images,
-        benchmarks/bench_int8_scorer.py)."""
-        if name not in self.maps:
-            self.maps[name] = open_npy(self.path(name), f": {_FIX}")
-        return self.maps[name]
+        read-only; the last MAPS_KEPT maps are kept (`_mapped`)."""
+        path = self.path(name)
+        try:
+            stat = path.stat()
+        except OSError:
+            return open_npy(path, f": {_FIX}")  # its one-line error
+        return _mapped(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
     def block(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop (local to the shard) as a new float32 array, dequantized; `lengths`
@@ -1069,8 +1083,9 @@ def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: bo
         record = typed(manifest[key], dict, key, where)
         shape = typed(record.get("shape"), list, f"{key}.shape", where)
         file = path / BOX_FILES[key]
-        if len(shape) != rows or shape[0] != count:
-            raise input_error(where, f"{key}.shape", f"got {shape}, expected {count} rows")
+        if len(shape) != rows or shape[0] != count or shape[-1] != (4 if rows == 3 else 2):
+            expected = f"({count}, R, 4)" if rows == 3 else f"({count}, 2)"
+            raise input_error(where, f"{key}.shape", f"got {shape}, expected {expected}")
         if not file.is_file():
             raise input_error(file, None, f"missing (named by {MANIFEST} {key}): {_FIX}")
         if list(read_npy_header(file, f": {_FIX}").shape) != shape:

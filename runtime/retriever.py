@@ -276,6 +276,8 @@ class Retriever:
     def explain_image(self, features: np.ndarray, hits: Sequence[Hit]) -> list[Explanation]:
         """The attention between one image's region features (regions, img_dim) and each of
         its caption hits (their texts, encoded again)."""
+        if any(hit.text is None for hit in hits):
+            raise UserError("explain: the captions gallery keeps no texts to explain hits with")
         explainer = self._explainer()
         image = self._encode_images(self._check_features(features[None]), None)
         side = {name: image.arrays[name] for name in ("regions", "region_gram")}

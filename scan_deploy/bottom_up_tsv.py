@@ -67,8 +67,12 @@ def read_tsv(path: Path) -> Iterator[TsvRecord]:
             complete = line.endswith(b"\n")
             try:
                 record = _parse(line.rstrip(b"\r\n"))
+                if not complete:  # writers end every record with a newline: this one was cut
+                    raise _FieldError("features", "the file ends inside this line")
             except _FieldError as exc:
                 ending = "" if complete else " (the file ends inside this line: truncated?)"
+                if exc.message.startswith("the file ends"):
+                    ending = ", without its newline: truncated?"
                 field = f"line {number}: {exc.field}"
                 raise input_error(path, field, exc.message + ending) from None
             if features_dim is None:
@@ -184,6 +188,7 @@ def import_tsv(
     }
     if captions is not None:
         targets["caps"] = caps_path
+    stale = [caps_path] if captions is None and caps_path.exists() else []
     with ExitStack() as stack:
         tmp = {
             name: stack.enter_context(atomic_path(path, suffix=path.suffix))
@@ -192,6 +197,8 @@ def import_tsv(
         shape = _write_records(paths, tmp, total, progress)
         if captions is not None:
             tmp["caps"].write_text("".join(c + "\n" for c in captions), encoding="utf-8")
+    for path in stale:  # an earlier import's captions would be paired with the new features
+        path.unlink()
     return ImportSummary(shape[0], shape[1], shape[2], [str(p) for p in targets.values()])
 
 

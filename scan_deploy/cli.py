@@ -557,6 +557,8 @@ def calibrate(
     from scan_deploy.precomp import check_feature_dim, load_split
     from scan_deploy.progress import progress_bar, stage_bars
 
+    if plot is not None:
+        import matplotlib  # noqa: F401 (the plots extra: missing, say so before any work)
     settings = CalibrationSettings(precision, method, samples, seed, split, accept_loss, threads)
     loaded = load_bundle(bundle)
     source = checkpoint or loaded.manifest.get("source", {}).get("checkpoint")
@@ -904,6 +906,8 @@ def explain(
 
     if (caption is None) == (text is None):
         raise UserError("give one of --caption (a line of the split) or --text")
+    if png is not None:
+        import matplotlib  # noqa: F401 (the plots extra: missing, say so before any work)
     loaded = load_bundle(bundle)
     opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
     explainer = Explainer(loaded, opened, threads)

@@ -68,8 +68,9 @@ def attention_logits(
     # The norms as sums, not `torch.linalg.vector_norm`: over a non-last dim (i2t normalises over
     # the regions, dim 1 of (n, R, m, T)) it took 4.7 ms where the sum takes 0.2 (torch 2.13 CPU,
     # one 41 × 36 × 64 × 18 block), 20% of the i2t scorer.
-    if kind.endswith("l2norm"):
-        norm = (logits * logits).sum(dim=dim, keepdim=True).sqrt()
+    if kind.endswith("l2norm"):  # clamped: the gradient of sqrt at 0 (all-zero padding) is NaN
+        squares = (logits * logits).sum(dim=dim, keepdim=True)
+        norm = squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
         return logits * (scale / (norm + EPS))
     if kind.endswith("l1norm"):  # the original's `l1norm_d` was never defined: this is the intent
         norm = logits.abs().sum(dim=dim, keepdim=True)

@@ -156,6 +156,24 @@ def _numpy_dtype(ort_type: str) -> str:
     return {"float": "float32", "double": "float64"}.get(inner, inner)
 
 
+def integer_dot_products(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has the integer dot products (x86 avx512_vnni / avx_vnni, Arm asimddp)
+    that ONNX Runtime's u8s8 kernels accumulate in 32 bits: without them (AVX2's vpmaddubsw)
+    pairs of products are added in saturating 16 bits, which the int8 scorer's full-range
+    query codes can overflow (onnxruntime#12088). Read from /proc/cpuinfo; unknown: False."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_vnni", "avx_vnni", "asimddp"})
+
+
 class OnnxRuntimeRunner:
     def __init__(
         self, graph: Graph | str, entry: dict[str, Any], session: Any, source: Path
@@ -219,6 +237,11 @@ class OnnxRuntimeBackend(RunnerCache):
         if self.providers[0] != Provider.CPU:
             leading = EXECUTION_PROVIDERS[self.providers[0]]
             raise UserError(f"scorer int8: runs on ONNX Runtime's CPU provider, not {leading}")
+        if not integer_dot_products():
+            raise UserError(
+                "scorer int8: this CPU has no integer dot-product instructions (x86 VNNI, Arm "
+                "dotprod), without which ONNX Runtime's u8s8 GEMM can saturate"
+            )
         entry = self.bundle.int8_scorer(kind)
         if entry is None:
             raise UserError(

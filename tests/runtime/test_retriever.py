@@ -543,6 +543,13 @@ def test_the_int8_scorer_says_why_it_cannot_run(int8_indexed, indexed, trained):
         Retriever(bundle, opened.galleries, opened.backend, scorer="int8")
     with pytest.raises(UserError, match="^scorer: got 'int4', expected one of auto, float, int8$"):
         Retriever.open(bundle, gallery, scorer="int4")
+    import scan_deploy.runtime.backends.onnxruntime_backend as ort_backend
+
+    with pytest.MonkeyPatch.context() as patch:  # an AVX2-only CPU
+        patch.setattr(ort_backend, "integer_dot_products", lambda: False)
+        with pytest.raises(UserError, match="no integer dot-product instructions"):
+            Retriever.open(bundle, gallery, scorer="int8")
+        assert not Retriever.open(bundle, gallery).scorers["images"].stored
 
 
 def test_the_scorer_option_of_query_and_bench(int8_indexed, indexed):

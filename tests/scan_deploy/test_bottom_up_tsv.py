@@ -159,6 +159,25 @@ def test_a_truncated_last_line_is_named(tmp_path):
         import_tsv([tmp_path / "cut.tsv"], tmp_path / "data", "test")
 
 
+def test_a_last_line_cut_between_floats_is_still_refused(tmp_path):
+    """A cut that leaves whole base64 floats parses (F = 3 instead of 6): the missing newline
+    is what says the file was truncated."""
+    fields = record("only", 0)[0]
+    fields[5] = b64(np.ones((BOXES, 3)))
+    (tmp_path / "cut.tsv").write_text("\t".join(fields))  # no newline
+    with pytest.raises(
+        UserError, match=r"line 1: features: the file ends inside this line, without"
+    ):
+        import_tsv([tmp_path / "cut.tsv"], tmp_path / "data", "test")
+
+
+def test_importing_again_without_captions_drops_the_old_ones(two_files, tmp_path):
+    paths, _ = two_files
+    import_tsv(paths, tmp_path / "data", "test", [f"caption {i}" for i in range(5)])
+    import_tsv(paths, tmp_path / "data", "test")
+    assert not (tmp_path / "data" / "test_caps.txt").exists()
+
+
 def test_captions_must_be_one_or_five_per_image(two_files, tmp_path):
     paths, _ = two_files
     with pytest.raises(

@@ -117,3 +117,16 @@ def test_full_counts_are_the_unmasked_scores(direction):
         atol=0,
         rtol=0,
     )
+
+
+@pytest.mark.parametrize("direction", CROSS_ATTNS)
+@pytest.mark.parametrize("norm", ["clipped_l2norm", "l2norm", "l1norm"])
+def test_gradients_stay_finite_with_padded_words_and_regions(direction, norm):
+    """Padded words (and regions) have all-zero logits: their norm is 0, where sqrt's gradient
+    is not finite; training must still get finite gradients."""
+    cfg = ModelConfig(vocab_size=5, raw_feature_norm=norm, cross_attn=direction)
+    images, words = _inputs(normalize=True, seed=6)
+    images.requires_grad_(True)
+    words.requires_grad_(True)
+    score_block(images, words, LENGTHS, cfg, region_counts=torch.tensor([2, R, 4])).sum().backward()
+    assert torch.isfinite(images.grad).all() and torch.isfinite(words.grad).all()

@@ -315,3 +315,15 @@ def test_a_cache_folder_that_cannot_be_made_is_a_warning(
     )
     assert "cannot create the TensorRT cache folder" in caplog.text
     assert "engines are rebuilt by every process" in caplog.text
+
+
+def test_the_int8_scorer_needs_integer_dot_products():
+    """Without VNNI / dotprod ONNX Runtime's u8s8 GEMM adds product pairs in saturating 16
+    bits: the int8 scorer is refused there (auto falls back to the float scorer)."""
+    from scan_deploy.runtime.backends.onnxruntime_backend import integer_dot_products
+
+    assert integer_dot_products("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert integer_dot_products("flags : avx2 avx_vnni")
+    assert integer_dot_products("Features : fp asimd evtstrm asimddp")
+    assert not integer_dot_products("flags : fpu sse2 avx2 fma avx512f")
+    assert not integer_dot_products("")
