@@ -153,13 +153,15 @@ class TorchBackend(RunnerCache):
 
     def resident(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
         """Device copies of one gallery block's scorer inputs (float32 / int64, as the scorer
-        takes them), or None once they would pass `resident_bytes`."""
+        takes them; arrays it does not take, such as the region Gram of an i2t model, are left
+        out), or None once they would pass `resident_bytes`."""
         inputs = {
             value["name"]: value["dtype"] for value in self.bundle.graph(Graph.SCORER)["inputs"]
         }
         host = {
-            name: np.ascontiguousarray(array, dtype=inputs.get(name, array.dtype))
+            name: np.ascontiguousarray(array, dtype=inputs[name])
             for name, array in arrays.items()
+            if name in inputs
         }
         size = sum(array.nbytes for array in host.values())
         with self._resident_lock:
