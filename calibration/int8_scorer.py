@@ -48,6 +48,7 @@ def gate_int8_scorers(
     per_image = split.captions_per_image
     reference = recall_metrics(reference_sims, per_image)
     target = TARGETS[Precision.INT8]
+    report = progress or (lambda stage, done, total: None)
     graphs, records = {}, {}
     for kind in KINDS:
         graph = int8_gallery_scorer_graph(bundle.config, kind, bundle.manifest["opset"])
@@ -58,22 +59,19 @@ def gate_int8_scorers(
             session(graph, threads),
             kind,
             split,
-            lambda done, stage=stage: (progress or (lambda *a: None))(
-                stage, done, split.num_captions
-            ),
+            lambda done, stage=stage: report(stage, done, split.num_captions),
         )
         worst = worst_delta(reference, sims, per_image)
         finite = bool(np.isfinite(sims).all())
+        metrics = recall_metrics(sims, per_image) if finite else None
         passed = worst <= target
         records[kind] = {
             "gate": {
                 "target_delta_recall": target,
                 "split_images": split.num_images,
                 "reference": reference,
-                "variant": recall_metrics(sims, per_image) if finite else None,
-                "delta_recall": recall_deltas(reference, recall_metrics(sims, per_image))
-                if finite
-                else None,
+                "variant": metrics,
+                "delta_recall": recall_deltas(reference, metrics) if finite else None,
                 "worst_delta_recall": worst,
                 "max_abs_error": float(np.abs(sims - reference_sims).max()) if finite else None,
                 "passed": passed,

@@ -591,20 +591,20 @@ class Shard:
     def block(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop (local to the shard) as a new float32 array, dequantized; `lengths`
         as int64. Only those rows are read."""
-        if not 0 <= start <= stop <= self.count:
-            raise IndexError(
-                f"rows {start}:{stop} out of range for shard {self.index} of {self.count} items"
-            )
+        self._check_rows(start, stop)
         return self._read(name, slice(start, stop))
 
     def stored_block(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop (local to the shard) as stored, a read-only view of the memory map:
         the int8 scorer reads an int8 gallery's codes without a copy."""
+        self._check_rows(start, stop)
+        return self.load(name)[start:stop]
+
+    def _check_rows(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.count:
             raise IndexError(
                 f"rows {start}:{stop} out of range for shard {self.index} of {self.count} items"
             )
-        return self.load(name)[start:stop]
 
     def take_stored(self, name: str, indices: np.ndarray) -> np.ndarray:
         """Rows at local `indices` (any order) as stored (uint8 / float16 / float32 / int64), by
@@ -857,12 +857,7 @@ class Gallery:
         if name not in ITEM_AXES[self.kind]:
             names = ", ".join(ITEM_AXES[self.kind])
             raise KeyError(f"a gallery of {self.kind} has no array {name!r} (has {names})")
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
-        idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.count):
-            raise IndexError(f"item indices out of range 0..{self.count - 1}")
+        idx = self._item_indices(indices)
         stored = self._gather(name, idx)
         if name == "lengths":
             return stored.astype(np.int64, copy=False)
@@ -877,10 +872,17 @@ class Gallery:
         if name not in self.shards[0].files:
             names = ", ".join(self.shards[0].files)
             raise KeyError(f"a gallery of {self.kind} stores no {name!r} (stores {names})")
-        idx = np.asarray(indices, dtype=np.int64)
+        return self._gather(name, self._item_indices(indices))
+
+    def _item_indices(self, indices: np.ndarray) -> np.ndarray:
+        """`indices` as int64 global item indices, checked: 1-D, integer, in range."""
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        idx = idx.astype(np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.count):
             raise IndexError(f"item indices out of range 0..{self.count - 1}")
-        return self._gather(name, idx)
+        return idx
 
     def _gather(self, name: str, idx: np.ndarray) -> np.ndarray:
         """The stored rows of `name` at global `idx`, zero-padded to the largest shard shape."""

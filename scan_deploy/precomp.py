@@ -99,10 +99,8 @@ def image_ids(ims_path: Path, count: int) -> list[str]:
     `{split}_ims.npy` when there is one (`data import-tsv` writes it), else the row numbers.
     The file must hold `count` unique, non-empty ids (a UserError names the line)."""
     ims_path = Path(ims_path)
-    if not ims_path.name.endswith("_ims.npy"):
-        return [str(i) for i in range(count)]
-    path = ims_path.with_name(ims_path.name.removesuffix("_ims.npy") + "_ids.txt")
-    if not path.is_file():
+    path = _beside(ims_path, "_ids.txt")
+    if path is None or not path.is_file():
         return [str(i) for i in range(count)]
     ids = read_captions(path)  # one non-empty line each, UTF-8
     if len(ids) != count:
@@ -122,11 +120,8 @@ def image_boxes(ims_path: Path, images: int, regions: int) -> tuple[np.ndarray, 
     `{split}_ims.npy` by `data import-tsv` (`{split}_boxes.npy`, `{split}_image_sizes.npy`),
     memory-mapped, or None when the split has none; a UserError names a file of another shape."""
     ims_path = Path(ims_path)
-    if not ims_path.name.endswith("_ims.npy"):
-        return None
-    stem = ims_path.name.removesuffix("_ims.npy")
-    paths = ims_path.with_name(f"{stem}_boxes.npy"), ims_path.with_name(f"{stem}_image_sizes.npy")
-    if not all(path.is_file() for path in paths):
+    paths = _beside(ims_path, "_boxes.npy"), _beside(ims_path, "_image_sizes.npy")
+    if not all(path is not None and path.is_file() for path in paths):
         return None
     arrays = []
     for path, shape in zip(paths, ((images, regions, 4), (images, 2)), strict=True):
@@ -143,11 +138,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def images_folder(ims_path: Path) -> Path | None:
     """`{split}_images/` beside `{split}_ims.npy` (the image files, named by image id), or None."""
-    ims_path = Path(ims_path)
+    folder = _beside(Path(ims_path), "_images")
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def _beside(ims_path: Path, suffix: str) -> Path | None:
+    """`{split}{suffix}` beside a `{split}_ims.npy` file; None for features named otherwise."""
     if not ims_path.name.endswith("_ims.npy"):
         return None
-    folder = ims_path.with_name(ims_path.name.removesuffix("_ims.npy") + "_images")
-    return folder if folder.is_dir() else None
+    return ims_path.with_name(ims_path.name.removesuffix("_ims.npy") + suffix)
 
 
 def image_file(folder: Path, image_id: str) -> Path | None:
