@@ -8,7 +8,8 @@ Runtime and TensorRT's ONNX parser.
 
 Graph interfaces (dynamic axes named `batch`, `regions`, `words`):
 - image_encoder: `features` (batch, regions, img_dim) float32 -> `regions` (batch, regions, D),
-  `region_gram` (batch, regions, regions), `global` (batch, D).
+  `region_gram` (batch, regions, regions), `global` (batch, D). A padded region (an all-zero
+  feature row: adaptive features) gets an all-zero embedding and stays out of `global`.
 - text_encoder: `tokens` (batch, words) int64, `lengths` (batch,) int64 -> `words`
   (batch, words, D) zero beyond each length, `caption_gram` (batch, words, words),
   `global` (batch, D).
@@ -40,9 +41,13 @@ def image_encoder_graph(model: SCAN, opset: int = DEFAULT_OPSET) -> onnx.ModelPr
     regions = g.op("Add", [features, g.const(_array(model.img_enc.fc.bias), "fc_bias")])
     if not config.no_imgnorm:
         regions = g.l2norm(regions)
+    valid = g.op("Cast", [g.nonzero_rows("features", keepdims=1)], to=TensorProto.FLOAT)
+    regions = g.op("Mul", [regions, valid])  # padded regions (all-zero features) stay zero
     g.output_as(regions, "regions")
     g.output_as(g.gram(regions), "region_gram")
-    g.output_as(g.l2norm(g.reduce("ReduceMean", regions, [1], 0)), "global")
+    count = g.op("Max", [g.reduce("ReduceSum", valid, [1], 0), g.const(np.float32(1.0))])
+    total = g.reduce("ReduceSum", regions, [1], 0)
+    g.output_as(g.l2norm(g.op("Div", [total, count])), "global")
     d = config.embed_size
     return g.model(
         [value_info("features", TensorProto.FLOAT, ["batch", "regions", config.img_dim])],

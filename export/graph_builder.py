@@ -82,6 +82,12 @@ class GraphBuilder:
         positions = self.op("Range", [zero, steps, one])
         return self.op("Less", [self.unsqueeze(positions, 0), self.unsqueeze(lengths, 1)])
 
+    def nonzero_rows(self, x: str, keepdims: int = 0) -> str:
+        """bool: the rows (last axis) of `x` that are not all zero: the regions that are not
+        padding (`scan_deploy.scoring.region_mask`)."""
+        largest = self.reduce("ReduceMax", self.op("Abs", [x]), [-1], keepdims)
+        return self.op("Greater", [largest, self.const(np.float32(0.0))])
+
     def l2norm(self, x: str) -> str:
         """x / (|x| + eps) over the last axis, as the reference `l2norm`."""
         norm = self.op("Sqrt", [self.reduce("ReduceSumSquare", x, [-1], 1)])

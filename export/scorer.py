@@ -4,8 +4,10 @@ Inputs are what the encoders produce (and a gallery stores): `regions` (images, 
 `region_gram` (images, regions, regions) for t2i, `words` (captions, words, D), `lengths`
 (captions,) int64, `caption_gram` (captions, words, words) for i2t. Output `similarity`
 (images, captions). The variant (direction, raw_feature_norm, aggregation, λs) is baked in as
-constants. Masked positions use a large finite negative instead of -inf (exp of it is exactly 0),
-which every backend handles.
+constants. Padded regions (all-zero rows of `regions`: images of fewer regions than the block's)
+are masked out of every softmax and pooling, as `scan_deploy.scoring.region_mask`. Masked
+positions use a large finite negative instead of -inf (exp of it is exactly 0), which every
+backend handles.
 
 Node for node this follows `score_t2i_block` / `score_i2t_block`; the graph scores all pairs of its
 inputs at once, so callers bound memory by feeding blocks.
@@ -38,12 +40,15 @@ def scorer_graph(
     valid = g.length_mask("words", "lengths")  # (M, T) bool
     words = g.op("Mul", ["words", g.op("Cast", [g.unsqueeze(valid, 2)], to=TensorProto.FLOAT)])
     logits = _logits(g, words, config.embed_size)  # (N, R, M, T)
+    regions_valid = g.nonzero_rows("regions")  # (N, R)
     if t2i:
         norms = lambda: g.reduce("ReduceL2", words, [2], 0)  # noqa: E731 (M, T)
-        similarity, attn = _t2i(g, config, logits, valid, norms)
+        similarity, attn = _t2i(g, config, logits, valid, norms, regions_valid)
     else:
         norms = lambda: g.reduce("ReduceL2", "regions", [2], 1)  # noqa: E731 (N, R, 1)
-        similarity, attn = _i2t(g, config, logits, valid, norms)
+        similarity, attn = _i2t(g, config, logits, valid, norms, regions_valid)
+        padding = g.op("Cast", [_regions4(g, regions_valid)], to=TensorProto.FLOAT)
+        attn = g.op("Mul", [attn, padding]) if attention else attn  # padding attends to nothing
     g.output_as(similarity, "similarity")
     if attention:
         g.output_as(attn, "attention")
@@ -91,23 +96,25 @@ def int8_gallery_scorer_graph(
         flat = _integer_logits(g, "regions", "regions_scale", words, config.embed_size)
         logits = g.op("Reshape", [flat, _pair_dims(g, "regions", "words")])
         gram = _dequantize(g, "region_gram")
+        regions_valid = g.op("Greater", ["regions_scale", g.const(np.float32(0.0))])  # (N, R)
         if t2i:
             norms = lambda: g.reduce("ReduceL2", words, [2], 0)  # noqa: E731 (M, T)
-            similarity, _ = _t2i(g, config, logits, valid, norms, gram)
+            similarity, _ = _t2i(g, config, logits, valid, norms, regions_valid, gram)
         else:
             norms = lambda: g.unsqueeze(_diagonal_norms(g, gram), 2)  # noqa: E731 (N, R, 1)
-            similarity, _ = _i2t(g, config, logits, valid, norms)
+            similarity, _ = _i2t(g, config, logits, valid, norms, regions_valid)
     else:
         flat = _integer_logits(g, "words", "words_scale", "regions", config.embed_size)
         by_image = g.op("Transpose", [flat], perm=[1, 0])  # (N·R, M·T)
         logits = g.op("Reshape", [by_image, _pair_dims(g, "regions", "words")])
         gram = _dequantize(g, "caption_gram")
+        regions_valid = g.nonzero_rows("regions")  # (N, R)
         if t2i:
             norms = lambda: _diagonal_norms(g, gram)  # noqa: E731 (M, T)
-            similarity, _ = _t2i(g, config, logits, valid, norms)
+            similarity, _ = _t2i(g, config, logits, valid, norms, regions_valid)
         else:
             norms = lambda: g.reduce("ReduceL2", "regions", [2], 1)  # noqa: E731 (N, R, 1)
-            similarity, _ = _i2t(g, config, logits, valid, norms, gram)
+            similarity, _ = _i2t(g, config, logits, valid, norms, regions_valid, gram)
     g.output_as(similarity, "similarity")
     output = value_info("similarity", TensorProto.FLOAT, ["images", "captions"])
     inputs = _int8_gallery_inputs(config, kind)
@@ -246,13 +253,15 @@ def _t2i(
     logits: str,
     valid: str,
     word_norms: Callable[[], str],
+    regions_valid: str,
     region_gram: str = "region_gram",
 ) -> tuple[str, str]:
     """(similarity, attention); `word_norms()` emits the (M, T) norms of the words where the
-    graph needs them."""
+    graph needs them; `regions_valid` (N, R) bool marks the regions that are not padding."""
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
     scaled = _attention_logits(g, config, logits, 3, valid4)
-    attn = g.softmax(scaled, 1, 4)  # over regions
+    masked = g.op("Where", [_regions4(g, regions_valid), scaled, g.const(np.float32(MASKED))])
+    attn = g.softmax(masked, 1, 4)  # over the image's regions
     numerator = g.reduce("ReduceSum", g.op("Mul", [attn, logits]), [1], 0)  # (N, M, T)
     n_r_mt = g.op(
         "Concat", [g.slice(g.op("Shape", [attn]), 0, 2), g.const(np.array([-1], np.int64))], axis=0
@@ -271,12 +280,13 @@ def _i2t(
     logits: str,
     valid: str,
     region_norms: Callable[[], str],
+    regions_valid: str,
     caption_gram: str = "caption_gram",
 ) -> tuple[str, str]:
     """(similarity, attention); `region_norms()` emits the (N, R, 1) norms of the regions where
-    the graph needs them."""
+    the graph needs them; `regions_valid` (N, R) bool marks the regions that are not padding."""
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
-    scaled = _attention_logits(g, config, logits, 1, None)
+    scaled = _attention_logits(g, config, logits, 1, _regions4(g, regions_valid))
     masked = g.op("Where", [valid4, scaled, g.const(np.float32(MASKED), "masked")])
     attn = g.softmax(masked, 3, 4)  # over the caption's words
     numerator = g.reduce("ReduceSum", g.op("Mul", [attn, logits]), [3], 0)  # (N, R, M)
@@ -293,5 +303,13 @@ def _i2t(
     )
     attn_gram = g.op("Transpose", [g.op("Reshape", [attn_gram, m_n_r_t])], perm=[1, 2, 0, 3])
     context_sq = g.reduce("ReduceSum", g.op("Mul", [attn, attn_gram]), [3], 0)  # (N, R, M)
-    relevance = _cosine(g, numerator, region_norms(), context_sq)
-    return _aggregate(g, config, relevance, 1, None, None), attn
+    relevance = _cosine(g, numerator, region_norms(), context_sq)  # (N, R, M)
+    valid_regions = g.op("Cast", [regions_valid], to=TensorProto.FLOAT)
+    count = g.reduce("ReduceSum", valid_regions, [1], 1)  # (N, 1): broadcasts over (N, M)
+    pooled = _aggregate(g, config, relevance, 1, g.unsqueeze(regions_valid, 2), count)
+    return pooled, attn
+
+
+def _regions4(g: GraphBuilder, regions_valid: str) -> str:
+    """(N, R) -> (N, R, 1, 1), to broadcast over (N, R, M, T)."""
+    return g.unsqueeze(g.unsqueeze(regions_valid, 2), 3)

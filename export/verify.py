@@ -31,6 +31,7 @@ class OutputError:
     graph: str
     output: str
     batch: int
+    regions: str  # the images' region counts: "36", or "1-36" for zero-padded images
     max_abs: float
     max_rel: float
     cosine: float
@@ -49,15 +50,22 @@ def session(model: onnx.ModelProto | str, threads: int = 0) -> ort.InferenceSess
 
 
 def error_stats(
-    graph: str, output: str, batch: int, got: np.ndarray, expected: np.ndarray, tol: float
+    graph: str,
+    output: str,
+    inputs: tuple[int, str],
+    got: np.ndarray,
+    expected: np.ndarray,
+    tol: float,
 ) -> OutputError:
+    """The errors of one output; `inputs` is the batch and region counts it was run at."""
     diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
     scale = np.abs(expected.astype(np.float64))
     a, b = got.ravel().astype(np.float64), expected.ravel().astype(np.float64)
     denom = np.linalg.norm(a) * np.linalg.norm(b)
     cosine = float(a @ b / denom) if denom > 0 else 1.0
     max_rel = float((diff / np.maximum(scale, 1e-6)).max()) if diff.size else 0.0
-    return OutputError(graph, output, batch, float(diff.max(initial=0.0)), max_rel, cosine, tol)
+    max_abs = float(diff.max(initial=0.0))
+    return OutputError(graph, output, *inputs, max_abs, max_rel, cosine, tol)
 
 
 @torch.no_grad()
@@ -124,11 +132,14 @@ def compare_graphs(
     if "explain" in sessions:
         similarity, attention = sessions["explain"].run(None, scorer_inputs)
         actual["explain"] = {"similarity": similarity, "attention": attention}
+    counts = np.asarray(features).any(axis=2).sum(axis=1)
+    low, high = int(counts.min()), int(counts.max())
+    inputs = (features.shape[0], str(high) if low == high else f"{low}-{high}")
     return [
         error_stats(
             graph,
             name,
-            features.shape[0],
+            inputs,
             actual[graph][name],
             value,
             SIMILARITY_ATOL if graph in ("scorer", "explain") else EMBEDDING_ATOL,
@@ -140,11 +151,22 @@ def compare_graphs(
 
 
 def generated_inputs(
-    vocab_size: int, img_dim: int, batch: int, regions: int, max_words: int, seed: int = 0
+    vocab_size: int,
+    img_dim: int,
+    batch: int,
+    regions: int,
+    max_words: int,
+    seed: int = 0,
+    min_regions: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded features, and token ids whose lengths cover 1 and max_words."""
+    """Seeded features, and token ids whose lengths cover 1 and max_words. With `min_regions`,
+    the images' region counts spread from `regions` down to it, each zero-padded to `regions`
+    (adaptive features)."""
     rng = np.random.default_rng(seed)
     features = rng.random((batch, regions, img_dim), dtype=np.float32)
+    if min_regions is not None:
+        counts = np.linspace(regions, min_regions, batch).round().astype(int)
+        features[np.arange(regions)[None] >= counts[:, None]] = 0
     lengths = rng.integers(1, max_words + 1, size=batch).astype(np.int64)
     lengths[0] = max_words
     if batch > 1:

@@ -21,7 +21,7 @@ from scan_deploy.export.verify import OutputError, compare_graphs, generated_inp
 
 from scan_deploy import __version__
 from scan_deploy.atomic import atomic_dir, check_output_dir, write_json
-from scan_deploy.bundle import FORMAT_VERSION, MANIFEST, VOCAB, sha256_file
+from scan_deploy.bundle import FORMAT_VERSION, MANIFEST, PADDED_REGIONS, VOCAB, sha256_file
 from scan_deploy.bundle import MARKER as BUNDLE_MARKER
 from scan_deploy.checkpoint import Checkpoint
 from scan_deploy.errors import UserError
@@ -54,14 +54,29 @@ class ShapeRanges:
     words: DimRange
 
     @classmethod
-    def create(cls, max_batch: int, regions: int, max_words: int) -> ShapeRanges:
+    def create(
+        cls,
+        max_batch: int,
+        regions: int,
+        max_words: int,
+        min_regions: int | None = None,
+        max_regions: int | None = None,
+    ) -> ShapeRanges:
+        """`regions` is the region count engines are tuned for; `min_regions`/`max_regions`
+        (default: `regions`) the range they accept (adaptive features)."""
+        low, high = min_regions or regions, max_regions or regions
+        if not low <= regions <= high:
+            raise UserError(
+                f"--min-regions/--regions/--max-regions: got {low}, {regions}, {high}, "
+                "expected min <= regions <= max"
+            )
         if max_words < 3:  # the word limit counts <start> and <end>
             raise UserError(
                 f"max_words: got {max_words}, expected at least 3 (<start>, a word and <end>)"
             )
         return cls(
             DimRange(1, min(32, max_batch), max_batch),
-            DimRange(regions, regions, regions),
+            DimRange(low, regions, high),
             DimRange(1, min(16, max_words), max_words),
         )
 
@@ -88,16 +103,22 @@ def check_parity(model, graphs: dict[str, onnx.ModelProto], ranges: ShapeRanges)
             raise ParityError(f"{name}: ONNX checker: {str(exc).splitlines()[0]}") from None
     sessions = {name: session(graph) for name, graph in graphs.items()}
     report: list[OutputError] = []
+    config, words = model.config, ranges.words.max
     for batch in sorted({1, ranges.batch.opt}):
         inputs = generated_inputs(
-            model.config.vocab_size,
-            model.config.img_dim,
-            batch,
-            ranges.regions.opt,
-            ranges.words.max,
-            seed=batch,
+            config.vocab_size, config.img_dim, batch, ranges.regions.opt, words, seed=batch
         )
         report += compare_graphs(sessions, model, *inputs)
+    padded = generated_inputs(  # images of fewer regions, zero-padded (adaptive features)
+        config.vocab_size,
+        config.img_dim,
+        max(2, ranges.batch.opt),
+        ranges.regions.max,
+        words,
+        seed=0,
+        min_regions=max(1, min(ranges.regions.min, ranges.regions.max // 4)),
+    )
+    report += compare_graphs(sessions, model, *padded)
     failures = [e for e in report if not e.ok]
     if failures:
         worst = max(failures, key=lambda e: e.max_abs / e.tolerance)
@@ -140,6 +161,7 @@ def export_bundle(
             },
             "opset": opset,
             "shape_ranges": asdict(ranges),
+            "padded_regions": PADDED_REGIONS,  # what the graphs do with all-zero region rows
             "graphs": entries,
             "explain": explain_entry,  # the scorer with its attention (`scan-deploy explain`)
             "export_parity": parity,

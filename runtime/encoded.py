@@ -15,13 +15,10 @@ import numpy as np
 from scan_deploy.errors import input_error
 
 
-def first_degenerate(
-    embeddings: np.ndarray, pooled: np.ndarray, lengths: np.ndarray | None = None
-) -> int | None:
+def first_degenerate(embeddings: np.ndarray, pooled: np.ndarray, valid: np.ndarray) -> int | None:
     """The first item of an encoded batch with NaN/Inf in its embeddings (items, T, D) or pooled
-    embedding (items, D), or with an all-zero one (embeddings within `lengths`); None if none."""
-    t = embeddings.shape[1]
-    valid = np.arange(t) < (t if lengths is None else lengths[:, None])
+    embedding (items, D), or with an all-zero one (among the `valid` (items, T) embeddings: a
+    caption's words, an image's regions that are not padding); None if none."""
     zero = (~embeddings.any(axis=2) & valid).any(axis=1) | ~pooled.any(axis=1)
     finite = np.isfinite(embeddings).all(axis=(1, 2)) & np.isfinite(pooled).all(axis=1)
     bad = np.flatnonzero(zero | ~finite)
@@ -37,7 +34,7 @@ def check_encoded_images(
 ) -> None:
     """Refuse the first degenerate image of a batch: `FILE: image N: ...` (`image features`
     when the file is not known), N counted from `start`, with its largest feature's magnitude."""
-    bad = first_degenerate(regions, pooled)
+    bad = first_degenerate(regions, pooled, features.any(axis=2))
     if bad is not None:
         peak = float(np.abs(features[bad]).max())
         raise input_error(
@@ -57,7 +54,8 @@ def check_encoded_texts(
 ) -> None:
     """Refuse the first degenerate caption or query of a batch: `FILE: ITEM: ...`, where
     `items` names the batch's texts (their lines, or the queries themselves)."""
-    bad = first_degenerate(words, pooled, lengths)
+    valid = np.arange(words.shape[1]) < lengths[:, None]
+    bad = first_degenerate(words, pooled, valid)
     if bad is not None:
         message = "the text encoder's output is zero or NaN/Inf: the bundle is broken"
         raise input_error(source, items[bad], message)

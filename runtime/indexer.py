@@ -33,7 +33,6 @@ from scan_deploy.atomic import atomic_dir, check_output_dir
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
 from scan_deploy.choices import FirstStage, GalleryDtype
-from scan_deploy.errors import input_error
 from scan_deploy.precomp import (
     check_feature_dim,
     image_boxes,
@@ -67,10 +66,7 @@ def index_gallery(
     inputs = [p for p in (features_path, captions_path, bundle.path, checkpoint) if p is not None]
     check_output_dir(out, force, replace(MARKER, file=f"images/{MARKER.file}"), inputs)
     data = load_files(features_path, captions_path)  # checks NaN/Inf in bounded chunks
-    expected = bundle.manifest["shape_ranges"]["regions"]["opt"]
-    if data.num_regions != expected:
-        message = f"expected {expected} regions per image (the bundle's), got {data.num_regions}"
-        raise input_error(features_path, "shape", message)
+    bundle.check_regions(data.num_regions, data.padded, features_path, "shape")
     check_feature_dim(data, bundle.config.img_dim, bundle.path / "manifest.json")
     n, dim = len(data.images), int(bundle.config.embed_size)
     stages = check_stages(first_stages or {}, dim, n, n * data.num_regions, out / "images")

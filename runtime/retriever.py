@@ -55,7 +55,7 @@ from scan_deploy.choices import (
     ShortlistEngine,
 )
 from scan_deploy.errors import UserError, input_error
-from scan_deploy.precomp import check_finite_features
+from scan_deploy.precomp import check_feature_values
 
 LOG = logging.getLogger("scan_deploy.runtime")
 KINDS_BY_QUERY = {"text": "images", "image": "captions"}
@@ -322,15 +322,12 @@ class Retriever:
 
     def _check_features(self, features: np.ndarray) -> np.ndarray:
         features = np.asarray(features, dtype=np.float32)
-        regions = self.bundle.manifest["shape_ranges"]["regions"]
-        expected = (regions["opt"], self.bundle.config.img_dim)
-        if features.ndim != 3 or features.shape[1:] != expected:
-            raise input_error(
-                None,
-                "image features",
-                f"expected (images, {expected[0]}, {expected[1]}), got {features.shape}",
-            )
-        check_finite_features(features, None, "image features")
+        dim = self.bundle.config.img_dim
+        if features.ndim != 3 or features.shape[2] != dim:
+            message = f"expected (images, regions, {dim}), got {features.shape}"
+            raise input_error(None, "image features", message)
+        padded = check_feature_values(features, None, "image features")
+        self.bundle.check_regions(features.shape[1], padded, None, "image features")
         return features
 
 

@@ -39,6 +39,9 @@ MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 MARKER = Marker(MANIFEST, ("format_version", "graphs", "opset", "shape_ranges"), "bundle")
 LOG = logging.getLogger(__name__)
+# The manifest's `padded_regions`: the graphs mask all-zero region rows (images of fewer regions
+# than R, zero-padded: `scan_deploy.scoring.region_mask`). Bundles exported before have none.
+PADDED_REGIONS = "masked"
 INT8_SCORER_KINDS = ("images", "captions")  # gallery kinds (`runtime.gallery.KINDS`)
 # The graphs' symbolic dims, by the manifest shape range they take their sizes from.
 DIM_RANGES = {
@@ -117,6 +120,25 @@ class Bundle:
                 "existed): re-export it with scan-deploy export"
             )
         return entry
+
+    def check_regions(self, regions: int, padded: bool, source: Path | None, field: str) -> None:
+        """Features of `regions` rows per image, some of them zero-padded when `padded`, fit the
+        bundle: R within its `regions` shape range, padding only for graphs that mask it; else
+        a one-line UserError naming `source` and `field`."""
+        low, _, high = self.dim_sizes("image_encoder")["regions"]
+        if not low <= regions <= high:
+            span = str(low) if low == high else f"{low} to {high}"
+            message = (
+                f"has {regions} regions per image, the bundle takes {span} "
+                "(re-export with --regions/--min-regions/--max-regions to change it)"
+            )
+            raise input_error(source, field, message)
+        if padded and self.manifest.get("padded_regions") != PADDED_REGIONS:
+            message = (
+                "has images of fewer regions (zero-padded rows), which this bundle's graphs "
+                "(exported before padding was masked) would score as regions: re-export it"
+            )
+            raise input_error(source, field, message)
 
     def precisions(self) -> list[str]:
         return ["fp32", *self.manifest.get("variants", {})]

@@ -424,7 +424,21 @@ def export_command(
     opset: Annotated[int, typer.Option(help="ONNX opset (13 or newer).")] = 17,
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch engines accept.")] = 256,
     max_words: Annotated[int, typer.Option(min=3, help="Longest caption in tokens.")] = 64,
-    regions: Annotated[int, typer.Option(min=1, help="Regions per image.")] = 36,
+    regions: Annotated[
+        int, typer.Option(min=1, help="Regions per image (the size engines are tuned for).")
+    ] = 36,
+    min_regions: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Fewest regions per image (adaptive features; default --regions)."
+        ),
+    ] = None,
+    max_regions: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Most regions per image (adaptive features padded; default --regions)."
+        ),
+    ] = None,
     vocab: Annotated[
         Path | None, typer.Option(help="Vocabulary for original .pth.tar checkpoints.")
     ] = None,
@@ -433,12 +447,16 @@ def export_command(
         bool, typer.Option("--json", help="Print the parity report as JSON.")
     ] = False,
 ) -> None:
-    """Export the image encoder, text encoder and scorer to ONNX, checked against PyTorch."""
+    """Export the image encoder, text encoder and scorer to ONNX, checked against PyTorch.
+
+    Images of fewer regions than the features' R (adaptive bottom-up features, 10-100 boxes)
+    are zero-padded rows and masked by every graph; --min-regions/--max-regions set the range
+    of R the engines accept."""
     from scan_deploy.checkpoint import load_checkpoint
     from scan_deploy.export.writer import ShapeRanges, export_bundle
 
     ckpt = load_checkpoint(checkpoint, vocab)
-    ranges = ShapeRanges.create(max_batch, regions, max_words)
+    ranges = ShapeRanges.create(max_batch, regions, max_words, min_regions, max_regions)
     with err_console.status("exporting and checking against PyTorch"):
         manifest = export_bundle(ckpt, out, opset, ranges, force)
     if as_json:
@@ -449,13 +467,15 @@ def export_command(
 
 def parity_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
-    for column in ("graph", "output", "batch", "max abs", "max rel", "cosine", "tolerance"):
+    columns = ("graph", "output", "batch", "regions", "max abs", "max rel", "cosine", "tolerance")
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             row["graph"],
             row["output"],
             str(row["batch"]),
+            row.get("regions", ""),
             f"{row['max_abs']:.2e}",
             f"{row['max_rel']:.2e}",
             f"{row['cosine']:.8f}",
@@ -486,6 +506,9 @@ def compare(
     ckpt = load_checkpoint(checkpoint, vocab, data)
     data_split = load_split(data, split)
     check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
+    loaded.check_regions(
+        data_split.num_regions, data_split.padded, data_split.features_path, "shape"
+    )
     with progress_bar(err_console, transient=True) as progress:
         task = progress.add_task("onnxruntime pipeline", total=data_split.num_captions)
         report = compare_bundle(
@@ -568,6 +591,8 @@ def calibrate(
     calibration_split, evaluation_split = load_split(data, split), load_split(data, eval_split)
     for data_split in (calibration_split, evaluation_split):
         check_feature_dim(data_split, ckpt.config.img_dim, ckpt.path)
+        regions, padded = data_split.num_regions, data_split.padded
+        loaded.check_regions(regions, padded, data_split.features_path, "shape")
     with progress_bar(err_console, transient=True) as progress:
         report = calibrate_bundle(
             loaded, ckpt, calibration_split, evaluation_split, settings, stage_bars(progress)
@@ -912,6 +937,7 @@ def explain(
     opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
     explainer = Explainer(loaded, opened, threads)
     pairs = load_split(data, split)
+    loaded.check_regions(pairs.num_regions, pairs.padded, pairs.features_path, "shape")
     if image >= pairs.num_images:
         raise UserError(f"image: got {image}, the {split} split has {pairs.num_images} images")
     if caption is not None and caption >= pairs.num_captions:

@@ -41,7 +41,9 @@ class WeightNormLinear(nn.Module):
 
 
 class EncoderImage(nn.Module):
-    """Region features (B, R, img_dim) -> region embeddings (B, R, D)."""
+    """Region features (B, R, img_dim) -> region embeddings (B, R, D); a padded region (an
+    all-zero feature row: adaptive features, fewer regions than R) stays an all-zero row
+    (`scoring.region_mask`)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -55,8 +57,10 @@ class EncoderImage(nn.Module):
             nn.init.zeros_(self.fc.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        valid = images.abs().amax(dim=-1, keepdim=True) > 0
         features = self.fc(images)
-        return features if self.no_imgnorm else l2norm(features, dim=-1)
+        regions = features if self.no_imgnorm else l2norm(features, dim=-1)
+        return regions * valid
 
 
 class EncoderText(nn.Module):

@@ -42,6 +42,7 @@ class PrecompSplit:
     captions: list[str]
     captions_per_image: int  # 5 or 1 (0: features read without captions)
     features_path: Path | None = None  # where `images` was read from, for error messages
+    padded: bool = False  # some images have fewer regions than R (all-zero rows)
 
     @property
     def num_images(self) -> int:
@@ -85,13 +86,12 @@ def load_files(
     """Features (memory-mapped) and, unless `caps_path` is None, their captions, from any two
     files in the precomp format (without captions: an empty caption list, 0 per image)."""
     images = _open_features(Path(ims_path))
-    if check_finite:
-        check_finite_features(images, Path(ims_path))
+    padded = check_feature_values(images, Path(ims_path)) if check_finite else False
     if caps_path is None:
-        return PrecompSplit(images, [], 0, Path(ims_path))
+        return PrecompSplit(images, [], 0, Path(ims_path), padded)
     captions = read_captions(Path(caps_path))
     per_image = _captions_per_image(len(captions), images.shape[0], Path(caps_path), Path(ims_path))
-    return PrecompSplit(images, captions, per_image, Path(ims_path))
+    return PrecompSplit(images, captions, per_image, Path(ims_path), padded)
 
 
 def image_ids(ims_path: Path, count: int) -> list[str]:
@@ -312,16 +312,26 @@ def _open_features(path: Path) -> np.ndarray:
     return images
 
 
-def check_finite_features(
+def check_feature_values(
     images: np.ndarray, source: str | Path | None, field: str = "features"
-) -> None:
+) -> bool:
     """Scan (memory-mapped) features (images, regions, features) in bounded chunks; a one-line
-    UserError names `source` and the first image with NaN or Inf values."""
+    UserError names `source` and the first image with NaN or Inf values, or with no region (all
+    its rows zero: a padded region is an all-zero row, `scan_deploy.scoring.region_mask`).
+    Returns whether any image is padded (has an all-zero row)."""
+    padded = False
     for start, chunk in _chunks(images):
         bad = ~np.isfinite(chunk).all(axis=(1, 2))
         if bad.any():
             first = start + int(np.argmax(bad))
             raise input_error(source, field, f"image {first} has NaN or Inf values")
+        empty = ~chunk.any(axis=(1, 2))
+        if empty.any():
+            first = start + int(np.argmax(empty))
+            message = f"image {first} has no regions (all its features are zero)"
+            raise input_error(source, field, message)
+        padded = padded or not chunk.any(axis=2).all()
+    return padded
 
 
 def _chunks(images: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:

@@ -46,6 +46,19 @@ def caption_gram(words: torch.Tensor) -> torch.Tensor:
     return words @ words.transpose(1, 2)
 
 
+def region_mask(regions: torch.Tensor) -> torch.Tensor | None:
+    """(n, R) bool: the rows of (n, R, ·) region features or embeddings that are regions, or None
+    when all are (fixed-count features: the scorer then takes its unmasked path).
+
+    A padded region is an all-zero row, in the features (the precomp layout pads adaptive
+    features with zeros, docs/formats.md) and in the region embeddings (the image encoder zeroes
+    it); a real region is never all zero (an L2-normalised embedding has norm 1, and import
+    refuses all-zero feature rows). The convention needs no count array beside the features, and
+    every stored form of a gallery (fp16, int8 codes) keeps a zero row zero."""
+    valid = regions.detach().abs().amax(dim=-1) > 0
+    return None if bool(valid.all()) else valid
+
+
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(M,) lengths -> (M, T) boolean mask of the valid words."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
@@ -120,7 +133,8 @@ def _cosine(
 @dataclass(frozen=True)
 class ImageSide:
     """Per-image tensors of a block: regions (n, R, D), their norms (n, R), the Gram (n, R, R)
-    and, for images of fewer regions than R (adaptive features, padded), the valid mask (n, R)."""
+    and, when some images have fewer regions than R (adaptive features, padded with all-zero
+    rows), the valid mask (n, R) that keeps the padding out of every softmax and pooling."""
 
     regions: torch.Tensor
     norms: torch.Tensor
@@ -129,19 +143,9 @@ class ImageSide:
 
     @classmethod
     def prepare(
-        cls,
-        regions: torch.Tensor,
-        config: ModelConfig,
-        gram: torch.Tensor | None = None,
-        counts: torch.Tensor | None = None,
+        cls, regions: torch.Tensor, config: ModelConfig, gram: torch.Tensor | None = None
     ) -> ImageSide:
-        """`counts` (n,): each image's real regions, the first `count` of its R rows; the rest
-        are zeroed and masked out of every softmax and pooling, so padding never reaches a
-        score."""
-        valid = None
-        if counts is not None:
-            valid = length_mask(counts.to(torch.long), regions.shape[1])
-            regions = regions * valid[..., None]
+        valid = region_mask(regions)
         if config.cross_attn == "t2i" and gram is None:
             gram = region_gram(regions)
         return cls(regions, regions.norm(dim=-1), gram, valid)
@@ -234,13 +238,17 @@ def attention_weights(
     regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, config: ModelConfig
 ) -> torch.Tensor:
     """(n, R, m, T): the attention the scorer uses, in its direction: t2i, each word's weights
-    over the regions (summing to 1 over R); i2t, each region's weights over the words (summing
-    to 1 over the valid T). What `scan-deploy explain` shows."""
+    over the (valid) regions (summing to 1 over them); i2t, each region's weights over the words
+    (summing to 1 over the valid T; 0 for padded regions). What `scan-deploy explain` shows."""
     valid = length_mask(lengths.to(torch.long), words.shape[1])
     logits = _logits(regions, words * valid[..., None])
+    regions_valid = region_mask(regions)
     if config.cross_attn == "t2i":
-        return _t2i_attention(logits, valid, config)
-    return _i2t_attention(logits, valid, config)
+        return _t2i_attention(logits, valid, config, regions_valid)
+    attention = _i2t_attention(logits, valid, config, regions_valid)
+    if regions_valid is None:
+        return attention
+    return attention * regions_valid[:, :, None, None]  # padding attends to nothing
 
 
 def score_sides(images: ImageSide, captions: CaptionSide, config: ModelConfig) -> torch.Tensor:
@@ -255,17 +263,16 @@ def score_block(
     lengths: torch.Tensor,
     config: ModelConfig,
     gram: torch.Tensor | None = None,
-    region_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Similarities (n, m) of one block, for the configured attention direction.
 
     `gram` is the region Gram (n, R, R) for t2i or the caption Gram (m, T, T) for i2t; it is
     computed here when not given (a gallery stores it precomputed). Word vectors beyond each
-    length are zeroed, so padding never reaches a score; so are regions beyond each image's
-    `region_counts` (n,), when given (images of different region counts, padded to R).
+    length are zeroed, so padding never reaches a score; so are padded regions (all-zero rows,
+    `region_mask`: images of fewer regions than R).
     """
     t2i = config.cross_attn == "t2i"
-    images = ImageSide.prepare(regions, config, gram if t2i else None, region_counts)
+    images = ImageSide.prepare(regions, config, gram if t2i else None)
     captions = CaptionSide.prepare(words, lengths, config, None if t2i else gram)
     return score_sides(images, captions, config)
 
@@ -309,8 +316,9 @@ def similarity_matrix(
 def pooled_embedding(x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """The cheap global embedding for shortlists: L2-normalised mean of the valid rows.
 
-    (N, R, D) regions -> (N, D); with `lengths`, (M, T, D) words zero beyond each length -> (M, D).
+    (N, R, D) regions, all-zero where padded -> (N, D); with `lengths`, (M, T, D) words zero
+    beyond each length -> (M, D).
     """
     if lengths is None:
-        return l2norm(x.mean(dim=1), -1)
+        lengths = (x.detach().abs().amax(dim=-1) > 0).sum(dim=1).clamp_min(1)
     return l2norm(x.sum(dim=1) / lengths.to(x.dtype)[:, None], -1)

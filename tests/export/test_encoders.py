@@ -42,6 +42,30 @@ def test_image_encoder_matches_pytorch(batch, overrides):
     np.testing.assert_allclose(pooled, pooled_embedding(expected).numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"no_imgnorm": True}])
+def test_image_encoder_zeroes_padded_regions_at_10_36_and_100(overrides):
+    """Adaptive features (10, 36 and 100 regions, zero-padded to 100): the graph's regions,
+    Gram and pooled embedding are the reference's, the padding's embeddings zero."""
+    model = _model(**overrides)
+    counts = [10, 36, 100]
+    features = torch.rand(3, 100, F, generator=torch.Generator().manual_seed(5))
+    for i, count in enumerate(counts):
+        features[i, count:] = 0
+    regions, gram, pooled = _session(image_encoder_graph(model)).run(
+        None, {"features": features.numpy()}
+    )
+    with torch.no_grad():
+        expected = model.img_enc(features)
+        alone = [
+            pooled_embedding(model.img_enc(features[i : i + 1, :c])) for i, c in enumerate(counts)
+        ]
+    np.testing.assert_allclose(regions, expected.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(gram, region_gram(expected).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pooled, torch.cat(alone).numpy(), atol=1e-5, rtol=0)
+    for i, count in enumerate(counts):
+        assert not regions[i, count:].any()
+
+
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize(
     "overrides",

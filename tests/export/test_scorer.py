@@ -178,3 +178,68 @@ def test_the_explain_graph_outputs_the_references_attention(norm, direction):
     else:  # each region's weights over the caption's words sum to 1
         np.testing.assert_allclose(summed, 1.0, atol=1e-5)
     np.testing.assert_allclose(similarity, score_block(regions, words, lengths, config), atol=1e-4)
+
+
+COUNTS = [10, 36, 100]  # adaptive features: images of 10, 36 and 100 regions, padded to 100
+
+
+def _padded_inputs(seed: int, dim: int = D):
+    """Images of COUNTS regions padded to 100 with all-zero rows, and captions."""
+    gen = torch.Generator().manual_seed(seed)
+    regions = l2norm(torch.randn(len(COUNTS), max(COUNTS), dim, generator=gen), -1)
+    for i, count in enumerate(COUNTS):
+        regions[i, count:] = 0
+    lengths = torch.tensor([T, 3, 1, 5])
+    words = torch.randn(4, T, dim, generator=gen)
+    words[torch.arange(T)[None] >= lengths[:, None]] = 0
+    return regions, l2norm(words, -1), lengths
+
+
+@pytest.mark.parametrize(
+    "norm,agg,direction", list(itertools.product(RAW_FEATURE_NORMS, AGG_FUNCS, CROSS_ATTNS))
+)
+def test_scorer_masks_padded_regions_for_every_variant(norm, agg, direction):
+    """Padded images score in the graph as in the reference, which scores each as its own
+    regions alone (tests/scan_deploy/test_scoring.py); and not as the unmasked images would."""
+    config = ModelConfig(
+        vocab_size=5, embed_size=D, raw_feature_norm=norm, agg_func=agg, cross_attn=direction
+    )
+    regions, words, lengths = _padded_inputs(seed=12)
+    got = _run(config, regions, words, lengths)
+    for i, count in enumerate(COUNTS):
+        alone = score_block(regions[i : i + 1, :count], words, lengths, config).numpy()
+        np.testing.assert_allclose(got[i : i + 1], alone, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["images", "captions"])
+@pytest.mark.parametrize("direction", CROSS_ATTNS)
+@pytest.mark.parametrize("agg", ["LogSumExp", "Mean"])
+def test_int8_gallery_scorer_masks_padded_regions(kind, direction, agg):
+    """An int8 images gallery stores a padded region as codes 128 with scale 0: masked."""
+    config = ModelConfig(vocab_size=5, embed_size=32, cross_attn=direction, agg_func=agg)
+    regions, words, lengths = _padded_inputs(seed=13, dim=32)
+    got = _int8_run(config, kind, regions, words, lengths)
+    for i, count in enumerate(COUNTS):
+        alone = score_block(regions[i : i + 1, :count], words, lengths, config).numpy()
+        np.testing.assert_allclose(got[i : i + 1], alone, atol=1.5e-2, rtol=0)
+
+
+@pytest.mark.parametrize("norm,direction", list(itertools.product(RAW_FEATURE_NORMS, CROSS_ATTNS)))
+def test_the_explain_graph_shows_no_attention_on_padded_regions(norm, direction):
+    config = ModelConfig(vocab_size=5, embed_size=D, raw_feature_norm=norm, cross_attn=direction)
+    regions, words, lengths = _padded_inputs(seed=14)
+    graph = scorer_graph(config, attention=True)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"regions": regions.numpy(), "words": words.numpy(), "lengths": lengths.numpy()}
+    if direction == "t2i":
+        feeds["region_gram"] = region_gram(regions).numpy()
+    else:
+        feeds["caption_gram"] = caption_gram(words).numpy()
+    (attention,) = session.run(["attention"], feeds)
+    expected = attention_weights(regions, words, lengths, config).numpy()
+    valid = np.broadcast_to(
+        (np.arange(T)[None] < lengths.numpy()[:, None])[None, None], expected.shape
+    )
+    np.testing.assert_allclose(attention[valid], expected[valid], atol=1e-5, rtol=0)
+    for i, count in enumerate(COUNTS):
+        assert not attention[i, count:].any()

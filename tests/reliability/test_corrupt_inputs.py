@@ -307,14 +307,25 @@ def test_a_byte_order_mark_is_not_part_of_the_first_query(tiny, tmp_path):
     ("shape", "message"),
     [
         ((6, 5, 9), "img_dim: the model expects 10 features per region, the data in"),
-        ((6, 4, 10), "shape: expected 5 regions per image (the bundle's), got 4"),
+        ((6, 4, 10), "shape: has 4 regions per image, the bundle takes 5 (re-export with "),
     ],
 )
 def test_index_features_of_another_shape(tiny, tmp_path, shape, message):
-    np.save(tmp_path / "ims.npy", np.zeros(shape, np.float32))
+    np.save(tmp_path / "ims.npy", np.ones(shape, np.float32))
     out = empty_folder(tmp_path)
     done = run_cli("index", tiny["bundle"], "--features", tmp_path / "ims.npy", "--out", out)
     one_line_error(done, message)
+    assert_nothing_written(out)
+
+
+def test_index_features_of_an_image_without_regions(tiny, tmp_path):
+    """A padded region is an all-zero row; an image of only such rows has no regions."""
+    features = np.ones((6, 5, 10), np.float32)
+    features[3] = 0
+    np.save(tmp_path / "ims.npy", features)
+    out = empty_folder(tmp_path)
+    done = run_cli("index", tiny["bundle"], "--features", tmp_path / "ims.npy", "--out", out)
+    one_line_error(done, "features: image 3 has no regions (all its features are zero)")
     assert_nothing_written(out)
 
 

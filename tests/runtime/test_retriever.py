@@ -146,9 +146,9 @@ def test_bad_queries_are_one_line_errors(indexed, caplog):
         retriever.search_text(["a dog"], k=401)
     with pytest.raises(UserError, match="^shortlist: expected at least k"):
         retriever.search_text(["a dog"], k=10, shortlist=5)
-    with pytest.raises(UserError, match=r"expected \(images, 8, 32\)"):
+    with pytest.raises(UserError, match=r"expected \(images, regions, 32\), got \(1, 8, 31\)"):
         retriever.search_image(np.zeros((1, 8, 31), np.float32))
-    features = np.zeros((3, 8, 32), np.float32)
+    features = np.ones((3, 8, 32), np.float32)
     features[1:, 2, 3] = np.nan
     with pytest.raises(UserError, match="^image features: image 1 has NaN or Inf values$"):
         retriever.search_image(features)

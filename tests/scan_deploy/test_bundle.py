@@ -141,3 +141,23 @@ def test_a_word_limit_no_caption_fits_is_refused(exported, tmp_path, words):
         f"{bundle / MANIFEST}: shape_ranges.words.max: got {words}, expected at least 3 "
         "(<start>, a word and <end>)"
     )
+
+
+def test_features_must_fit_the_bundles_region_range(exported, tmp_path):
+    """R within the exported range (5 here); padded images only for graphs that mask them (a
+    bundle exported before has no `padded_regions`)."""
+    bundle = load_bundle(exported)
+    assert bundle.manifest["padded_regions"] == "masked"
+    bundle.check_regions(5, True, None, "shape")
+    with pytest.raises(UserError) as info:
+        bundle.check_regions(6, False, Path("ims.npy"), "shape")
+    assert str(info.value) == (
+        "ims.npy: shape: has 6 regions per image, the bundle takes 5 (re-export with "
+        "--regions/--min-regions/--max-regions to change it)"
+    )
+    old = load_bundle(edited(exported, tmp_path / "old", setter("padded_regions", delete=True)))
+    old.check_regions(5, False, None, "shape")
+    with pytest.raises(
+        UserError, match="^ims.npy: shape: has images of fewer regions .* re-export it$"
+    ):
+        old.check_regions(5, True, Path("ims.npy"), "shape")

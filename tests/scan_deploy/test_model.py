@@ -4,6 +4,7 @@ import torch
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import UserError
 from scan_deploy.model import SCAN, weight_shapes
+from scan_deploy.scoring import l2norm, pooled_embedding
 
 
 def _config(**overrides) -> ModelConfig:
@@ -35,6 +36,51 @@ def test_bi_gru_averages_the_two_directions():
     output, _ = model.txt_enc.rnn(model.txt_enc.embed(tokens))
     expected = (output[..., :4] + output[..., 4:]) / 2
     torch.testing.assert_close(model.txt_enc(tokens, torch.tensor([3])), expected)
+
+
+def padded_features(counts: list[int], regions: int, img_dim: int, seed: int) -> torch.Tensor:
+    """Random non-negative features (as bottom-up features are), image i's rows past counts[i]
+    zero: adaptive features in the precomp layout."""
+    features = torch.rand(
+        len(counts), regions, img_dim, generator=torch.Generator().manual_seed(seed)
+    )
+    for i, count in enumerate(counts):
+        features[i, count:] = 0.0
+    return features
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_padded_images_score_as_each_image_alone_at_10_36_and_100_regions(direction):
+    """Adaptive features: images of 10, 36 and 100 regions padded to 100 get the scores (and
+    pooled embeddings) each gets alone, unpadded; the padding's embeddings are zero."""
+    torch.manual_seed(2)
+    model = SCAN(_config(cross_attn=direction)).eval()
+    counts = [10, 36, 100]
+    features = padded_features(counts, 100, 6, seed=3)
+    tokens, lengths = torch.randint(1, 11, (4, 6)), torch.tensor([3, 6, 1, 4])
+    with torch.no_grad():
+        regions = model.img_enc(features)
+        words = model.txt_enc(tokens, lengths)
+        scores = model.similarity(regions, words, lengths)
+        for i, count in enumerate(counts):
+            assert not regions[i, count:].any()
+            alone = model.img_enc(features[i : i + 1, :count])
+            expected = model.similarity(alone, words, lengths)
+            torch.testing.assert_close(scores[i : i + 1], expected, atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                pooled_embedding(regions[i : i + 1]), pooled_embedding(alone), atol=1e-6, rtol=0
+            )
+
+
+def test_full_region_counts_take_the_unmasked_path_bit_for_bit():
+    """Fixed 36 regions: the masking changes nothing, to the bit."""
+    torch.manual_seed(2)
+    model = SCAN(_config()).eval()
+    features = padded_features([36, 36], 36, 6, seed=4)
+    with torch.no_grad():
+        regions = model.img_enc(features)
+        unmasked = l2norm(model.img_enc.fc(features), -1)
+    assert torch.equal(regions, unmasked)
 
 
 @pytest.mark.parametrize("enc_type", ["basic", "weight_norm"])

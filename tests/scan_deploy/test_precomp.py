@@ -9,7 +9,7 @@ from scan_deploy.errors import UserError
 from scan_deploy.precomp import (
     PrecompSplit,
     check_feature_dim,
-    check_finite_features,
+    check_feature_values,
     find_vocab,
     load_files,
     load_split,
@@ -248,7 +248,7 @@ def test_non_finite_check_of_any_features_names_the_field() -> None:
     images = _features(3)
     images[2, 3, 1] = np.inf
     with pytest.raises(UserError) as info:
-        check_finite_features(images, None, "image features")
+        check_feature_values(images, None, "image features")
     assert str(info.value) == "image features: image 2 has NaN or Inf values"
 
 

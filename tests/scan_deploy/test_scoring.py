@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from scan_deploy.config import AGG_FUNCS, CROSS_ATTNS, RAW_FEATURE_NORMS, ModelConfig
-from scan_deploy.scoring import l2norm, score_block, similarity_matrix
+from scan_deploy.scoring import (
+    attention_weights,
+    l2norm,
+    region_mask,
+    score_block,
+    similarity_matrix,
+)
 from tests.scan_deploy.scan_oracle import oracle_scores
 
 N, R, M, T, D = 3, 5, 6, 7, 8
@@ -90,33 +96,42 @@ def test_gradients_are_finite():
     "norm,agg,direction",
     [(n, a, d) for n in RAW_FEATURE_NORMS for a in AGG_FUNCS for d in CROSS_ATTNS],
 )
-def test_padded_regions_with_counts_score_as_the_images_alone(norm, agg, direction):
-    """Images of 2, 5 and R regions padded to R (adaptive features): with `region_counts` each
-    image scores as its own regions alone (the oracle on regions[:count]), whatever the padding
-    holds."""
+def test_padded_regions_score_as_the_images_alone(norm, agg, direction):
+    """Images of 2, R and 4 regions padded to R with all-zero rows (adaptive features): each
+    image scores as its own regions alone (the oracle on regions[:count])."""
     cfg = ModelConfig(vocab_size=5, raw_feature_norm=norm, agg_func=agg, cross_attn=direction)
     images, words = _inputs(normalize=True, seed=4)
     counts = torch.tensor([2, R, 4])
-    padded = images.clone()
-    for i, count in enumerate(counts.tolist()):
-        padded[i, count:] = 7.0  # garbage where there are no regions
-    got = score_block(padded, words, LENGTHS, cfg, region_counts=counts)
+    padded = _padded(images, counts)
+    got = score_block(padded, words, LENGTHS, cfg)
     for i, count in enumerate(counts.tolist()):
         expected = oracle_scores(images[i : i + 1, :count], words, LENGTHS, cfg)
         torch.testing.assert_close(got[i : i + 1], expected, atol=1e-5, rtol=0)
 
 
+def _padded(images: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    padded = images.clone()
+    for i, count in enumerate(counts.tolist()):
+        padded[i, count:] = 0.0
+    return padded
+
+
+def test_region_mask_is_none_at_full_counts():
+    images, _ = _inputs(normalize=True, seed=5)
+    assert region_mask(images) is None  # the fixed-count path: nothing masked
+    mask = region_mask(_padded(images, torch.tensor([2, R, 4])))
+    assert mask.sum(dim=1).tolist() == [2, R, 4]
+
+
 @pytest.mark.parametrize("direction", CROSS_ATTNS)
-def test_full_counts_are_the_unmasked_scores(direction):
+def test_padded_attention_weights_are_zero(direction):
+    """explain's weights: none on (t2i) or from (i2t) a padded region; the rest as unpadded."""
     cfg = ModelConfig(vocab_size=5, cross_attn=direction)
     images, words = _inputs(normalize=True, seed=5)
-    full = torch.full((N,), R)
-    torch.testing.assert_close(
-        score_block(images, words, LENGTHS, cfg, region_counts=full),
-        score_block(images, words, LENGTHS, cfg),
-        atol=0,
-        rtol=0,
-    )
+    got = attention_weights(_padded(images, torch.tensor([2, R, 4])), words, LENGTHS, cfg)
+    assert got[0, 2:].abs().max() == 0 and got[2, 4:].abs().max() == 0
+    alone = attention_weights(images[:1, :2], words, LENGTHS, cfg)
+    torch.testing.assert_close(got[:1, :2], alone, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("direction", CROSS_ATTNS)
@@ -126,7 +141,7 @@ def test_gradients_stay_finite_with_padded_words_and_regions(direction, norm):
     is not finite; training must still get finite gradients."""
     cfg = ModelConfig(vocab_size=5, raw_feature_norm=norm, cross_attn=direction)
     images, words = _inputs(normalize=True, seed=6)
-    images.requires_grad_(True)
+    images = _padded(images, torch.tensor([2, R, 4])).requires_grad_(True)
     words.requires_grad_(True)
-    score_block(images, words, LENGTHS, cfg, region_counts=torch.tensor([2, R, 4])).sum().backward()
+    score_block(images, words, LENGTHS, cfg).sum().backward()
     assert torch.isfinite(images.grad).all() and torch.isfinite(words.grad).all()
