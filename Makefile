@@ -67,6 +67,9 @@ demo: install
 	@echo "explain: test caption 0 and its image; each word's attention over the image's boxes"
 	$(CLI) explain $(DEMO)/bundle --data $(DEMO)/data --image 0 --caption 0 \
 		--png $(DEMO)/explain.png
+	@echo "the attention picture of a text query's top hit in the gallery (test caption 6)"
+	$(CLI) query $(DEMO)/gallery "$$(sed -n 7p $(DEMO)/data/test_caps.txt)" -k 3 \
+		--explain-png $(DEMO)/explain-hit.png
 
 clean:
 	rm -rf $(DEMO)

@@ -6,7 +6,8 @@ sum to 1 per word), the picture of the paper ("attended image regions with respe
 word"). i2t models attend from regions to words: each region has weights over the caption's
 words (they sum to 1 per region). Either way the weights are kept as a (tokens, regions) matrix;
 `direction` says which axis sums to 1. Tokens are the caption's as the model reads them,
-`<start>` and `<end>` included.
+`<start>` and `<end>` included. An image of fewer regions than its features' rows (adaptive
+features, zero-padded) is shown without its trailing padding.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Explainer:
             ["similarity", "attention"], {name: feeds[name] for name in self._inputs}
         )
         count = int(caption["lengths"][0])
-        weights = np.ascontiguousarray(attention[0, :, 0, :count].T, dtype=np.float32)
+        regions = _regions_shown(image["regions"][0])
+        weights = np.ascontiguousarray(attention[0, :regions, 0, :count].T, dtype=np.float32)
         vocab = self.bundle.vocab
         return Explanation(
             float(similarity[0, 0]),
@@ -97,3 +99,10 @@ class Explainer:
             [vocab.idx2word.get(int(t), vocab.UNK) for t in caption["tokens"][0, :count]],
             weights,
         )
+
+
+def _regions_shown(regions: np.ndarray) -> int:
+    """The rows of one image's (R, D) region embeddings up to its last region: trailing
+    all-zero rows are padding (`scan_deploy.scoring.region_mask`) and have no weights."""
+    real = np.flatnonzero(regions.any(axis=1))
+    return int(real[-1]) + 1 if real.size else len(regions)

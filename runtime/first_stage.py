@@ -263,11 +263,11 @@ def default_candidates(gallery: Gallery, size: int, pools_query: bool) -> int:
 
 def query_tokens(queries: Queries) -> tuple[np.ndarray, np.ndarray]:
     """(vectors (tokens, D), the query of each token): text queries' valid words, image
-    queries' regions."""
+    queries' regions (without padding: all-zero rows)."""
     if "regions" in queries.arrays:
         regions = queries.arrays["regions"]
-        n, r, d = regions.shape
-        return regions.reshape(n * r, d), np.repeat(np.arange(n), r)
+        valid = regions.any(axis=2)
+        return regions[valid], np.repeat(np.arange(len(regions)), valid.sum(axis=1))
     words, lengths = queries.arrays["words"], queries.arrays["lengths"]
     valid = np.arange(words.shape[1]) < lengths[:, None]
     return words[valid], np.repeat(np.arange(len(words)), lengths)

@@ -14,8 +14,11 @@ Each record is checked as it is read; a bad one is a one-line UserError naming t
 and the field: a wrong field count, a non-integer or non-positive size, bad base64, arrays that
 disagree with `num_boxes` or with the feature size of the first record, NaN/Inf, a box outside
 the image (beyond a pixel of slack: detectors clip boxes to the image) or inverted, a duplicate
-id, a last line the file ends in the middle of. `import_tsv` writes the records as a precomp split
-(`scan_deploy.precomp`) plus their ids, boxes and image sizes, all or nothing.
+id, a last line the file ends in the middle of, a box whose features are all zero (it would read
+as padding). `import_tsv` writes the records as a precomp split (`scan_deploy.precomp`) plus their
+ids, boxes and image sizes, all or nothing. Adaptive features (10-100 boxes per image) are padded
+to the most boxes of any image with all-zero rows, which every graph masks
+(`scan_deploy.scoring.region_mask`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from scan_deploy.precomp import FEATURE_DTYPE, split_paths
 
 FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 BOX_SLACK = 1.0  # pixels a box may pass the image's edge by
-_COUNT_BLOCK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,23 @@ class TsvRecord:
     features: np.ndarray  # (num_boxes, F) float32
 
 
-def count_records(path: Path) -> int:
-    """Lines of the file (a last line without its newline counts), read in blocks: the first
-    pass, so the features file can be written with its final shape in one second pass."""
-    lines, last = 0, b"\n"
+def survey(path: Path) -> tuple[int, int]:
+    """(lines, the most boxes of a line) of the file: the first pass, so the features file can
+    be written with its final shape (every image padded to the most boxes) in one second pass.
+    Only the first four fields of each line are looked at; a line whose `num_boxes` is not a
+    number counts no boxes here (the second pass names it)."""
+    lines, most = 0, 0
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_COUNT_BLOCK), b""):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return lines + (last != b"\n")
+        for line in handle:
+            lines += 1
+            end = -1
+            for _ in range(4):
+                start, end = end + 1, line.find(b"\t", end + 1)
+                if end < 0:
+                    break
+            if end >= 0 and line[start:end].strip().isdigit():
+                most = max(most, int(line[start:end]))
+    return lines, most
 
 
 def read_tsv(path: Path) -> Iterator[TsvRecord]:
@@ -148,14 +158,19 @@ def _floats(field: str, raw: bytes, rows: int, columns: int | None) -> np.ndarra
     if not np.isfinite(array).all():
         row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
         raise _FieldError(field, f"NaN or Inf at box {row}")
+    if field == "features" and not array.any(axis=1).all():
+        row = int(np.flatnonzero(~array.any(axis=1))[0])
+        message = f"box {row} has all-zero features (an all-zero row is how padding is stored)"
+        raise _FieldError(field, message)
     return array
 
 
 @dataclass(frozen=True)
 class ImportSummary:
     images: int
-    regions: int
+    regions: int  # per image as stored: the most boxes of any image
     features: int
+    fewest_regions: int  # the fewest boxes of an image (below `regions`: padded)
     files: list[str]
 
 
@@ -169,10 +184,13 @@ def import_tsv(
     """Write the records of `tsv_paths` (in order) as the precomp split `split` of `data_dir`:
     `{split}_ims.npy` (N, R, F) float32, `{split}_ids.txt`, `{split}_boxes.npy` (N, R, 4)
     float32, `{split}_image_sizes.npy` (N, 2) int64 (width, height) and, when `captions` are
-    given (1 or 5 per image, in the records' order), `{split}_caps.txt`. Every file appears
-    together or none does. `progress(stage, done, total)` is told of each record read."""
+    given (1 or 5 per image, in the records' order), `{split}_caps.txt`. R is the most boxes of
+    any image; images of fewer have all-zero rows (features and boxes) after theirs. Every file
+    appears together or none does. `progress(stage, done, total)` is told of each record
+    read."""
     paths = [Path(p) for p in tsv_paths]
-    total = sum(count_records(p) for p in paths)
+    surveyed = [survey(p) for p in paths]
+    total, most = sum(lines for lines, _ in surveyed), max(boxes for _, boxes in surveyed)
     if total < 1:
         raise input_error(paths[0], None, "no records, expected one line per image")
     if captions is not None and len(captions) not in (total, 5 * total):
@@ -194,24 +212,26 @@ def import_tsv(
             name: stack.enter_context(atomic_path(path, suffix=path.suffix))
             for name, path in targets.items()
         }
-        shape = _write_records(paths, tmp, total, progress)
+        shape = _write_records(paths, tmp, (total, most), progress)
         if captions is not None:
             tmp["caps"].write_text("".join(c + "\n" for c in captions), encoding="utf-8")
     for path in stale:  # an earlier import's captions would be paired with the new features
         path.unlink()
-    return ImportSummary(shape[0], shape[1], shape[2], [str(p) for p in targets.values()])
+    return ImportSummary(*shape, [str(p) for p in targets.values()])
 
 
 def _write_records(
     paths: list[Path],
     tmp: dict[str, Path],
-    total: int,
+    size: tuple[int, int],
     progress: Callable[[str, int, int], None] | None,
-) -> tuple[int, int, int]:
-    """Stream every record into the temp files; returns the features' shape."""
+) -> tuple[int, int, int, int]:
+    """Stream every record into the temp files, each padded to `size` = (images, most boxes);
+    returns the features' shape and the fewest boxes of an image."""
+    total, most = size
     seen: dict[str, tuple[Path, int]] = {}
     sizes = np.empty((total, 2), np.int64)
-    done, shape = 0, None
+    done, dim, fewest = 0, None, most
     with (
         open(tmp["ims"], "wb") as ims,
         open(tmp["boxes"], "wb") as boxes,
@@ -219,20 +239,15 @@ def _write_records(
     ):
         for path in paths:
             for line, record in enumerate(read_tsv(path), start=1):
-                regions, dim = record.features.shape
-                if shape is None:
-                    shape = (total, regions, dim)
-                    _npy_header(ims, FEATURE_DTYPE, shape)
-                    _npy_header(boxes, FEATURE_DTYPE, (total, regions, 4))
-                elif (regions, dim) != shape[1:]:
-                    which = "num_boxes" if regions != shape[1] else "features"
-                    raise input_error(
-                        path,
-                        f"line {line}: {which}",
-                        f"{regions} boxes × {dim} features, the first record has {shape[1]} × "
-                        f"{shape[2]}: adaptive (10–100 boxes per image) features are not "
-                        "supported yet, extract a fixed number of boxes per image",
+                if dim is None:
+                    dim = record.features.shape[1]
+                    _npy_header(ims, FEATURE_DTYPE, (total, most, dim))
+                    _npy_header(boxes, FEATURE_DTYPE, (total, most, 4))
+                elif record.features.shape[1] != dim:
+                    message = (
+                        f"has {record.features.shape[1]} values per box, the first record {dim}"
                     )
+                    raise input_error(path, f"line {line}: features", message)
                 if record.image_id in seen:
                     first, first_line = seen[record.image_id]
                     raise input_error(
@@ -241,17 +256,25 @@ def _write_records(
                         f"{record.image_id!r} again (first at {first} line {first_line})",
                     )
                 seen[record.image_id] = (path, line)
-                ims.write(record.features.astype(FEATURE_DTYPE, copy=False).tobytes())
-                boxes.write(record.boxes.astype(FEATURE_DTYPE, copy=False).tobytes())
+                count = len(record.features)
+                ims.write(_padded(record.features, most).tobytes())
+                boxes.write(_padded(record.boxes, most).tobytes())
                 ids.write(record.image_id + "\n")
                 sizes[done] = (record.width, record.height)
-                done += 1
+                done, fewest = done + 1, min(fewest, count)
                 if progress is not None:
                     progress("records", 1, total)
     with open(tmp["sizes"], "wb") as handle:
         np.save(handle, sizes, allow_pickle=False)
-    assert shape is not None and done == total  # count_records counted these lines
-    return shape
+    assert dim is not None and done == total  # the survey counted these lines
+    return total, most, dim, fewest
+
+
+def _padded(rows: np.ndarray, count: int) -> np.ndarray:
+    """float32 (count, columns): `rows` then all-zero rows."""
+    out = np.zeros((count, rows.shape[1]), FEATURE_DTYPE)
+    out[: len(rows)] = rows
+    return out
 
 
 def _npy_header(handle, dtype: np.dtype, shape: tuple[int, ...]) -> None:

@@ -201,9 +201,14 @@ def data_import_tsv(
     if as_json:
         print(json.dumps(asdict(summary)))
     else:
+        padded = (
+            f" (images of {summary.fewest_regions} to {summary.regions} boxes, zero-padded)"
+            if summary.fewest_regions < summary.regions
+            else ""
+        )
         console.print(
             f"wrote split {split!r} to {out}: {summary.images} images × {summary.regions} boxes "
-            f"× {summary.features} features, with ids, boxes and image sizes"
+            f"× {summary.features} features{padded}, with ids, boxes and image sizes"
         )
 
 
@@ -821,6 +826,13 @@ def query(
             help="Attach the attention behind each hit (JSON) or show the first hit's (table).",
         ),
     ] = False,
+    explain_png: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the attention picture of the first text query's top hit: its image "
+            "(with its boxes) when the gallery knows them (PNG; the plots extra).",
+        ),
+    ] = None,
     bundle: GalleryBundle = None,
     backend: Backend = choices.Backend.ONNXRUNTIME,
     precision: GraphPrecision = choices.Precision.FP32,
@@ -841,6 +853,11 @@ def query(
         texts += [line.strip() for line in _read_lines(queries_file) if line.strip()]
     if not texts and image_features is None:
         raise UserError("no query: give texts, --queries-file or --image-features")
+    if explain_png is not None:
+        if not texts:
+            raise UserError("--explain-png: give a text query (the picture is of its top hit)")
+        import matplotlib  # noqa: F401 (the plots extra: missing, say so before any work)
+    explain = explain or explain_png is not None
     retriever = Retriever.open(
         bundle,
         gallery,
@@ -865,6 +882,9 @@ def query(
         for i, hits in enumerate(found):
             explained = retriever.explain_image(images[i], hits) if explain else []
             results.append((f"{image_features.name}[{i}]", "captions", hits, explained))
+    if explain_png is not None and results[0][2]:
+        text, _, hits, explained = results[0]
+        _write_hit_png(explain_png, retriever, text, hits[0], explained[0])
     for name, kind, hits, explained in results:
         boxes = [_hit_boxes(retriever, kind, hit) for hit in hits]
         if as_json:
@@ -872,7 +892,8 @@ def query(
             for row, result, boxed in zip(rows, explained, boxes, strict=False):
                 row["attention"] = result.to_dict()
                 if boxed is not None:
-                    row["attention"].update(boxes=boxed[0].tolist(), image_size=list(boxed[1]))
+                    shown = boxed[0][: result.weights.shape[1]]  # without trailing padding
+                    row["attention"].update(boxes=shown.tolist(), image_size=list(boxed[1]))
             print(json.dumps({"query": name, "hits": rows}))
             continue
         table = Table(title=f"{name!r}")
@@ -882,8 +903,27 @@ def query(
             table.add_row(str(rank), hit.id, f"{hit.score:.4f}", hit.text or "")
         console.print(table)
         if explained:
-            first = boxes[0][0] if boxes[0] is not None else None
+            first = boxes[0][0][: explained[0].weights.shape[1]] if boxes[0] is not None else None
             console.print(attention_table(explained[0], f"hit 1 ({hits[0].id})", first, 3))
+
+
+def _write_hit_png(path: Path, retriever, text: str, hit, explanation) -> None:
+    """The attention picture of a text query's image hit: its image file and boxes when the
+    gallery has them, else its boxes on a canvas, else a grid."""
+    from scan_deploy.attention_picture import load_picture, write_explain_png
+
+    boxes = size = picture = None
+    boxed = _hit_boxes(retriever, "images", hit)
+    if boxed is not None:
+        boxes = boxed[0][: explanation.weights.shape[1]]  # without trailing padding
+        size = tuple(int(v) for v in boxed[1])
+        if hit.image is not None:
+            picture = load_picture(Path(hit.image), size)
+    title = f"{text!r} → image {hit.id}: similarity {explanation.similarity:.4f}"
+    weights, tokens = explanation.weights, explanation.tokens
+    write_explain_png(
+        path, tokens, weights, f"{title} ({explanation.direction})", boxes, size, picture
+    )
 
 
 def _hit_boxes(retriever, kind: str, hit):
@@ -946,7 +986,8 @@ def explain(
     result = explainer.explain(np.asarray(pairs.images[image], np.float32), words)
     name = image_ids(pairs.features_path, pairs.num_images)[image]
     boxed = image_boxes(pairs.features_path, pairs.num_images, pairs.num_regions)
-    boxes = None if boxed is None else np.asarray(boxed[0][image], np.float32)
+    regions = result.weights.shape[1]  # the image's, without trailing padding
+    boxes = None if boxed is None else np.asarray(boxed[0][image, :regions], np.float32)
     size = None if boxed is None else tuple(int(v) for v in boxed[1][image])
     folder = images if images is not None else data / f"{split}_images"
     picture_path = image_file(folder, name) if folder.is_dir() else None

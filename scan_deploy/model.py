@@ -59,8 +59,9 @@ class EncoderImage(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         valid = images.abs().amax(dim=-1, keepdim=True) > 0
         features = self.fc(images)
-        regions = features if self.no_imgnorm else l2norm(features, dim=-1)
-        return regions * valid
+        if not self.no_imgnorm:  # padding normalised as ones: the gradient of |0| is NaN
+            features = l2norm(features.masked_fill(~valid, 1.0), dim=-1)
+        return features * valid
 
 
 class EncoderText(nn.Module):

@@ -35,11 +35,11 @@ LAST = "last"
 OPTIMIZER = "optimizer.safetensors"
 TRAIN_STATE = "train_state.json"
 # Why a loss or weight becomes NaN/inf. The L2 normalisation is the original SCAN's
-# `X / (sqrt(sum X^2) + eps)`, whose gradient at X = 0 is NaN: a region whose features are all
-# zero is zero after a fresh model's fc (its bias starts at 0).
+# `X / (sqrt(sum X^2) + eps)`, whose gradient at X = 0 is NaN: a region the image encoder's fc maps
+# to zero has one (all-zero feature rows are padding, kept out of it by the encoder).
 NON_FINITE_HINT = (
-    "try a lower --lr; check the model options and the features: a region whose features are "
-    "all zero (or any the image encoder maps to zero) makes the L2 normalisation's gradient NaN"
+    "try a lower --lr; check the model options and the features: a region the image encoder "
+    "maps to zero makes the L2 normalisation's gradient NaN"
 )
 
 

@@ -4,6 +4,7 @@ variants written and hashed, calibration cached, refusals that write nothing."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 from scan_deploy.calibration import calibrate as calibrate_module
 from scan_deploy.calibration.calibrate import CalibrationSettings, calibrate_bundle
@@ -55,6 +56,33 @@ def test_variant_meets_its_target_and_is_recorded(setup, precision):
     for kind, scorer in scorers.items():
         assert scorer["written"] and scorer["gate"]["passed"]
         assert reloaded.int8_scorer(kind)["gate"] == scorer["gate"]
+
+
+def _padded(split, folder, name: str):
+    """The split with each image's regions past a random count (2 to R) zeroed: adaptive
+    features, zero-padded."""
+    features = np.array(split.images, np.float32)
+    counts = np.random.default_rng(len(name)).integers(2, split.num_regions + 1, len(features))
+    features[np.arange(split.num_regions)[None] >= counts[:, None]] = 0
+    folder.mkdir(exist_ok=True)
+    np.save(folder / f"{name}_ims.npy", features)
+    (folder / f"{name}_caps.txt").write_text("".join(c + "\n" for c in split.captions))
+    return load_split(folder, name)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_variants_of_padded_images_meet_their_target(setup, tmp_path, precision):
+    """Images of 2 to 8 regions (zero-padded): the variants and the int8 scorers mask the
+    padding as the FP32 reference does, within their gates."""
+    bundle, checkpoint, train, test = setup
+    train, test = _padded(train, tmp_path, "train"), _padded(test, tmp_path, "test")
+    assert train.padded and test.padded
+    settings = CalibrationSettings(precision, samples=SAMPLES)
+    report = calibrate_bundle(bundle, checkpoint, train, test, settings)
+    assert report["written"] and report["gate"]["passed"]
+    assert report["gate"]["reference"]["t2i"]["r10"] > 8.0
+    for scorer in report.get("int8_scorers", {}).values():
+        assert scorer["gate"]["passed"]
 
 
 def test_int8_calibration_is_cached(setup, monkeypatch):

@@ -136,3 +136,43 @@ def test_hits_name_their_image_files(trained, tmp_path):
     for hit in json.loads(done.stdout)["hits"]:
         image_id = hit["id"].split(":")[0]
         assert hit["image"] == (str(folder / f"{image_id}.png") if image_id in drawn else None)
+
+
+def test_query_draws_the_attention_picture_of_its_top_hit(trained, tmp_path):
+    """`query --explain-png`: the top hit's image file lit by the query's words (plots extra);
+    a file that is not an image is one line naming it, nothing written."""
+    import json
+    import shutil
+
+    from tests.cli_runner import run_cli
+
+    image = pytest.importorskip("PIL.Image")
+    data, _, bundle = trained
+    split = tmp_path / "data"
+    (split / "test_images").mkdir(parents=True)
+    for name in ("test_ims.npy", "test_caps.txt"):
+        shutil.copy(data / name, split / name)
+    for i in range(400):
+        image.new("RGB", (80, 60), (i % 256, 40, 90)).save(split / "test_images" / f"{i}.png")
+    regions = np.load(data / "test_ims.npy", mmap_mode="r").shape[1]
+    np.save(split / "test_boxes.npy", np.tile([0, 0, 40, 30], (400, regions, 1)).astype(np.float32))
+    np.save(split / "test_image_sizes.npy", np.tile([80, 60], (400, 1)))
+    gallery = tmp_path / "gallery"
+    done = run_cli("index", bundle, "--features", split / "test_ims.npy", "--out", gallery)
+    assert done.returncode == 0, done.stderr
+    caption = (split / "test_caps.txt").read_text().splitlines()[0]
+    done = run_cli("query", gallery, caption, "-k", 3, "--explain-png", tmp_path / "hit.png",
+                   "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    top = json.loads(done.stdout)["hits"][0]
+    assert "attention" in top and (tmp_path / "hit.png").stat().st_size > 10_000
+    (split / "test_images" / f"{top['id']}.png").write_bytes(b"not a png")
+    done = run_cli("query", gallery, caption, "--explain-png", tmp_path / "bad.png")
+    assert done.returncode == 2 and not (tmp_path / "bad.png").exists()
+    assert done.stderr.startswith(f"error: {split.resolve() / 'test_images' / top['id']}.png: not")
+    np.save(tmp_path / "q.npy", np.load(data / "test_ims.npy")[:1])
+    done = run_cli("query", gallery, "--image-features", tmp_path / "q.npy", "--explain-png",
+                   tmp_path / "i.png")  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: --explain-png: give a text query (the picture is of its top hit)"
+    )

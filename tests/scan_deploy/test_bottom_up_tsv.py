@@ -101,6 +101,10 @@ CASES = {
     "boxes": (lambda f: _bad(f, 4, "@@not base64@@"), "not valid base64"),
     "features": (lambda f: _bad(f, 3, "5"), "holds 16 float32 values, num_boxes 5 × 4 expected"),
     "nan": (lambda f: _bad(f, 5, b64(np.full((BOXES, DIM), np.nan))), "NaN or Inf at box 0"),
+    "zero": (
+        lambda f: _bad(f, 5, b64(np.zeros((BOXES, DIM)))),
+        "box 0 has all-zero features (an all-zero row is how padding is stored)",
+    ),
     "outside": (
         lambda f: _bad(f, 4, b64([[0, 0, 700, 10]] * BOXES)),
         "box 0 (0, 0, 700, 10) lies outside the 640×480 image",
@@ -118,7 +122,8 @@ def test_a_bad_record_names_file_line_and_field_and_writes_nothing(tmp_path, cas
     rows = [record(f"img{i}", seed=i)[0] for i in range(3)]
     rows[1] = spoil(rows[1])
     write_tsv(tmp_path / "bad.tsv", rows)
-    field = {"nan": "features", "outside": "boxes", "inverted": "boxes"}.get(case, case)
+    field = {"nan": "features", "zero": "features", "outside": "boxes", "inverted": "boxes"}
+    field = field.get(case, case)
     if case == "features":
         field = "boxes"  # num_boxes 5: the boxes field is checked first
     with pytest.raises(UserError) as raised:
@@ -133,10 +138,6 @@ def test_records_that_disagree_with_each_other_are_refused(tmp_path):
             [record("same", 0)[0], record("same", 1)[0]],
             "line 2: image_id: 'same' again (first at",
         ),
-        "adaptive": (
-            [record("a", 0)[0], record("b", 1, boxes=BOXES + 1)[0]],
-            "line 2: num_boxes: 5 boxes × 6 features, the first record has 4 × 6: adaptive",
-        ),
         "dim": (
             [record("a", 0)[0], record("b", 1, dim=DIM + 2)[0]],
             "line 2: features: has 8 values per box, the first line 6",
@@ -147,6 +148,24 @@ def test_records_that_disagree_with_each_other_are_refused(tmp_path):
         with pytest.raises(UserError, match=re.escape(message)):
             import_tsv([tmp_path / f"{name}.tsv"], tmp_path / name, "test")
         assert not (tmp_path / name).exists() or not list((tmp_path / name).iterdir())
+
+
+def test_adaptive_features_are_padded_to_the_most_boxes(tmp_path):
+    """Images of 4, 10 and 2 boxes (in two files): stored as R = 10, each image's boxes then
+    all-zero rows (features and boxes), which the split reads as padded."""
+    made = [record("a", 0), record("b", 1, boxes=10), record("c", 2, boxes=2)]
+    write_tsv(tmp_path / "a.tsv", [made[0][0]])
+    write_tsv(tmp_path / "b.tsv", [m[0] for m in made[1:]])
+    summary = import_tsv([tmp_path / "a.tsv", tmp_path / "b.tsv"], tmp_path / "data", "test")
+    assert (summary.images, summary.regions, summary.fewest_regions) == (3, 10, 2)
+    split = load_files(tmp_path / "data/test_ims.npy", None)
+    boxes = np.load(tmp_path / "data/test_boxes.npy")
+    assert split.images.shape == (3, 10, DIM) and boxes.shape == (3, 10, 4) and split.padded
+    for i, (_, box, features) in enumerate(made):
+        count = len(features)
+        np.testing.assert_array_equal(split.images[i, :count], features)
+        np.testing.assert_array_equal(boxes[i, :count], box)
+        assert not split.images[i, count:].any() and not boxes[i, count:].any()
 
 
 def test_a_truncated_last_line_is_named(tmp_path):

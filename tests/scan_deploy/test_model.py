@@ -72,6 +72,20 @@ def test_padded_images_score_as_each_image_alone_at_10_36_and_100_regions(direct
             )
 
 
+@pytest.mark.parametrize("no_imgnorm", [False, True])
+def test_training_on_padded_images_has_finite_gradients(no_imgnorm):
+    """A fresh model's fc maps an all-zero row to zero (bias 0), where the L2 norm's gradient is
+    NaN: padding must stay out of it."""
+    torch.manual_seed(2)
+    model = SCAN(_config(no_imgnorm=no_imgnorm))
+    torch.nn.init.zeros_(model.img_enc.fc.bias)
+    features = padded_features([3, 8], 8, 6, seed=5)
+    tokens, lengths = torch.randint(1, 11, (2, 6)), torch.tensor([6, 2])
+    model(features, tokens, lengths).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter.grad).all(), name
+
+
 def test_full_region_counts_take_the_unmasked_path_bit_for_bit():
     """Fixed 36 regions: the masking changes nothing, to the bit."""
     torch.manual_seed(2)

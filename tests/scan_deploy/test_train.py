@@ -116,13 +116,14 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(data, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_all_zero_regions_are_named_as_a_cause_of_a_non_finite_loss(data, tmp_path):
+def test_all_zero_regions_are_padding_and_train(data, tmp_path):
     """A region whose features are all zero is zero after the fresh model's fc (its bias starts
-    at 0); the L2 normalisation, the original SCAN's `X / (sqrt(sum X^2) + eps)`, has a NaN
-    gradient there, so the weights become NaN and the next loss too. The message blamed --lr."""
+    at 0), where the L2 normalisation (the original SCAN's `X / (sqrt(sum X^2) + eps)`) has a NaN
+    gradient: the loss was NaN at batch 2. Such a row is padding now (adaptive features), kept
+    out of the normalisation and the scores: training runs and its weights stay finite."""
     train = load_split(data, "train")
     images = np.array(train.images)
-    images[:, 2] = 0.0
+    images[:, 2:] = 0.0  # every image keeps 2 regions
     write_split(tmp_path / "zeros", "train", images, train.captions)
     dev = load_split(data, "dev")
     write_split(tmp_path / "zeros", "dev", np.array(dev.images), dev.captions)
@@ -136,15 +137,12 @@ def test_all_zero_regions_are_named_as_a_cause_of_a_non_finite_loss(data, tmp_pa
         config,
         TrainOptions(epochs=1, batch_size=32, lr=2e-3, val_images=20),
     )
-    with pytest.raises(UserError) as info:
-        trainer.fit()
-    message = str(info.value)
-    assert message.startswith("epoch 0, batch 2: the loss is nan, training stopped (")
-    assert "all zero" in message and "lower --lr" in message and "\n" not in message
-    assert not (tmp_path / "run").exists()
+    trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert (tmp_path / "run" / "model_best").is_dir()
 
 
-def test_the_weights_message_names_all_zero_features_too(data, tmp_path):
+def test_the_weights_message_names_regions_mapped_to_zero(data, tmp_path):
     trainer = _trainer(data, tmp_path / "run", epochs=1, batch_size=300)  # one batch an epoch
     step = trainer.optimizer.step
 
@@ -154,7 +152,7 @@ def test_the_weights_message_names_all_zero_features_too(data, tmp_path):
             trainer.model.img_enc.fc.bias[0] = math.nan
 
     trainer.optimizer.step = diverging_step
-    with pytest.raises(UserError, match="^epoch 0: weight img_enc.fc.bias is NaN .*all zero"):
+    with pytest.raises(UserError, match="^epoch 0: weight img_enc.fc.bias is NaN .*maps to zero"):
         trainer.fit()
 
 
