@@ -40,12 +40,12 @@ def scorer_graph(
     valid = g.length_mask("words", "lengths")  # (M, T) bool
     words = g.op("Mul", ["words", g.op("Cast", [g.unsqueeze(valid, 2)], to=TensorProto.FLOAT)])
     logits = _logits(g, words, config.embed_size)  # (N, R, M, T)
-    regions_valid = g.nonzero_rows("regions")  # (N, R)
+    regions_valid, region_norms = _float_regions(g, t2i)
     if t2i:
         norms = lambda: g.reduce("ReduceL2", words, [2], 0)  # noqa: E731 (M, T)
         similarity, attn = _t2i(g, config, logits, valid, norms, regions_valid)
     else:
-        norms = lambda: g.reduce("ReduceL2", "regions", [2], 1)  # noqa: E731 (N, R, 1)
+        norms = lambda: region_norms  # noqa: E731 (N, R, 1)
         similarity, attn = _i2t(g, config, logits, valid, norms, regions_valid)
         padding = g.op("Cast", [_regions4(g, regions_valid)], to=TensorProto.FLOAT)
         attn = g.op("Mul", [attn, padding]) if attention else attn  # padding attends to nothing
@@ -108,12 +108,12 @@ def int8_gallery_scorer_graph(
         by_image = g.op("Transpose", [flat], perm=[1, 0])  # (N·R, M·T)
         logits = g.op("Reshape", [by_image, _pair_dims(g, "regions", "words")])
         gram = _dequantize(g, "caption_gram")
-        regions_valid = g.nonzero_rows("regions")  # (N, R)
+        regions_valid, region_norms = _float_regions(g, t2i)
         if t2i:
             norms = lambda: _diagonal_norms(g, gram)  # noqa: E731 (M, T)
             similarity, _ = _t2i(g, config, logits, valid, norms, regions_valid)
         else:
-            norms = lambda: g.reduce("ReduceL2", "regions", [2], 1)  # noqa: E731 (N, R, 1)
+            norms = lambda: region_norms  # noqa: E731 (N, R, 1)
             similarity, _ = _i2t(g, config, logits, valid, norms, regions_valid, gram)
     g.output_as(similarity, "similarity")
     output = value_info("similarity", TensorProto.FLOAT, ["images", "captions"])
@@ -182,10 +182,27 @@ def _dequantize(g: GraphBuilder, name: str) -> str:
     return g.op("Reshape", [flat, g.op("Shape", [name])])
 
 
+def _float_regions(g: GraphBuilder, t2i: bool) -> tuple[str, str | None]:
+    """(regions_valid (N, R) bool, the region norms (N, R, 1) for i2t, else None) of float
+    `regions`: a region is padding where its norm is 0, read from what the scorer computes
+    anyway — the region Gram's diagonal (t2i), the region norms (i2t) — not from another pass
+    over the regions, which took a 256-image one-query t2i block from 4.5 to 7.4 ms."""
+    zero = g.const(np.float32(0.0))
+    if t2i:
+        return g.op("Greater", [_diagonal_norms(g, "region_gram"), zero]), None
+    norms = g.reduce("ReduceL2", "regions", [2], 0)  # (N, R)
+    return g.op("Greater", [norms, zero]), g.unsqueeze(norms, 2)
+
+
 def _diagonal_norms(g: GraphBuilder, gram: str) -> str:
-    """(X, P): the square root of the Gram's diagonal, the norms of the vectors it is made of."""
-    square = g.op("Gather", [gram, g.const(np.array(0, np.int64))], axis=0)  # (P, P)
-    diagonal = g.reduce("ReduceSum", g.op("Mul", [gram, g.op("EyeLike", [square])]), [2], 0)
+    """(X, P): the square root of the Gram's diagonal, the norms of the vectors it is made of.
+    The diagonal is gathered from the flattened Gram (positions 0, P + 1, 2(P + 1), ...): the
+    product with an identity it replaced read the whole Gram twice."""
+    size = g.op("Gather", [g.op("Shape", [gram]), g.const(np.array(2, np.int64))], axis=0)
+    zero, one = g.const(np.array(0, np.int64)), g.const(np.array(1, np.int64))
+    positions = g.op("Mul", [g.op("Range", [zero, size, one]), g.op("Add", [size, one])])
+    flat = g.op("Reshape", [gram, g.const(np.array([0, -1], np.int64))])  # (X, P·P)
+    diagonal = g.op("Gather", [flat, positions], axis=1)
     return g.op("Sqrt", [g.op("Max", [diagonal, g.const(np.float32(0.0))])])
 
 
@@ -260,7 +277,11 @@ def _t2i(
     graph needs them; `regions_valid` (N, R) bool marks the regions that are not padding."""
     valid4 = g.unsqueeze(g.unsqueeze(valid, 0), 0)  # (1, 1, M, T)
     scaled = _attention_logits(g, config, logits, 3, valid4)
-    masked = g.op("Where", [_regions4(g, regions_valid), scaled, g.const(np.float32(MASKED))])
+    # Padding out of the softmax by adding MASKED: a broadcast Add costs a fifth of the Where
+    # (0.13 vs 0.67 ms on a 256-image one-query block, ONNX Runtime CPU).
+    padding = g.op("Cast", [g.op("Not", [regions_valid])], to=TensorProto.FLOAT)
+    penalty = g.op("Mul", [padding, g.const(np.float32(MASKED), "masked")])  # (N, R)
+    masked = g.op("Add", [scaled, g.unsqueeze(g.unsqueeze(penalty, 2), 3)])
     attn = g.softmax(masked, 1, 4)  # over the image's regions
     numerator = g.reduce("ReduceSum", g.op("Mul", [attn, logits]), [1], 0)  # (N, M, T)
     n_r_mt = g.op(

@@ -55,7 +55,10 @@ def region_mask(regions: torch.Tensor) -> torch.Tensor | None:
     it); a real region is never all zero (an L2-normalised embedding has norm 1, and import
     refuses all-zero feature rows). The convention needs no count array beside the features, and
     every stored form of a gallery (fp16, int8 codes) keeps a zero row zero."""
-    valid = regions.detach().abs().amax(dim=-1) > 0
+    return _unless_all(regions.detach().abs().amax(dim=-1) > 0)
+
+
+def _unless_all(valid: torch.Tensor) -> torch.Tensor | None:
     return None if bool(valid.all()) else valid
 
 
@@ -145,10 +148,11 @@ class ImageSide:
     def prepare(
         cls, regions: torch.Tensor, config: ModelConfig, gram: torch.Tensor | None = None
     ) -> ImageSide:
-        valid = region_mask(regions)
+        norms = regions.norm(dim=-1)
+        valid = _unless_all(norms.detach() > 0)  # `region_mask` from the norms it needs anyway
         if config.cross_attn == "t2i" and gram is None:
             gram = region_gram(regions)
-        return cls(regions, regions.norm(dim=-1), gram, valid)
+        return cls(regions, norms, gram, valid)
 
 
 @dataclass(frozen=True)
