@@ -36,6 +36,16 @@ def test_manifest_profile_maps_symbolic_dims_to_their_ranges():
     assert profile.to_json()["lengths"] == {"min": [1], "opt": [8], "max": [16]}
 
 
+def test_a_bundle_for_adaptive_features_gets_its_range_of_regions():
+    """export --regions 36 --min-regions 10 --max-regions 100: every graph's `regions` dim
+    (the scorer's regions and region Gram) takes 10..100, tuned for 36."""
+    ranges = {**RANGES, "regions": {"min": 10, "opt": 36, "max": 100}}
+    gram = {"name": "region_gram", "dtype": "float32", "shape": ["images", "regions", "regions"]}
+    profile = manifest_profile([*SCORER, gram], ranges)
+    assert profile.inputs["regions"] == InputRange((1, 10, 256), (8, 36, 256), (16, 100, 256))
+    assert profile.inputs["region_gram"] == InputRange((1, 10, 10), (8, 36, 36), (16, 100, 100))
+
+
 def test_unknown_symbolic_dim_is_a_user_error():
     inputs = [{"name": "x", "dtype": "float32", "shape": ["time", 4]}]
     with pytest.raises(UserError, match="input x: symbolic dim 'time' has no shape range"):

@@ -48,14 +48,20 @@ CASES = [
 
 
 def _write_data(root: Path) -> dict[str, Path]:
-    """Features of IMAGES images (R=5, 10 features), 5 captions each of 1 to 8 words (the
-    longest beyond the bundles' 7 tokens), image queries and text queries."""
+    """Features of IMAGES images (R=5, 10 features; a third of 4 and a third of 3 regions,
+    zero-padded: adaptive features), 5 captions each of 1 to 8 words (the longest beyond the
+    bundles' 7 tokens), image queries (two padded) and text queries."""
     rng = np.random.default_rng(7)
     files = {name: root / name for name in ("ims.npy", "caps.txt", "q.npy", "queries.txt")}
-    np.save(files["ims.npy"], rng.random((IMAGES, 5, 10), dtype=np.float32))
+    images = rng.random((IMAGES, 5, 10), dtype=np.float32)
+    for i, image in enumerate(images):
+        image[5 - i % 3 :] = 0
+    np.save(files["ims.npy"], images)
     captions = [" ".join(rng.choice(WORDS, rng.integers(1, 9))) for _ in range(IMAGES * 5)]
     files["caps.txt"].write_text("\n".join(captions) + "\n")
-    np.save(files["q.npy"], rng.random((3, 5, 10), dtype=np.float32))
+    np.save(
+        files["q.npy"], images[:3] + rng.random((3, 5, 10), dtype=np.float32) * (images[:3] > 0)
+    )
     files["queries.txt"].write_text("\n".join(QUERIES) + "\n")
     return files
 
