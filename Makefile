@@ -13,7 +13,7 @@ DEMO_EPOCHS ?= 4
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[reference,export,faiss,plots,dev]'
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[reference,export,faiss,plots,serve,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -22,6 +22,7 @@ from scan_deploy.runtime.backends.onnxruntime_backend import check_interface
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
 from scan_deploy.choices import Graph
+from scan_deploy.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class Explainer:
         self.max_tokens = CallSizes.of(backend).max_tokens
         self._inputs = [value.name for value in self.session.get_inputs()]
 
+    def close(self) -> None:
+        self.session = None  # ONNX Runtime frees a session with its last reference
+
     def explain(self, features: np.ndarray, caption: str) -> Explanation:
         """The attention between one image's region features (regions, img_dim) and a caption."""
         batch = np.asarray(features, np.float32)[None]
@@ -86,6 +90,8 @@ class Explainer:
         """The attention between one encoded image (`regions`, `region_gram`, each (1, ...)) and
         one encoded caption (`encode_caption`'s arrays, or a gallery's with its `tokens`)."""
         feeds = {**image, **caption}
+        if self.session is None:
+            raise UserError("explain: the explainer is closed")
         similarity, attention = self.session.run(
             ["similarity", "attention"], {name: feeds[name] for name in self._inputs}
         )

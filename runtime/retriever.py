@@ -71,6 +71,10 @@ class _Locked:
         with self.lock:
             return self.runner.run(feeds)
 
+    def close(self) -> None:
+        with self.lock:
+            self.runner.close()
+
 
 class Retriever:
     def __init__(
@@ -102,6 +106,7 @@ class Retriever:
         self._runners = {name: _Locked(backend.runner(name)) for name in Graph}
         self.sizes = CallSizes.of(backend)
         self._explain: Explainer | None = None
+        self._owned: list = []  # what close() closes
         self._explainer_lock = threading.Lock()
         choice = Scorer.parse(scorer, "scorer")
         self.scorers = {
@@ -166,7 +171,27 @@ class Retriever:
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
         )
-        return cls(bundle, galleries, opened, engine, threads, stage, token_candidates, scorer)
+        retriever = cls(bundle, galleries, opened, engine, threads, stage, token_candidates, scorer)
+        retriever._owned.append(opened)  # opened here: closed with the retriever
+        return retriever
+
+    def close(self) -> None:
+        """Close the int8 scorers, the explain session and the backend `open` opened (one
+        passed to the constructor stays its owner's); searching afterwards is a UserError."""
+        for scorer in self.scorers.values():
+            scorer.close()
+        with self._explainer_lock:
+            if self._explain is not None:
+                self._explain.close()
+        for backend in self._owned:
+            backend.close()
+        self._owned.clear()
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def encode_text(self, texts: Sequence[str]) -> Queries:
         """Caption-side scorer inputs of `texts`, padded to their longest (in input order)."""
@@ -186,7 +211,7 @@ class Retriever:
         """Image-side scorer inputs of region features (images, regions, img_dim). `source`
         (the features' file, if any) names them in the error for an image the encoder turns
         into zeros or NaN/Inf (`runtime.encoded`)."""
-        return self._encode_images(self._check_features(features), source)
+        return self._encode_images(self.check_features(features), source)
 
     def _encode_images(self, features: np.ndarray, source, offset: int = 0) -> Queries:
         outputs, step = [], self.sizes.image_batch
@@ -232,7 +257,7 @@ class Retriever:
         the encoder turns into zeros or NaN/Inf (e.g. features ×1e30) is a UserError naming
         `source` (the features' file; `image features` when None) and the image."""
         gallery = self.gallery_for("image", k, shortlist)
-        features = self._check_features(features)
+        features = self.check_features(features)
         results: list[list[Hit]] = []
         step = self.sizes.image_batch
         for start in range(0, len(features), step):
@@ -279,7 +304,7 @@ class Retriever:
         if any(hit.text is None for hit in hits):
             raise UserError("explain: the captions gallery keeps no texts to explain hits with")
         explainer = self._explainer()
-        image = self._encode_images(self._check_features(features[None]), None)
+        image = self._encode_images(self.check_features(features[None]), None)
         side = {name: image.arrays[name] for name in ("regions", "region_gram")}
         return [explainer.explain_encoded(side, explainer.encode_caption(hit.text)) for hit in hits]
 
@@ -320,7 +345,9 @@ class Retriever:
                 LOG.warning("query %r: no word is in the vocabulary; answering anyway", text)
         return token_lists
 
-    def _check_features(self, features: np.ndarray) -> np.ndarray:
+    def check_features(self, features: np.ndarray) -> np.ndarray:
+        """Image queries as float32 (images, regions, img_dim), checked: shape, values, the
+        bundle's region range; a one-line UserError otherwise."""
         features = np.asarray(features, dtype=np.float32)
         dim = self.bundle.config.img_dim
         if features.ndim != 3 or features.shape[2] != dim:

@@ -116,6 +116,13 @@ class GalleryScorer:
         self.device_blocks[key] = on_device
         return on_device
 
+    def close(self) -> None:
+        """Drop the device blocks (freed with their last reference) and close the runner when it
+        is this scorer's own (the int8 scorer's)."""
+        self.device_blocks.clear()
+        if self.stored:
+            self.runner.close()
+
     def rows(self, gallery: Gallery, indices: np.ndarray) -> dict:
         """The scorer's inputs for the gallery items at `indices`."""
         if self.stored:

@@ -1031,6 +1031,80 @@ def attention_table(result, title: str, boxes, top: int) -> Table:
 
 
 @app.command()
+def serve(
+    gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port (0: a free one, printed).")
+    ] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Queries scored together.")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="How long a batch waits for more requests (ms).")
+    ] = 5.0,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Requests waiting to be batched; beyond: HTTP 503.")
+    ] = 64,
+    max_queries: Annotated[
+        int, typer.Option(min=1, help="Queries in one request; beyond: HTTP 413.")
+    ] = 64,
+    max_body_mb: Annotated[
+        float, typer.Option(min=0.001, help="Largest request body (MiB); beyond: HTTP 413.")
+    ] = 16.0,
+    shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
+    first_stage: FirstStage = None,
+    faiss_params: FaissParams = None,
+    token_candidates: TokenCandidates = None,
+    scorer: ExactScorer = choices.Scorer.AUTO,
+    bundle: GalleryBundle = None,
+    backend: Backend = choices.Backend.ONNXRUNTIME,
+    precision: GraphPrecision = choices.Precision.FP32,
+    threads: Threads = 0,
+    checkpoint: TorchCheckpoint = None,
+) -> None:
+    """Serve a gallery over HTTP (the serve extra): a JSON API — text and image search with
+    concurrent requests batched, explain, health, readiness, Prometheus metrics, OpenAPI at
+    /docs — and a results page at /. Stops on Ctrl-C."""
+    import socket
+
+    import uvicorn
+
+    from scan_deploy.runtime.retriever import Retriever
+    from scan_deploy.serve.app import ServeSettings, create_app
+
+    settings = ServeSettings(
+        max_batch, max_wait_ms / 1000, max_queue, max_queries, int(max_body_mb * (1 << 20))
+    )
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there ({exc.strerror})"
+        ) from None
+    with Retriever.open(
+        bundle,
+        gallery,
+        backend,
+        precision,
+        threads=threads,
+        checkpoint=checkpoint,
+        shortlist_engine=shortlist_engine,
+        first_stage=first_stage,
+        faiss_params=faiss_params,
+        token_candidates=token_candidates,
+        scorer=scorer,
+    ) as retriever:
+        app_ = create_app(retriever, settings)
+        bound = listener.getsockname()[1]
+        err_console.print(f"serving {gallery} on http://{host}:{bound}/ (API docs at /docs)")
+        server = uvicorn.Server(uvicorn.Config(app_, log_level="warning", access_log=False))
+        server.run(sockets=[listener])
+
+
+@app.command()
 def bench(
     gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
     batch: Annotated[

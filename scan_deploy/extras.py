@@ -33,6 +33,9 @@ EXTRAS = {
     "faiss": Extra("FAISS", ("faiss",)),
     "matplotlib": Extra("matplotlib", ("plots",)),
     "PIL": Extra("Pillow", ("plots",)),
+    "fastapi": Extra("FastAPI", ("serve",)),
+    "uvicorn": Extra("uvicorn", ("serve",)),
+    "prometheus_client": Extra("prometheus-client", ("serve",)),
 }
 
 

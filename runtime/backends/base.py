@@ -55,6 +55,11 @@ class Runner(Protocol):
         """The graph's outputs in the manifest's order (float32 / int64 numpy arrays)."""
         ...
 
+    def close(self) -> None:
+        """Release what the runner holds (a session, an execution context, device buffers);
+        `run` then raises a UserError. Closing twice is harmless."""
+        ...
+
 
 class Backend(Protocol):
     name: str  # "onnxruntime (CUDAExecutionProvider)", "tensorrt 10.3.0", "torch cuda"
@@ -66,6 +71,10 @@ class Backend(Protocol):
 
     def sizes(self, graph: Graph | str) -> dict[str, DimSizes]:
         """The sizes each symbolic dim of `graph`'s inputs may take on this backend."""
+        ...
+
+    def close(self) -> None:
+        """Close every runner it opened; `runner` then raises a UserError."""
         ...
 
 
@@ -100,7 +109,8 @@ class CallSizes:
 class RunnerCache:
     """The `runner(graph)` of every backend: each graph's runner is opened once, on first use,
     under a lock, since several threads may ask for it at once. Backends implement `_open`,
-    and set `bundle` and `precision`."""
+    and set `bundle` and `precision`. `close()` (or leaving a `with` block) closes the runners;
+    nothing is released in `__del__`."""
 
     bundle: Bundle
     precision: Precision
@@ -108,13 +118,29 @@ class RunnerCache:
     def __init__(self) -> None:
         self._runners: dict[Graph, Runner] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def runner(self, graph: Graph | str) -> Runner:
         graph = Graph.parse(graph, "graph")
         with self._lock:
+            if self._closed:
+                raise UserError(f"{graph}: the backend is closed")
             if graph not in self._runners:
                 self._runners[graph] = self._open(graph)
             return self._runners[graph]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            runners, self._runners = list(self._runners.values()), {}
+        for runner in runners:
+            runner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _open(self, graph: Graph) -> Runner:
         raise NotImplementedError

@@ -187,7 +187,13 @@ class OnnxRuntimeRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         arrays = prepare_feeds(self.graph, self.inputs, feeds)
-        return [as_output(x) for x in self.session.run(self._output_names, arrays)]
+        session = self.session
+        if session is None:
+            raise UserError(f"{self.graph}: the runner is closed")
+        return [as_output(x) for x in session.run(self._output_names, arrays)]
+
+    def close(self) -> None:
+        self.session = None  # ONNX Runtime frees a session with its last reference
 
 
 class OnnxRuntimeBackend(RunnerCache):

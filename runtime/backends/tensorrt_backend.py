@@ -159,7 +159,17 @@ class TensorRTRunner:
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         arrays = prepare_feeds(self.graph, self.inputs, feeds, self._dtypes)
         with self._lock:
+            if self._context is None:
+                raise UserError(f"{self.graph}: the runner is closed")
             return self._run(arrays)
+
+    def close(self) -> None:
+        """Free the device and pinned buffers and the stream; drop the context and engine."""
+        with self._lock:
+            for buffer in self._buffers.values():
+                buffer.close()
+            self._stream.close()
+            self._context = self._engine = None
 
     def _run(self, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
         trt, context, stream = self._trt, self._context, self._stream

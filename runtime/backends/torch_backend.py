@@ -77,6 +77,9 @@ class TorchRunner:
         self._backend = backend
         self._names = [value["name"] for value in self.outputs]
 
+    def close(self) -> None:
+        """Nothing of its own: the model and the device budget are the backend's."""
+
     def run(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
         """Feeds are numpy arrays, or tensors `TorchBackend.resident` already put on the device
         (checked when they were read from the gallery)."""
@@ -170,6 +173,13 @@ class TorchBackend(RunnerCache):
             self._resident_used += size
         torch = self.torch
         return {name: torch.from_numpy(array).to(self.device) for name, array in host.items()}
+
+    def close(self) -> None:
+        """The runners, and the resident budget (its blocks are freed with the scorers that
+        hold them, `GalleryScorer.close`)."""
+        super().close()
+        with self._resident_lock:
+            self._resident_used = 0
 
     def _open(self, graph: Graph) -> TorchRunner:
         return TorchRunner(graph, self.bundle.graph(graph), self)

@@ -601,3 +601,24 @@ def test_the_torch_backend_keeps_gallery_blocks_on_its_device(indexed, trained, 
         assert resident.search_text(texts, k=5) == expected
         assert len(resident.scorers["images"].device_blocks) == kept
         assert len(reads) - first == first - 2 * kept  # the kept blocks are not read again
+
+
+def test_a_closed_retriever_refuses_to_search(indexed):
+    """`with Retriever.open(...)` closes the backend it opened (its sessions and runners) on
+    exit; a search afterwards is a one-line error, and closing twice is harmless."""
+    bundle, split, gallery, _ = indexed
+    with Retriever.open(bundle, gallery) as retriever:
+        assert len(retriever.search_text([split.captions[0]], k=2)[0]) == 2
+        retriever.explain_text(split.captions[0], retriever.search_text([split.captions[0]])[0][:1])
+    with pytest.raises(UserError, match="^text_encoder: the runner is closed$"):
+        retriever.search_text([split.captions[0]], k=2)
+    with pytest.raises(UserError, match="^text_encoder: the backend is closed$"):
+        retriever.explain_text(split.captions[0], [])
+    retriever.close()
+    backend = open_backend(bundle)
+    with backend:
+        runner = backend.runner(Graph.TEXT_ENCODER)
+    with pytest.raises(UserError, match="^text_encoder: the backend is closed$"):
+        backend.runner(Graph.TEXT_ENCODER)
+    with pytest.raises(UserError, match="^text_encoder: the runner is closed$"):
+        runner.run({"tokens": np.ones((1, 3), np.int64), "lengths": np.array([3])})

@@ -1,0 +1,280 @@
+"""The HTTP API around a `Retriever` (FastAPI): search by text and by image features, explain a
+hit, the gallery's image files, health, readiness, Prometheus metrics, and the results page.
+
+    POST /v1/search/text    {"queries": [...], "k": 10, "shortlist": null} -> {"results": [...]}
+    POST /v1/search/image   body: a .npy of region features (images, regions, img_dim) or
+                            (regions, img_dim); ?k=10&shortlist= -> {"results": [...]}
+    POST /v1/explain        {"text": ..., "id": IMAGE_ID} -> the attention behind the score
+    GET  /v1/explain.png    ?text=...&id=... -> the attention picture (the plots extra)
+    GET  /v1/images/{id}    the image file of a gallery image, when the gallery knows it
+    GET  /healthz, /readyz, /metrics, /  (the page), /docs and /openapi.json (FastAPI's)
+
+Every error is JSON `{"error": {"status": N, "message": "one line"}}`: 400 malformed JSON, 404
+unknown id or file, 413 body or query count too large, 422 a value out of range (the runtime's
+own one-line messages), 503 the queue is full (with Retry-After) or the server is not ready.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from scan_deploy.runtime.retriever import Retriever
+from scan_deploy.runtime.search import Hit
+from scan_deploy.serve.batcher import Batcher, QueueFull
+from scan_deploy.serve.body_limit import BodyLimit
+from scan_deploy.serve.metrics import Metrics
+from starlette.exceptions import HTTPException
+
+from scan_deploy.errors import UserError
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_batch: int = 32  # queries scored together
+    max_wait: float = 0.005  # seconds a batch waits for more requests
+    max_queue: int = 64  # requests waiting; beyond: 503
+    max_queries: int = 64  # queries in one request; beyond: 413
+    max_body: int = 16 << 20  # bytes of one request body; beyond: 413
+
+
+class TextSearch(BaseModel):
+    queries: list[str] = Field(min_length=1, description="Texts; the images of each are found.")
+    k: int = Field(10, ge=1, description="Hits per query.")
+    shortlist: int | None = Field(
+        None, ge=1, description="Candidates of the first stage, re-ranked exactly (None: all)."
+    )
+
+
+class ExplainRequest(BaseModel):
+    text: str = Field(min_length=1)
+    id: str = Field(min_length=1, description="A gallery image's id.")
+
+
+def create_app(retriever: Retriever, settings: ServeSettings | None = None) -> FastAPI:
+    """The app; the retriever stays the caller's (closed by whoever opened it)."""
+    settings = settings or ServeSettings()
+    metrics = Metrics()
+    batchers: dict[str, Batcher] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batchers["text"] = Batcher(
+            lambda q, k, s: retriever.search_text(q, k, s),
+            settings.max_batch,
+            settings.max_wait,
+            settings.max_queue,
+            metrics.observer("text"),
+        )
+        batchers["image"] = Batcher(
+            lambda q, k, s: retriever.search_image(np.stack(q), k, s),
+            settings.max_batch,
+            settings.max_wait,
+            settings.max_queue,
+            metrics.observer("image"),
+        )
+        for batcher in batchers.values():
+            batcher.start()
+        app.state.ready = True
+        yield
+        app.state.ready = False
+        for batcher in batchers.values():
+            await batcher.close()
+
+    app = FastAPI(
+        title="scan-deploy",
+        summary="Image-text retrieval with SCAN (stacked cross attention)",
+        lifespan=lifespan,
+    )
+    app.state.ready = False
+    app.add_middleware(BodyLimit, limit=settings.max_body, refused=metrics.refused)
+    images_gallery = retriever.galleries.get("images")
+    image_index = {} if images_gallery is None else {i: n for n, i in enumerate(images_gallery.ids)}
+
+    @app.middleware("http")
+    async def timed(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.latency.labels(path, str(response.status_code)).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):
+        return _error(422, str(exc))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull):
+        metrics.refused.labels("queue_full").inc()
+        return _error(503, f"busy: {exc}; retry later", {"Retry-After": "1"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            return _error(400, f"{where}: malformed JSON ({first.get('ctx', {}).get('error')})")
+        return _error(422, f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.post("/v1/search/text", summary="Images for each text")
+    async def search_text(body: TextSearch) -> dict[str, Any]:
+        _check_count(len(body.queries), settings.max_queries)
+        retriever.gallery_for("text", body.k, body.shortlist)  # k and shortlist, before queueing
+        found = await batchers["text"].submit(body.queries, body.k, body.shortlist)
+        results = zip(body.queries, found, strict=True)
+        return {"results": [_result(q, hits, "images") for q, hits in results]}
+
+    @app.post("/v1/search/image", summary="Captions for each image's region features (.npy)")
+    async def search_image(
+        request: Request,
+        k: int = Query(10, ge=1),
+        shortlist: int | None = Query(None, ge=1),
+    ) -> dict[str, Any]:
+        features = _features(await request.body(), retriever.bundle.config.img_dim)
+        _check_count(len(features), settings.max_queries)
+        retriever.gallery_for("image", k, shortlist)
+        features = retriever.check_features(features)
+        found = await batchers["image"].submit(list(features), k, shortlist, features.shape[1])
+        return {
+            "results": [_result(f"image {i}", hits, "captions") for i, hits in enumerate(found)]
+        }
+
+    @app.post("/v1/explain", summary="The attention behind a text's score of an image")
+    async def explain(body: ExplainRequest) -> dict[str, Any]:
+        index = _image_index(body.id)
+        hit = Hit(index, body.id, 0.0, None)
+        (result,) = await _run(retriever.explain_text, body.text, [hit])
+        out = result.to_dict()
+        boxed = images_gallery.boxes_of(index)
+        if boxed is not None:
+            boxes = boxed[0][: result.weights.shape[1]]
+            out.update(boxes=boxes.tolist(), image_size=list(boxed[1]))
+        return out
+
+    @app.get("/v1/explain.png", summary="The attention picture (the plots extra)")
+    async def explain_png(text: str = Query(min_length=1), id: str = Query(min_length=1)):
+        index = _image_index(id)
+        try:
+            from scan_deploy.attention_picture import load_picture, write_explain_png
+        except ModuleNotFoundError:
+            return _error(501, "pictures need matplotlib: pip install 'scan-deploy[plots]'")
+        (result,) = await _run(retriever.explain_text, text, [Hit(index, id, 0.0, None)])
+        boxes = size = picture = None
+        boxed = images_gallery.boxes_of(index)
+        if boxed is not None:
+            boxes, size = boxed[0][: result.weights.shape[1]], boxed[1]
+            file = images_gallery.image_file(id)
+            picture = None if file is None else load_picture(Path(file), size)
+        title = f"{text!r} → image {id}: similarity {result.similarity:.4f}"
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "explain.png"
+            await _run(
+                write_explain_png, path, result.tokens, result.weights, title, boxes, size, picture
+            )
+            return Response(path.read_bytes(), media_type="image/png")
+
+    @app.get("/v1/images/{image_id}", summary="A gallery image's file")
+    async def image(image_id: str):
+        _image_index(image_id)  # only the gallery's ids: no path from the URL reaches the disk
+        file = images_gallery.image_file(image_id)
+        if file is None:
+            raise HTTPException(404, f"image {image_id!r}: the gallery knows no file for it")
+        return FileResponse(file)
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: the galleries are open and the batchers running")
+    async def readyz():
+        if not app.state.ready:
+            return _error(503, "not ready")
+        galleries = {kind: g.count for kind, g in retriever.galleries.items()}
+        depth = {kind: b.depth for kind, b in batchers.items()}
+        return {"status": "ready", "galleries": galleries, "queue": depth}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        for kind, batcher in batchers.items():
+            metrics.queue.labels(kind).set(batcher.depth)
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return resources.files("scan_deploy.serve").joinpath("page.html").read_text("utf-8")
+
+    def _image_index(image_id: str) -> int:
+        if images_gallery is None:
+            raise HTTPException(404, "the gallery has no images")
+        if image_id not in image_index:
+            raise HTTPException(404, f"image {image_id!r}: not in the gallery")
+        return image_index[image_id]
+
+    return app
+
+
+async def _run(function, *args):
+    import asyncio
+
+    return await asyncio.to_thread(function, *args)
+
+
+def _check_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise HTTPException(413, f"{count} queries in one request, the server takes {limit}")
+
+
+def _features(body: bytes, img_dim: int) -> np.ndarray:
+    """A request body's .npy (never unpickled) as float32 (images, regions, img_dim)."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise HTTPException(400, f"body: expected a .npy file of region features ({exc})") from None
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[2] != img_dim or not array.shape[1]:
+        message = f"body: expected (images, regions, {img_dim}) features, got {array.shape}"
+        raise HTTPException(422, message)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise HTTPException(422, f"body: expected float features, got {array.dtype}")
+    return np.asarray(array, np.float32)
+
+
+def _result(query: str, hits: list[Hit], kind: str) -> dict[str, Any]:
+    return {"query": query, "hits": [_hit(rank, hit, kind) for rank, hit in enumerate(hits, 1)]}
+
+
+def _hit(rank: int, hit: Hit, kind: str) -> dict[str, Any]:
+    """A hit as JSON; its image as a URL of this server (`image:k` is caption k of `image`)."""
+    image_id = hit.id if kind == "images" else hit.id.rpartition(":")[0]
+    url = None if hit.image is None else f"/v1/images/{quote(image_id, safe='')}"
+    return {
+        "rank": rank,
+        "index": hit.index,
+        "id": hit.id,
+        "score": hit.score,
+        "text": hit.text,
+        "image_url": url,
+    }
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"status": status, "message": " ".join(message.split())}}
+    return JSONResponse(body, status_code=status, headers=headers)
