@@ -1099,9 +1099,14 @@ def serve(
     ) as retriever:
         app_ = create_app(retriever, settings)
         bound = listener.getsockname()[1]
-        err_console.print(f"serving {gallery} on http://{host}:{bound}/ (API docs at /docs)")
+        message = f"serving {gallery} on http://{host}:{bound}/ (API docs at /docs)"
+        err_console.print(message, soft_wrap=True)  # one line: scripts read the address
         server = uvicorn.Server(uvicorn.Config(app_, log_level="warning", access_log=False))
-        server.run(sockets=[listener])
+        try:
+            server.run(sockets=[listener])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: the way to stop
+            pass
+    err_console.print("stopped")
 
 
 @app.command()
