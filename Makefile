@@ -7,6 +7,7 @@ CLI := $(VENV)/bin/scan-deploy
 DEMO ?= runs/demo
 DEMO_TRAIN ?= 5000
 DEMO_EPOCHS ?= 4
+DEMO_PORT ?= 8765
 
 .PHONY: install test lint demo clean
 
@@ -70,6 +71,17 @@ demo: install
 	@echo "the attention picture of a text query's top hit in the gallery (test caption 6)"
 	$(CLI) query $(DEMO)/gallery "$$(sed -n 7p $(DEMO)/data/test_caps.txt)" -k 3 \
 		--explain-png $(DEMO)/explain-hit.png
+	@echo "serve: the gallery over HTTP for a moment (loopback), one text query through the API"
+	$(CLI) serve $(DEMO)/gallery --port $(DEMO_PORT) & server=$$!; \
+	for i in $$(seq 100); do $(PY) -c "import urllib.request as u; \
+		u.urlopen('http://127.0.0.1:$(DEMO_PORT)/readyz')" 2>/dev/null && break; sleep 0.2; done; \
+	$(PY) -c "import json, sys, urllib.request as u; \
+		body = json.dumps({'queries': [sys.argv[1]], 'k': 3}).encode(); \
+		r = u.Request('http://127.0.0.1:$(DEMO_PORT)/v1/search/text', body, \
+			{'content-type': 'application/json'}); \
+		print(json.dumps(json.load(u.urlopen(r))['results'][0], indent=1))" \
+		"$$(sed -n 1p $(DEMO)/data/test_caps.txt)"; status=$$?; \
+	kill -TERM $$server; wait $$server; exit $$status
 
 clean:
 	rm -rf $(DEMO)

@@ -3,6 +3,7 @@ need them, so commands of the runtime work on a device without torch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -1102,10 +1103,9 @@ def serve(
         message = f"serving {gallery} on http://{host}:{bound}/ (API docs at /docs)"
         err_console.print(message, soft_wrap=True)  # one line: scripts read the address
         server = uvicorn.Server(uvicorn.Config(app_, log_level="warning", access_log=False))
-        try:
+        # uvicorn re-raises the Ctrl-C it shut down on: here the way to stop, not an abort
+        with contextlib.suppress(KeyboardInterrupt):
             server.run(sockets=[listener])
-        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: the way to stop
-            pass
     err_console.print("stopped")
 
 

@@ -1,0 +1,92 @@
+"""Load benchmark of `scan-deploy serve` (loopback only, bounded in time): N concurrent clients
+send text queries for a fixed time; p50 / p99 latency, throughput, errors and the server's
+resident memory over the run, with dynamic batching (the default) and without (--max-batch 1),
+side by side in one run.
+
+    python benchmarks/bench_serve.py runs/demo/gallery --clients 8 --seconds 20
+
+Clients are threads of this process on the same 2-core machine as the server: the numbers are
+what one machine serves itself, not a network service's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' server launcher
+from tests.serve.server_process import post_json, running_server  # noqa: E402
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load(url: str, queries: list[str], clients: int, seconds: float, k: int, pid: int) -> dict:
+    latencies: list[float] = []
+    errors: list[int] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    memory = [resident_mib(pid)]
+
+    def client(offset: int) -> None:
+        n = offset
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            status, _ = post_json(
+                url + "/v1/search/text", {"queries": [queries[n % len(queries)]], "k": k}
+            )
+            took = time.perf_counter() - start
+            with lock:
+                (latencies if status == 200 else errors).append(took if status == 200 else status)
+            n += clients
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(min(1.0, seconds / 10))
+        memory.append(resident_mib(pid))
+    for thread in threads:
+        thread.join()
+    ordered = sorted(latencies)
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "throughput_rps": len(latencies) / seconds,
+        "p50_ms": 1e3 * statistics.median(ordered),
+        "p99_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "rss_mib_first_last_max": [round(memory[0]), round(memory[-1]), round(max(memory))],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gallery", type=Path)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--queries", type=int, default=200, help="distinct texts, cycled")
+    args = parser.parse_args()
+    texts = json.loads((args.gallery / "images" / "texts.json").read_text())
+    queries = texts[: args.queries]
+    report = {}
+    for name, options in (("batched", []), ("unbatched", ["--max-batch", 1])):
+        with running_server(args.gallery, *options) as (url, process):
+            post_json(url + "/v1/search/text", {"queries": queries[:1], "k": args.k})  # warm-up
+            report[name] = load(url, queries, args.clients, args.seconds, args.k, process.pid)
+        print(name, json.dumps(report[name]), flush=True)
+    ratio = report["batched"]["throughput_rps"] / report["unbatched"]["throughput_rps"]
+    print(f"throughput batched / unbatched: {ratio:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
