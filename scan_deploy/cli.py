@@ -1031,6 +1031,31 @@ def attention_table(result, title: str, boxes, top: int) -> Table:
     return table
 
 
+@app.command("export-triton")
+def export_triton_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `export`.")],
+    out: Annotated[Path, typer.Option(help="Triton model repository folder to write.")],
+    backend: Annotated[
+        choices.Backend,
+        typer.Option(help="onnxruntime: the ONNX graphs; tensorrt: the engines build-engine made."),
+    ] = choices.Backend.ONNXRUNTIME,
+    precision: GraphPrecision = choices.Precision.FP32,
+    queue_delay_us: Annotated[
+        int, typer.Option(min=0, help="Dynamic batching: how long Triton waits for more (µs).")
+    ] = 100,
+    force: Annotated[bool, typer.Option(help="Replace an existing repository.")] = False,
+) -> None:
+    """A Triton Inference Server model repository: a model per graph (config.pbtxt and the ONNX
+    model or TensorRT engine) and an ensemble of the two encoders."""
+    from scan_deploy.bundle import load_bundle
+    from scan_deploy.export.triton import export_triton
+
+    if backend == choices.Backend.TORCH:
+        raise UserError("backend: Triton serves onnxruntime or tensorrt models, not torch")
+    configs = export_triton(load_bundle(bundle), out, backend, precision, queue_delay_us, force)
+    console.print(f"wrote {out}: {', '.join(configs)} ({backend}, {precision})")
+
+
 @app.command()
 def serve(
     gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
