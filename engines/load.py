@@ -36,6 +36,7 @@ from scan_deploy.engines.ort_providers import (
 )
 from scan_deploy.engines.sidecar import (
     ENGINES_DIR,
+    build_engine_command,
     check_engine_file,
     check_sidecar,
     read_sidecar,
@@ -195,3 +196,15 @@ def _session_settings(ort: Any, sidecar: dict[str, Any], path: Path) -> tuple[An
             f"{path}: build.session.providers: expected a list of [name, options] pairs"
         )
     return level, providers
+
+
+def engine_candidates(bundle: Bundle, graph: Graph, precision: Precision) -> list[Path]:
+    """The TensorRT engine files of `graph` at `precision`, newest first; a UserError with the
+    build-engine command when there is none."""
+    found = [path for path, _ in find_engines(bundle, Backend.TENSORRT, graph, precision)]
+    if not found:
+        raise UserError(
+            f"{bundle.path / 'engines'}: no TensorRT {precision} engine of {graph}; build it: "
+            f"{build_engine_command(bundle.path, Backend.TENSORRT, precision, graph)}"
+        )
+    return found

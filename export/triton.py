@@ -89,7 +89,7 @@ def export_triton(
 
 def _model_file(bundle: Bundle, graph: Graph, backend: Backend, precision: Precision) -> Path:
     if backend == Backend.TENSORRT:  # the newest engine build-engine made (UserError if none)
-        from scan_deploy.runtime.backends.tensorrt_backend import engine_candidates
+        from scan_deploy.engines.load import engine_candidates
 
         return engine_candidates(bundle, graph, precision)[0]
     return bundle.graph_path(graph, precision)

@@ -103,6 +103,36 @@ def write_stage_index(
     return {"stage": str(stage), **record}
 
 
+def extend_stage_index(base: Gallery, written: Gallery, stage: FirstStage) -> dict[str, Any]:
+    """The base gallery's index of `stage` with the vectors of the items `written` adds after
+    the base's (its shards past the base's), written into `written`'s folder; returns the
+    record. The base's training (IVF centroids, quantizer ranges) is kept: appending stays
+    O(items added), and ids stay positions in gallery order."""
+    import time
+
+    from scan_deploy.runtime.inner_product import require_faiss
+
+    faiss = require_faiss()
+    started = time.perf_counter()
+    record = base.first_stages[stage]
+    index = faiss.read_index(str(base.path / record["file"]))  # a private, writable copy
+    first = len(base.shards)
+    if stage == FirstStage.GLOBAL:
+        blocks = (rows for offset, rows in written.global_embeddings() if offset >= base.count)
+    else:
+        blocks = written.token_blocks(first_shard=first)
+    for vectors in blocks:
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    expected = written.count if stage == FirstStage.GLOBAL else written.token_count
+    if index.ntotal != expected:  # an internal invariant, not a user error
+        raise RuntimeError(f"{written.path}: indexed {index.ntotal} vectors, expected {expected}")
+    path = written.path / INDEX_FILES[stage]
+    faiss.write_index(index, str(path))
+    seconds = round(time.perf_counter() - started, 3)
+    extended = {"vectors": int(index.ntotal), "bytes": path.stat().st_size}
+    return {**record, **extended, "file": path.name, "extend_seconds": seconds}
+
+
 def check_stages(
     stages: dict[FirstStage | str, str | None], dim: int, items: int, tokens: int, where: Path
 ) -> dict[FirstStage, str | None]:

@@ -60,15 +60,16 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scan_deploy.runtime.dequantize import to_float32
-from scan_deploy.runtime.first_stage import INDEX_FILES, write_stage_index
+from scan_deploy.runtime.first_stage import INDEX_FILES, extend_stage_index, write_stage_index
 from scan_deploy.runtime.inner_product import apply_search_params, open_faiss_index, require_faiss
 
 from scan_deploy.atomic import Marker, atomic_dir, check_output_dir, write_json
@@ -89,6 +90,7 @@ MARKER = Marker(MANIFEST, ("format_version", "kind", "shards", "bundle"), "galle
 IDS = "ids.json"
 BOX_FILES = {"boxes": "boxes.npy", "image_sizes": "image_sizes.npy"}  # optional, images only
 TEXTS = "texts.json"
+DELETED = "deleted.json"  # the ids of deleted items (tombstones), when there are any
 SCALE_SUFFIX = "_scale"
 QUANTIZATION = "symmetric-per-row"
 
@@ -156,7 +158,7 @@ class GalleryWriter:
         self,
         path: str | Path,
         kind: str,
-        bundle: Bundle,
+        bundle: Bundle | None,
         dtype: GalleryDtype | str = GalleryDtype.FP16,
         shard_size: int = 4096,
         force: bool = False,
@@ -164,6 +166,8 @@ class GalleryWriter:
         where: Path | None = None,
         boxes: tuple[np.ndarray, np.ndarray] | None = None,
         images_dir: Path | None = None,
+        base: Gallery | None = None,
+        delete: Sequence[str] = (),
     ) -> None:
         """`first_stages`: the FAISS index to build for each first stage, by index-factory
         string (None: `first_stage.default_factory`). `where`: the path errors name (default
@@ -171,7 +175,10 @@ class GalleryWriter:
         gallery's region boxes (items, R, 4) and image sizes (items, 2), in the order the items
         will be added (`precomp.image_boxes`), kept for `explain`. `images_dir`: the folder of
         the items' image files, named by id (recorded as an absolute path; hits name their
-        file)."""
+        file). `base`: a gallery this one extends (`runtime.generations`: its shards are hard
+        links, its dtype, shard size, image folder and first stages are kept, the items added
+        follow its own, and its first-stage indexes are extended with theirs). `delete`: ids of
+        the base's items to mark deleted (tombstones: searches skip them)."""
         self.path = Path(path)
         self.where = Path(where) if where is not None else self.path
         one_of(kind, KINDS, "kind")
@@ -182,14 +189,24 @@ class GalleryWriter:
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise input_error(None, "shard_size", f"got {shard_size!r}, expected an integer ≥ 1")
         check_output_dir(self.path, force, MARKER)
+        if base is not None:
+            if base.kind != kind:
+                raise RuntimeError(f"{base.path}: a gallery of {base.kind}, not {kind}")
+            dtype, shard_size = base.dtype, int(base.manifest["shard_size"])
+            stages = {stage: record["factory"] for stage, record in base.first_stages.items()}
+            folder = base.manifest.get("images_dir")
+            images_dir = None if folder is None else Path(folder)
+        self.base = base
         self.kind = kind
         self.dtype = dtype
         self.shard_size = shard_size
         self.first_stages = stages
         self.boxes = boxes
         self.images_dir = None if images_dir is None else str(Path(images_dir).resolve())
-        self.embed_size = int(bundle.config.embed_size)
-        self.bundle_identity = bundle_identity(bundle)
+        if bundle is None and base is None:
+            raise RuntimeError("a gallery writer needs a bundle or a base gallery")
+        self.embed_size = int(bundle.config.embed_size) if base is None else base.embed_size
+        self.bundle_identity = bundle_identity(bundle) if base is None else base.manifest["bundle"]
         self.manifest: dict[str, Any] | None = None
         self._count = 0
         self._ids: list[str] = []
@@ -202,6 +219,40 @@ class GalleryWriter:
         self._state = "open"
         self._context = atomic_dir(self.path)
         self._tmp = self._context.__enter__()
+        self._deleted: list[str] = []
+        if base is not None:
+            self._start_from(base, delete)
+
+    def _start_from(self, base: Gallery, delete: Sequence[str]) -> None:
+        """The base's items first: its shard files hard-linked (immutable, so shared), its ids,
+        texts, boxes and tombstones, then `delete` marked."""
+        for shard in base.manifest["shards"]:
+            for record in shard["files"].values():
+                target = self._tmp / record["file"]
+                target.parent.mkdir(exist_ok=True)
+                try:
+                    os.link(base.path / record["file"], target)
+                except OSError:  # another file system: a copy
+                    shutil.copyfile(base.path / record["file"], target)
+        self._shards = json.loads(json.dumps(base.manifest["shards"]))
+        self._ids, self._seen, self._count = list(base.ids), set(base.ids), base.count
+        self._texts = None if base.texts is None else list(base.texts)
+        if base.kind == "images":
+            self._regions = base.shards[0].shape("regions")[1]
+        if "boxes" in base.manifest:
+            old = tuple(open_npy(base.path / BOX_FILES[key]) for key in BOX_FILES)
+            new = self.boxes or tuple(np.zeros((0, *a.shape[1:]), a.dtype) for a in old)
+            self.boxes = tuple(np.concatenate([a, b]) for a, b in zip(old, new, strict=True))
+        else:
+            self.boxes = None
+        self._deleted = [base.ids[i] for i in base.deleted]
+        gone = set(self._deleted)
+        for item in delete:
+            if item not in self._seen or item in gone:
+                state = "already deleted" if item in gone else "not in the gallery"
+                raise input_error(self.where, "delete", f"id {item!r}: {state}")
+            gone.add(item)
+            self._deleted.append(item)
 
     def __enter__(self) -> GalleryWriter:
         return self
@@ -282,6 +333,11 @@ class GalleryWriter:
                 else _write_list(self._tmp, TEXTS, self._texts),
                 "shards": self._shards,
                 "first_stages": {},
+                **(
+                    {"deleted": _write_list(self._tmp, DELETED, self._deleted)}
+                    if self._deleted
+                    else {}
+                ),
                 **self._write_boxes(),
                 **({"images_dir": self.images_dir} if self.images_dir else {}),
             }
@@ -434,11 +490,15 @@ class GalleryWriter:
         return stored
 
     def _write_first_stages(self) -> dict[str, Any]:
-        """Each first stage's index, built from the finished shards (read back as a gallery)."""
+        """Each first stage's index, built from the finished shards (read back as a gallery),
+        or, on a base, the base's index extended with the items added (its training kept)."""
         written = open_gallery(self._tmp, verify=False)
         records = {}
         for stage, factory in self.first_stages.items():
-            record = write_stage_index(written, stage, factory, self.where)
+            if self.base is None:
+                record = write_stage_index(written, stage, factory, self.where)
+            else:
+                record = extend_stage_index(self.base, written, stage)
             records[str(stage)] = {**record, "sha256": sha256_file(self._tmp / record["file"])}
         return records
 
@@ -691,12 +751,25 @@ class Gallery:
     ids: list[str]
     texts: list[str] | None
     first_stages: dict[FirstStage, dict[str, Any]] = field(default_factory=dict)
+    deleted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted indices
     _indexes: dict[FirstStage, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def embed_size(self) -> int:
         return int(self.manifest["bundle"]["embed_size"])
+
+    @property
+    def live_count(self) -> int:
+        """Items not deleted: what a search can return."""
+        return self.count - len(self.deleted)
+
+    @functools.cached_property
+    def deleted_mask(self) -> np.ndarray:
+        """(count,) bool: True at deleted items."""
+        mask = np.zeros(self.count, bool)
+        mask[self.deleted] = True
+        return mask
 
     def image_file(self, image_id: str) -> str | None:
         """The image file of an image id in the folder `index` recorded (`images_dir`), when
@@ -805,10 +878,11 @@ class Gallery:
             return np.asarray(tokens) // self.token_starts[1]
         return np.searchsorted(self.token_starts, tokens, side="right") - 1
 
-    def token_blocks(self, items: int = 1024) -> Iterator[np.ndarray]:
-        """Every token vector, float32 (tokens, D), in token order, `items` items at a time."""
+    def token_blocks(self, items: int = 1024, first_shard: int = 0) -> Iterator[np.ndarray]:
+        """Every token vector (of the shards from `first_shard` on), float32 (tokens, D), in
+        token order, `items` items at a time."""
         name = EMBEDDINGS[self.kind]
-        for shard in self.shards:
+        for shard in self.shards[first_shard:]:
             for start in range(0, shard.count, items):
                 stop = min(start + items, shard.count)
                 rows = shard.block(name, start, stop)
@@ -974,6 +1048,7 @@ def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
     if "images_dir" in manifest:
         typed(manifest["images_dir"], str, "images_dir", where)
     gallery = Gallery(path, kind, dtype, count, manifest, shards, ids, texts)
+    gallery.deleted = _deleted_indices(path, manifest, ids, where)
     for stage, record in _first_stage_records(manifest, where).items():
         gallery.first_stages[stage] = _check_stage_record(gallery, stage, record, verify)
     return gallery
@@ -1094,6 +1169,23 @@ def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: bo
             raise input_error(file, None, f"does not hold the recorded shape {shape}: {_FIX}")
         if verify:
             check_sha256(file, sha256_file(file), record.get("sha256"), _FIX)
+
+
+def _deleted_indices(path: Path, manifest: dict, ids: list[str], where: Path) -> np.ndarray:
+    """The sorted indices of the items `deleted.json` names (none without it)."""
+    record = manifest.get("deleted")
+    if record is None:
+        return np.zeros(0, np.int64)
+    count = typed(typed(record, dict, "deleted", where).get("count"), int, "deleted.count", where)
+    position = {item: i for i, item in enumerate(ids)}
+    names = _read_list(path, manifest, "deleted", count, where, required=True)
+    unknown = [item for item in names if item not in position]
+    if unknown:
+        raise input_error(path / DELETED, None, f"names {unknown[0]!r}, not an id of the gallery")
+    indices = np.unique(np.array([position[item] for item in names], np.int64))
+    if len(indices) != count:
+        raise input_error(path / DELETED, None, "names an id twice")
+    return indices
 
 
 def _read_list(

@@ -27,12 +27,13 @@ import numpy as np
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
 from scan_deploy.runtime.first_stage import check_stages
-from scan_deploy.runtime.gallery import MARKER, GalleryWriter
+from scan_deploy.runtime.gallery import MARKER, Gallery, GalleryWriter
 
 from scan_deploy.atomic import atomic_dir, check_output_dir
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle
 from scan_deploy.choices import FirstStage, GalleryDtype
+from scan_deploy.errors import input_error
 from scan_deploy.precomp import (
     check_feature_dim,
     image_boxes,
@@ -55,11 +56,14 @@ def index_gallery(
     force: bool = False,
     progress: Progress | None = None,
     first_stages: dict[FirstStage | str, str | None] | None = None,
+    base: dict[str, Gallery] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write the gallery folder `out`; returns the manifest written for each kind (its `count`,
     `first_stages` records, ...). `first_stages`:
     the FAISS index of each first stage for `query --shortlist`, by index-factory string (None:
-    the default; `runtime.first_stage`), in both galleries."""
+    the default; `runtime.first_stage`), in both galleries. `base`: the galleries (by kind)
+    the new ones extend (`runtime.generations.append_gallery`: their items first, then these;
+    their dtype, shard size and first stages kept)."""
     report = progress or (lambda stage, done, total: None)
     out = Path(out)
     checkpoint = getattr(backend, "checkpoint", None)  # the torch backend's
@@ -67,11 +71,19 @@ def index_gallery(
     check_output_dir(out, force, replace(MARKER, file=f"images/{MARKER.file}"), inputs)
     data = load_files(features_path, captions_path)  # checks NaN/Inf in bounded chunks
     bundle.check_regions(data.num_regions, data.padded, features_path, "shape")
+    if base is not None:
+        _check_base(base, data, features_path, captions_path)
     check_feature_dim(data, bundle.config.img_dim, bundle.path / "manifest.json")
     n, dim = len(data.images), int(bundle.config.embed_size)
     stages = check_stages(first_stages or {}, dim, n, n * data.num_regions, out / "images")
     features, captions, per_image = data.images, data.captions, data.captions_per_image
     names = image_ids(features_path, n)
+    if base is not None:
+        known = set(base["images"].ids)
+        clash = next((name for name in names if name in known), None)
+        if clash is not None:
+            message = f"image {clash!r} is already in the gallery (ids must stay unique)"
+            raise input_error(features_path, "ids", message)
     runner = backend.runner("image_encoder")  # both graphs opened (and checked) before any work
     text_runner = backend.runner("text_encoder") if captions else None
     sizes = CallSizes.of(backend)
@@ -86,6 +98,7 @@ def index_gallery(
             where=out / "images",
             boxes=image_boxes(features_path, n, data.num_regions),
             images_dir=images_folder(features_path),
+            base=None if base is None else base["images"],
         )
         with images as writer:
             for start in range(0, len(features), sizes.image_batch):
@@ -110,6 +123,7 @@ def index_gallery(
                 shard_size,
                 first_stages=stages,
                 where=out / "captions",
+                base=None if base is None else base["captions"],
             )
             _index_captions(writer, bundle, text_runner, captions_path, data, names, report, sizes)
             manifests["captions"] = writer.manifest
@@ -118,6 +132,23 @@ def index_gallery(
 
 def ids_range(start: int, batch: np.ndarray) -> range:
     return range(start, start + len(batch))
+
+
+def _check_base(base: dict[str, Gallery], data, features_path: Path, captions_path) -> None:
+    """Appended features must fit the galleries they extend: the same region count, and
+    captions exactly when the gallery has a captions part."""
+    regions = base["images"].shards[0].shape("regions")[1]
+    if data.num_regions != regions:
+        message = f"has {data.num_regions} regions per image, the gallery's images have {regions}"
+        raise input_error(features_path, "shape", message)
+    if ("captions" in base) != (captions_path is not None):
+        where = base["images"].path.parent
+        message = (
+            "has captions: append them too (--captions)"
+            if "captions" in base
+            else "has no captions part: append images only"
+        )
+        raise input_error(where, "captions", message)
 
 
 def _index_captions(writer, bundle, runner, captions_path, data, names, report, sizes) -> None:

@@ -35,12 +35,20 @@ from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
 from scan_deploy.runtime.explain import Explainer, Explanation
 from scan_deploy.runtime.first_stage import Pooling, missing_stage, reads_index, shortlist
-from scan_deploy.runtime.gallery import Gallery, open_gallery
+from scan_deploy.runtime.gallery import Gallery
+from scan_deploy.runtime.generations import open_generation
 from scan_deploy.runtime.inner_product import (
     FAISS_HINT,
     check_engine,
 )
-from scan_deploy.runtime.search import GalleryScorer, Hit, Queries, exhaustive, reranked
+from scan_deploy.runtime.search import (
+    GalleryScorer,
+    Hit,
+    Queries,
+    exhaustive,
+    live_candidates,
+    reranked,
+)
 
 from scan_deploy.batching import pad_tokens
 from scan_deploy.bundle import Bundle, load_bundle
@@ -272,9 +280,13 @@ class Retriever:
         else:
             stage, engine = stage_of(gallery, self.first_stage), self.shortlist_engine
             pooling, threads, per_token = self.pooling, self.threads, self.token_candidates
+            extra = len(gallery.deleted)  # deleted items found are dropped: ask for as many more
             candidates = shortlist(
-                queries, gallery, size, stage, pooling, engine, threads, per_token
-            )
+                queries, gallery, min(size + extra, gallery.count), stage, pooling, engine,
+                threads, per_token,
+            )  # fmt: skip
+            if extra:
+                candidates = live_candidates(candidates, gallery, size)
             scores, indices = reranked(scorer, queries, gallery, k, candidates, block)
         texts, images = gallery.texts, self.galleries.get("images")
         return [
@@ -322,8 +334,9 @@ class Retriever:
                 + ("--captions" if kind == "captions" else "--features")
             )
         gallery = self.galleries[kind]
-        if not 1 <= k <= gallery.count:
-            raise input_error(None, "k", f"expected 1..{gallery.count} (gallery size), got {k}")
+        if not 1 <= k <= gallery.live_count:
+            message = f"expected 1..{gallery.live_count} (gallery size), got {k}"
+            raise input_error(None, "k", message)
         if shortlist is not None and not k <= shortlist:
             raise input_error(None, "shortlist", f"expected at least k = {k}, got {shortlist}")
         stage = stage_of(gallery, self.first_stage)
@@ -405,9 +418,6 @@ def _open_stage_index(
 
 
 def open_galleries(path: str | Path, verify: bool = True) -> dict[str, Gallery]:
-    """The `images/` and `captions/` galleries of an index folder."""
-    path = Path(path)
-    found = {kind: path / kind for kind in ("images", "captions") if (path / kind).is_dir()}
-    if not found:
-        raise input_error(path, None, "not a gallery folder (expected images/ or captions/)")
-    return {kind: open_gallery(folder, verify) for kind, folder in found.items()}
+    """The `images/` and `captions/` galleries of an index folder, in its current generation
+    (`runtime.generations`)."""
+    return open_generation(Path(path), verify)

@@ -146,12 +146,24 @@ def exhaustive(
     """Exact SCAN scores of every query against every gallery item, streamed `block` items at
     a time."""
     top = TopK(queries.count, k)
+    deleted = gallery.deleted_mask if len(gallery.deleted) else None
     for shard in gallery.shards:
         for start in range(0, shard.count, block):
             stop = min(start + block, shard.count)
             items = scorer.block(gallery, shard, start, stop)
-            top.update(scorer.score(queries, items), shard.offset + np.arange(start, stop))
+            indices = shard.offset + np.arange(start, stop)
+            scores = scorer.score(queries, items)
+            if deleted is not None:  # tombstones: never a hit
+                scores = np.where(deleted[indices], -np.inf, scores).astype(np.float32)
+            top.update(scores, indices)
     return top.result()
+
+
+def live_candidates(candidates: np.ndarray, gallery: Gallery, size: int) -> np.ndarray:
+    """The first `size` candidates of each row that are not deleted (the first stage was
+    asked for as many more as there are deleted items, so every row has `size`)."""
+    live = ~gallery.deleted_mask[candidates]
+    return np.stack([row[keep][:size] for row, keep in zip(candidates, live, strict=True)])
 
 
 def reranked(

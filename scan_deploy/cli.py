@@ -765,31 +765,44 @@ def index(
         ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing gallery folder.")] = False,
+    append: Annotated[
+        bool,
+        typer.Option(
+            help="Add the features' images (and captions) to the existing gallery --out, as a "
+            "new generation (its dtype, shards and first stages kept)."
+        ),
+    ] = False,
     as_json: Summary = False,
 ) -> None:
     """Encode images (and captions) once into a sharded, memory-mapped gallery for `query`."""
     from scan_deploy.bundle import load_bundle
     from scan_deploy.progress import progress_bar, stage_bars
     from scan_deploy.runtime.backends import open_backend
+    from scan_deploy.runtime.generations import append_gallery
     from scan_deploy.runtime.indexer import index_gallery
 
     stages = _first_stage_options(first_stage or [])
+    if append and (force or stages):
+        raise UserError("--append keeps the gallery's settings: not with --force or --first-stage")
     loaded = load_bundle(bundle)
     opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
     with progress_bar(err_console) as progress:
         on_progress = stage_bars(progress, "encoding ")
-        manifests = index_gallery(
-            loaded,
-            opened,
-            features,
-            captions,
-            out,
-            dtype,
-            shard_size,
-            force,
-            on_progress,
-            stages,
-        )
+        if append:
+            manifests = append_gallery(loaded, opened, out, features, captions, on_progress)
+        else:
+            manifests = index_gallery(
+                loaded,
+                opened,
+                features,
+                captions,
+                out,
+                dtype,
+                shard_size,
+                force,
+                on_progress,
+                stages,
+            )
     counts = {kind: manifest["count"] for kind, manifest in manifests.items()}
     indexed = {kind: manifest["first_stages"] for kind, manifest in manifests.items()}
     if as_json:
@@ -801,6 +814,27 @@ def index(
     built = indexed["images"]
     extra = "".join(f", {stage} index {record['factory']}" for stage, record in built.items())
     console.print(f"{out}: {parts} ({dtype}, {opened.name}, {precision} graphs{extra})")
+
+
+@app.command()
+def delete(
+    gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
+    ids: Annotated[
+        list[str], typer.Argument(help="Image ids (with their captions) or caption ids.")
+    ],
+    as_json: Summary = False,
+) -> None:
+    """Mark gallery items deleted (tombstones: searches skip them), as a new generation."""
+    from scan_deploy.runtime.generations import delete_items
+
+    if not gallery.is_dir():
+        raise UserError(f"{gallery}: not a gallery folder")
+    deleted = delete_items(gallery, ids)
+    if as_json:
+        print(json.dumps({"gallery": str(gallery), "deleted": deleted}))
+        return
+    parts = ", ".join(f"{n} {kind}" for kind, n in deleted.items())
+    console.print(f"{gallery}: deleted {parts}")
 
 
 @app.command()

@@ -34,6 +34,7 @@ EXTRAS = {
     "matplotlib": Extra("matplotlib", ("plots",)),
     "PIL": Extra("Pillow", ("plots",)),
     "fastapi": Extra("FastAPI", ("serve",)),
+    "starlette": Extra("FastAPI", ("serve",)),
     "uvicorn": Extra("uvicorn", ("serve",)),
     "prometheus_client": Extra("prometheus-client", ("serve",)),
 }

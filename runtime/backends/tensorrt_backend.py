@@ -33,28 +33,15 @@ from typing import Any, cast
 import numpy as np
 from scan_deploy.engines import tensorrt_api
 from scan_deploy.engines.cuda_buffers import Stream, TensorBuffer
-from scan_deploy.engines.load import find_engines, load_engine
-from scan_deploy.engines.sidecar import build_engine_command
+from scan_deploy.engines.load import engine_candidates, load_engine
 from scan_deploy.runtime.backends.base import RunnerCache, as_output, prepare_feeds
 
 from scan_deploy.bundle import Bundle, DimSizes
-from scan_deploy.choices import Backend, Graph, Precision
+from scan_deploy.choices import Graph, Precision
 from scan_deploy.errors import UserError
 
 Shape = tuple[int, ...]
 ProfileShapes = Mapping[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
-
-
-def engine_candidates(bundle: Bundle, graph: Graph, precision: Precision) -> list[Path]:
-    """The TensorRT engine files of `graph` at `precision`, newest first; a UserError with the
-    build-engine command when there is none."""
-    found = [path for path, _ in find_engines(bundle, Backend.TENSORRT, graph, precision)]
-    if not found:
-        raise UserError(
-            f"{bundle.path / 'engines'}: no TensorRT {precision} engine of {graph}; build it: "
-            f"{build_engine_command(bundle.path, Backend.TENSORRT, precision, graph)}"
-        )
-    return found
 
 
 def io_order(

@@ -59,7 +59,7 @@ def test_retriever_warns_when_the_index_cannot_be_used(tmp_path, monkeypatch, ca
     path, _, _ = write(tmp_path, "images", "fp16", name="g/images", first_stages={"global": None})
     backend = object()
     monkeypatch.setattr("scan_deploy.runtime.retriever.open_backend", lambda *a, **k: backend)
-    monkeypatch.setattr(Retriever, "__init__", lambda self, *args: None)
+    monkeypatch.setattr(Retriever, "__init__", lambda self, *args: setattr(self, "_owned", []))
     bundle = fake_bundle(tmp_path)
     monkeypatch.setattr("scan_deploy.runtime.gallery.Gallery.check_bundle", lambda *a: None)
     Retriever.open(bundle, tmp_path / "g")

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from scan_deploy.engines.build import BuildOptions, build_engines
+from scan_deploy.engines.load import engine_candidates
 from scan_deploy.engines.sidecar import build_engine_command
 from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.tensorrt_backend import (
     _nbytes,
     covers,
-    engine_candidates,
     io_order,
     profile_sizes,
     select_profile,

@@ -1,0 +1,142 @@
+"""Galleries that change: `index --append` adds items, `delete` marks items deleted, and each
+change is a new generation of the gallery, switched to atomically.
+
+    GALLERY/images/, captions/                generation 0, as `index` wrote it
+    GALLERY/generations/000001/images/, ...   a later generation (a complete gallery folder)
+    GALLERY/CURRENT                           {"format_version": 1, "generation": 1,
+                                               "path": "generations/000001"}
+
+A generation never changes once written. The next one links the shard files of the one before
+(hard links: shards are immutable, so nothing is copied), adds shards for the items appended,
+rewrites the ids, texts, boxes, tombstones (`deleted.json`: the deleted items' ids, skipped by
+every search) and manifest, and extends the first-stage FAISS indexes with the new vectors (their
+training kept). Readers (`open_galleries`, `Retriever.open`, `serve`) read CURRENT once and open
+that generation: a consistent snapshot whatever a writer does meanwhile.
+
+A writer holds an exclusive lock on `GALLERY/.lock` (one writer at a time), writes the new
+generation into a temp folder renamed into place (`atomic_dir`), and only then replaces CURRENT
+(temp file + rename). Killed at any point (kill -9), it leaves the previous generation current
+and whole (tests/runtime/test_generations.py kills it at every step); the next writer sweeps
+what was left. Generations older than the previous one are removed after a switch (readers
+still on them keep their memory maps; one that opened a generation two switches ago and reads
+a file it had not opened yet would fail: reopen after changes).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from scan_deploy.runtime.gallery import KINDS, Gallery, GalleryWriter, open_gallery
+
+from scan_deploy.atomic import _kill_point, atomic_dir, write_json
+from scan_deploy.bundle import Bundle
+from scan_deploy.errors import input_error
+from scan_deploy.jsonfile import read_json_object, typed
+
+CURRENT = "CURRENT"
+GENERATIONS = "generations"
+LOCK = ".lock"
+
+
+def current_generation(root: Path) -> tuple[int, Path]:
+    """(number, folder) of the generation CURRENT names: generation 0 is `root` itself."""
+    root = Path(root)
+    pointer = root / CURRENT
+    if not pointer.exists():
+        return 0, root
+    record = read_json_object(pointer, "a gallery's current-generation pointer")
+    number = typed(record.get("generation"), int, "generation", pointer)
+    folder = root / typed(record.get("path"), str, "path", pointer)
+    if number < 1 or folder.parent != root / GENERATIONS or not folder.is_dir():
+        raise input_error(pointer, "path", f"names {folder}, not a generation of {root}")
+    return number, folder
+
+
+def open_generation(root: Path, verify: bool = True) -> dict[str, Gallery]:
+    """The galleries (by kind) of the current generation of the gallery folder `root`."""
+    _, folder = current_generation(Path(root))
+    found = {kind: folder / kind for kind in KINDS if (folder / kind).is_dir()}
+    if not found:
+        raise input_error(root, None, "not a gallery folder (expected images/ or captions/)")
+    return {kind: open_gallery(path, verify) for kind, path in found.items()}
+
+
+@contextmanager
+def changing(root: Path) -> Iterator[tuple[dict[str, Gallery], Path]]:
+    """Hold the writer's lock; yield the current galleries and the folder to write the next
+    generation to (`atomic_dir` it); when the block ends normally the folder is made current.
+    """
+    root = Path(root)
+    with open(root / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        number, _ = current_generation(root)
+        _prune(root, keep={number - 1, number})  # a generation a killed writer never switched to
+        base = open_generation(root, verify=False)  # immutable: checked when it was written
+        target = root / GENERATIONS / f"{number + 1:06d}"
+        yield base, target
+        _kill_point("generation:written", target)
+        pointer = {"format_version": 1, "generation": number + 1}
+        write_json(root / CURRENT, {**pointer, "path": f"{GENERATIONS}/{target.name}"})
+        _kill_point("generation:switched", target)
+        _prune(root, keep={number, number + 1})
+
+
+def append_gallery(
+    bundle: Bundle,
+    backend,
+    root: Path,
+    features_path: Path,
+    captions_path: Path | None,
+    progress=None,
+) -> dict[str, dict[str, Any]]:
+    """Append the images of `features_path` (and their captions, when the gallery has a
+    captions part) in a new generation; returns the manifests written (`index_gallery`'s)."""
+    from scan_deploy.runtime.indexer import index_gallery  # the indexer imports galleries
+
+    with changing(Path(root)) as (base, target):
+        for gallery in base.values():
+            gallery.check_bundle(bundle)
+        return index_gallery(
+            bundle, backend, features_path, captions_path, target, progress=progress, base=base
+        )
+
+
+def delete_items(root: Path, ids: Sequence[str]) -> dict[str, Any]:
+    """Mark the items `ids` deleted in a new generation: an image id deletes the image and its
+    captions (`image:k`), a caption id that caption; an id the gallery does not have, or one
+    already deleted, is a UserError and nothing changes. Returns {kind: items deleted}."""
+    root = Path(root)
+    with changing(root) as (base, target):
+        known = {kind: set(gallery.ids) for kind, gallery in base.items()}
+        by_kind: dict[str, list[str]] = {kind: [] for kind in base}
+        for item in dict.fromkeys(ids):
+            kind = next((k for k in KINDS if item in known.get(k, ())), None)
+            if kind is None:
+                raise input_error(root, "delete", f"id {item!r}: not in the gallery")
+            by_kind[kind].append(item)
+        if "captions" in base and by_kind.get("images"):  # an image's captions go with it
+            captions, gone = base["captions"], set(by_kind["images"])
+            already = {captions.ids[i] for i in captions.deleted} | set(by_kind["captions"])
+            by_kind["captions"] += [
+                c for c in captions.ids if c.rpartition(":")[0] in gone and c not in already
+            ]
+        with atomic_dir(target) as tmp:
+            for kind, gallery in base.items():
+                writer = GalleryWriter(
+                    tmp / kind, kind, None, base=gallery, delete=by_kind[kind], where=root / kind
+                )
+                writer.close()
+    return {kind: len(items) for kind, items in by_kind.items()}
+
+
+def _prune(root: Path, keep: set[int]) -> None:
+    """Remove generation folders other than `keep` (and temp folders a killed writer left)."""
+    folder = root / GENERATIONS
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if not (path.name.isdigit() and int(path.name) in keep):
+            shutil.rmtree(path, ignore_errors=True)

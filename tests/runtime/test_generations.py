@@ -1,0 +1,205 @@
+"""Galleries that change: `index --append` (a new generation equal to indexing everything at
+once, first stages extended), `delete` (tombstones no search returns), readers on a snapshot,
+and a writer killed (kill -9) at every step leaving the previous generation current and whole."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from scan_deploy.runtime.generations import CURRENT, current_generation
+from scan_deploy.runtime.retriever import Retriever, open_galleries
+
+from scan_deploy.precomp import load_split
+from tests.cli_runner import run_cli
+
+pytest.importorskip("faiss")
+SPLIT_AT = 300
+
+
+def _write_part(folder, name, features, captions, first_id):
+    np.save(folder / f"{name}_ims.npy", features)
+    ids = [f"i{first_id + n}" for n in range(len(features))]
+    (folder / f"{name}_ids.txt").write_text("".join(i + "\n" for i in ids))
+    (folder / f"{name}_caps.txt").write_text("".join(c + "\n" for c in captions))
+
+
+@pytest.fixture(scope="module")
+def parts(trained, tmp_path_factory):
+    """(bundle, data folder): the test split whole (`all`), its first 300 images (`first`) and
+    the last 100 (`rest`), ids i0..i399, 5 captions each."""
+    data, _, bundle = trained
+    root = tmp_path_factory.mktemp("generations")
+    split = load_split(data, "test")
+    features, captions = np.asarray(split.images), split.captions
+    _write_part(root, "all", features, captions, 0)
+    _write_part(root, "first", features[:SPLIT_AT], captions[: 5 * SPLIT_AT], 0)
+    _write_part(root, "rest", features[SPLIT_AT:], captions[5 * SPLIT_AT :], SPLIT_AT)
+    return bundle, root
+
+
+def _index(bundle, root, name, out, *extra):
+    stages = ("--first-stage", "maxsim", "--first-stage", "global")
+    done = run_cli("index", bundle, "--features", root / f"{name}_ims.npy", "--captions",
+                   root / f"{name}_caps.txt", "--out", out, "--dtype", "fp32", "--shard-size",
+                   128, *(() if "--append" in extra else stages), *extra)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _answers(gallery, texts, features, shortlist=None, first_stage=None):
+    with Retriever.open(None, gallery, first_stage=first_stage) as retriever:
+        by_text = retriever.search_text(texts, k=8, shortlist=shortlist)
+        by_image = retriever.search_image(features, k=8, shortlist=shortlist)
+    return [[(h.id, round(h.score, 5)) for h in hits] for hits in by_text + by_image]
+
+
+@pytest.fixture(scope="module")
+def grown(parts, tmp_path_factory):
+    """The first 300 indexed, then the last 100 appended; and all 400 indexed at once."""
+    bundle, root = parts
+    out = tmp_path_factory.mktemp("grown")
+    _index(bundle, root, "first", out / "grown")
+    _index(bundle, root, "rest", out / "grown", "--append")
+    _index(bundle, root, "all", out / "whole")
+    return out / "grown", out / "whole"
+
+
+def test_an_appended_gallery_answers_as_one_indexed_at_once(parts, grown):
+    _, root = parts
+    gallery, whole = grown
+    assert current_generation(gallery)[0] == 1
+    galleries = open_galleries(gallery)
+    assert galleries["images"].count == 400 and galleries["captions"].count == 2000
+    assert galleries["images"].ids[-1] == "i399"
+    texts = (root / "all_caps.txt").read_text().splitlines()[::97]
+    features = np.load(root / "all_ims.npy")[[3, 350]]
+    assert _answers(gallery, texts, features) == _answers(whole, texts, features)
+    for stage in ("maxsim", "global"):  # the first stages extended, not rebuilt: same shortlists
+        options = {"shortlist": 40, "first_stage": stage}
+        assert _answers(gallery, texts, features, **options) == _answers(
+            whole, texts, features, **options
+        )
+        record = galleries["images"].first_stages[stage]
+        assert record["vectors"] == (400 if stage == "global" else 400 * 8)
+
+
+def test_deleted_items_are_never_returned(parts, grown, tmp_path):
+    import shutil
+
+    _, root = parts
+    gallery = shutil.copytree(grown[0], tmp_path / "g", symlinks=True)
+    done = run_cli("delete", gallery, "i3", "i350", "i10:2", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["deleted"] == {"images": 2, "captions": 11}
+    texts = (root / "all_caps.txt").read_text().splitlines()[15:20]  # image i3's captions
+    features = np.load(root / "all_ims.npy")[[10, 3]]
+    gone = {"i3", "i350", "i10:2", *(f"i3:{k}" for k in range(5)), *(f"i350:{k}" for k in range(5))}
+    with Retriever.open(None, grown[1]) as whole, Retriever.open(None, gallery) as retriever:
+        for options in ({}, {"shortlist": 40}):
+            got = retriever.search_text(texts, k=10, **options) + retriever.search_image(
+                features, k=10, **options
+            )
+            expected = whole.search_text(texts, k=30) + whole.search_image(features, k=30)
+            for hits, full in zip(got, expected, strict=True):
+                assert not {h.id for h in hits} & gone
+                if not options:  # exhaustive: the whole gallery's ranking without them
+                    assert [h.id for h in hits] == [h.id for h in full if h.id not in gone][:10]
+        assert retriever.galleries["images"].live_count == 398
+        with pytest.raises(Exception, match=r"k: expected 1\.\.398"):
+            retriever.search_text(texts, k=399)
+    again = run_cli("delete", gallery, "i3")
+    assert again.returncode == 2
+    assert again.stderr.strip().endswith("delete: id 'i3': already deleted")
+    unknown = run_cli("delete", gallery, "nope")
+    assert unknown.returncode == 2 and "id 'nope': not in the gallery" in unknown.stderr
+    assert current_generation(gallery)[0] == 2  # the refusals changed nothing
+
+
+def test_a_reader_keeps_its_snapshot_while_a_writer_appends(parts, tmp_path):
+    bundle, root = parts
+    gallery = tmp_path / "g"
+    _index(bundle, root, "first", gallery)
+    text = (root / "all_caps.txt").read_text().splitlines()[0]
+    with Retriever.open(None, gallery) as before:
+        first = before.search_text([text], k=5)
+        _index(bundle, root, "rest", gallery, "--append")
+        assert before.galleries["images"].count == 300
+        assert before.search_text([text], k=5) == first  # the old generation, still whole
+    with Retriever.open(None, gallery) as after:
+        assert after.galleries["images"].count == 400
+
+
+def _append_process(bundle, root, gallery, kill_at=None):
+    env = {**os.environ}
+    if kill_at:
+        env["SCAN_DEPLOY_KILL_AT"] = kill_at
+    command = [sys.executable, "-m", "scan_deploy", "index", str(bundle), "--features",
+               str(root / "rest_ims.npy"), "--captions", str(root / "rest_caps.txt"), "--out",
+               str(gallery), "--append"]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _intact(gallery) -> int:
+    """The current generation opens with every file's sha256 checked; its image count."""
+    return open_galleries(gallery, verify=True)["images"].count
+
+
+@pytest.mark.parametrize(
+    "kill_at", ["replace:staged", "generation:written", "generation:switched", 0.5, 1.0, 2.0]
+)
+def test_a_writer_killed_anywhere_leaves_a_whole_generation(parts, tmp_path, kill_at):
+    """Killed at a named step (SCAN_DEPLOY_KILL_AT) or after a delay (SIGKILL from here): the
+    gallery opens whole, as before or as after; an append run again completes it."""
+    bundle, root = parts
+    gallery = tmp_path / "g"
+    _index(bundle, root, "first", gallery)
+    if isinstance(kill_at, str):
+        process = _append_process(bundle, root, gallery, kill_at)
+        process.wait(120)
+    else:
+        process = _append_process(bundle, root, gallery)
+        time.sleep(kill_at)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    count = _intact(gallery)
+    assert count in (300, 400)
+    if count == 300:
+        finished = _append_process(bundle, root, gallery)
+        assert finished.wait(120) == 0, finished.stderr.read().decode()
+    assert _intact(gallery) == 400
+    leftovers = [p.name for p in (gallery / "generations").iterdir() if not p.name.isdigit()]
+    assert leftovers == [] and (gallery / CURRENT).is_file()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("dim", "img_dim: the model expects 32 features per region"),
+        ("regions", "shape: has 6 regions per image, the bundle takes 8"),
+        ("duplicate", "ids: image 'i0' is already in the gallery (ids must stay unique)"),
+        ("no-captions", "captions: has captions: append them too (--captions)"),
+    ],
+)
+def test_bad_appends_are_one_line_and_change_nothing(parts, tmp_path, setup, message):
+    bundle, root = parts
+    gallery = tmp_path / "g"
+    _index(bundle, root, "first", gallery)
+    features = np.load(root / "rest_ims.npy")[:10]
+    captions = (root / "rest_caps.txt").read_text().splitlines()[:50]
+    first_id = 0 if setup == "duplicate" else 1000
+    if setup == "dim":
+        features = features[..., :20]
+    if setup == "regions":
+        features = features[:, :6]
+    _write_part(tmp_path, "bad", np.ascontiguousarray(features), captions, first_id)
+    extra = () if setup == "no-captions" else ("--captions", tmp_path / "bad_caps.txt")
+    done = run_cli("index", bundle, "--features", tmp_path / "bad_ims.npy", *extra, "--out",
+                   gallery, "--append")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert current_generation(gallery)[0] == 0 and _intact(gallery) == 300
