@@ -17,9 +17,9 @@ A writer holds an exclusive lock on `GALLERY/.lock` (one writer at a time), writ
 generation into a temp folder renamed into place (`atomic_dir`), and only then replaces CURRENT
 (temp file + rename). Killed at any point (kill -9), it leaves the previous generation current
 and whole (tests/runtime/test_generations.py kills it at every step); the next writer sweeps
-what was left. Generations older than the previous one are removed after a switch (readers
-still on them keep their memory maps; one that opened a generation two switches ago and reads
-a file it had not opened yet would fail: reopen after changes).
+what was left. Finished generations are kept (a reader, e.g. a running `serve`, may still be on
+one; they share their shard files, so each costs its manifests, ids and first-stage indexes):
+remove old `generations/NNNNNN` folders by hand once no reader uses them.
 """
 
 from __future__ import annotations
@@ -72,10 +72,12 @@ def changing(root: Path) -> Iterator[tuple[dict[str, Gallery], Path]]:
     generation to (`atomic_dir` it); when the block ends normally the folder is made current.
     """
     root = Path(root)
+    if not (root / CURRENT).is_file() and not any((root / kind).is_dir() for kind in KINDS):
+        raise input_error(root, None, "not a gallery folder (expected images/ or captions/)")
     with open(root / LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         number, _ = current_generation(root)
-        _prune(root, keep={number - 1, number})  # a generation a killed writer never switched to
+        _prune_unfinished(root, number)
         base = open_generation(root, verify=False)  # immutable: checked when it was written
         target = root / GENERATIONS / f"{number + 1:06d}"
         yield base, target
@@ -83,7 +85,6 @@ def changing(root: Path) -> Iterator[tuple[dict[str, Gallery], Path]]:
         pointer = {"format_version": 1, "generation": number + 1}
         write_json(root / CURRENT, {**pointer, "path": f"{GENERATIONS}/{target.name}"})
         _kill_point("generation:switched", target)
-        _prune(root, keep={number, number + 1})
 
 
 def append_gallery(
@@ -134,9 +135,10 @@ def delete_items(root: Path, ids: Sequence[str]) -> dict[str, Any]:
     return {kind: len(items) for kind, items in by_kind.items()}
 
 
-def _prune(root: Path, keep: set[int]) -> None:
-    """Remove generation folders other than `keep` (and temp folders a killed writer left)."""
+def _prune_unfinished(root: Path, current: int) -> None:
+    """Remove what a killed writer left: generations it wrote but never made current (numbered
+    past `current`) and temp folders. Finished generations stay: a reader may still use one."""
     folder = root / GENERATIONS
     for path in folder.iterdir() if folder.is_dir() else []:
-        if not (path.name.isdigit() and int(path.name) in keep):
+        if not (path.name.isdigit() and int(path.name) <= current):
             shutil.rmtree(path, ignore_errors=True)

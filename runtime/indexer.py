@@ -141,6 +141,10 @@ def _check_base(base: dict[str, Gallery], data, features_path: Path, captions_pa
     if data.num_regions != regions:
         message = f"has {data.num_regions} regions per image, the gallery's images have {regions}"
         raise input_error(features_path, "shape", message)
+    kept = "boxes" in base["images"].manifest
+    if kept and image_boxes(features_path, data.num_images, data.num_regions) is None:
+        message = "the gallery keeps boxes: the appended split needs its {split}_boxes.npy too"
+        raise input_error(features_path, "boxes", message)
     if ("captions" in base) != (captions_path is not None):
         where = base["images"].path.parent
         message = (

@@ -117,11 +117,9 @@ class GalleryScorer:
         return on_device
 
     def close(self) -> None:
-        """Drop the device blocks (freed with their last reference) and close the runner when it
-        is this scorer's own (the int8 scorer's)."""
+        """Drop the device blocks (freed with their last reference); the runner is the
+        backend's, closed with it."""
         self.device_blocks.clear()
-        if self.stored:
-            self.runner.close()
 
     def rows(self, gallery: Gallery, indices: np.ndarray) -> dict:
         """The scorer's inputs for the gallery items at `indices`."""

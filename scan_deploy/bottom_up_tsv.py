@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -52,19 +53,18 @@ class TsvRecord:
 def survey(path: Path) -> tuple[int, int]:
     """(lines, the most boxes of a line) of the file: the first pass, so the features file can
     be written with its final shape (every image padded to the most boxes) in one second pass.
-    Only the first four fields of each line are looked at; a line whose `num_boxes` is not a
-    number counts no boxes here (the second pass names it)."""
+    A line whose `num_boxes` is not a number, or disagrees with its boxes field's length,
+    counts no boxes here (the second pass names it)."""
     lines, most = 0, 0
     with open(path, "rb") as handle:
         for line in handle:
             lines += 1
-            end = -1
-            for _ in range(4):
-                start, end = end + 1, line.find(b"\t", end + 1)
-                if end < 0:
-                    break
-            if end >= 0 and line[start:end].strip().isdigit():
-                most = max(most, int(line[start:end]))
+            fields = line.split(b"\t", 5)
+            if len(fields) < 6 or not fields[3].isdigit():
+                continue
+            boxes = int(fields[3])
+            if len(fields[4]) == 4 * math.ceil(16 * boxes / 3):  # base64 of boxes × 4 float32
+                most = max(most, boxes)  # a corrupt num_boxes cannot size the padding
     return lines, most
 
 

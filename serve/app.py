@@ -247,9 +247,11 @@ def _features(body: bytes, img_dim: int) -> np.ndarray:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise HTTPException(400, f"body: expected a .npy file of region features ({exc})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise HTTPException(400, "body: expected a .npy file of region features, got an .npz")
     if array.ndim == 2:
         array = array[None]
-    if array.ndim != 3 or array.shape[2] != img_dim or not array.shape[1]:
+    if array.ndim != 3 or array.shape[2] != img_dim or not array.shape[1] or not array.shape[0]:
         message = f"body: expected (images, regions, {img_dim}) features, got {array.shape}"
         raise HTTPException(422, message)
     if not np.issubdtype(array.dtype, np.floating):

@@ -1,8 +1,10 @@
-"""Request bodies larger than a limit are refused with 413 before they are read whole: by their
-Content-Length when they declare one, else as soon as the bytes received pass the limit.
+"""Request bodies larger than a limit are refused with 413 before the app sees them: by their
+Content-Length when they declare one, else as soon as the bytes received pass the limit (the body
+is read here, at most `limit` bytes held, and handed to the app whole).
 
-Plain ASGI middleware: Starlette has no body limit of its own, and uvicorn's `--limit-*`
-options bound connections and requests in flight, not body sizes."""
+Plain ASGI middleware: Starlette has no body limit of its own, uvicorn's `--limit-*` options
+bound connections and requests in flight, not body sizes, and an error raised inside the app's
+own body reading would be turned into a 400 by FastAPI."""
 
 from __future__ import annotations
 
@@ -21,28 +23,28 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(send)
             return
-        received = 0
-        started = False
-
-        async def counted_receive():
-            nonlocal received
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge
-            return message
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
                 await self._refuse(send)
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
         if self.refused is not None:
@@ -60,7 +62,3 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass

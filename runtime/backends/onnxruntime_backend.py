@@ -255,6 +255,8 @@ class OnnxRuntimeBackend(RunnerCache):
                 f"(scan-deploy calibrate {self.bundle.path} --data DIR --precision int8)"
             )
         with self._lock:
+            if self._closed:
+                raise UserError(f"int8_scorer.{kind}: the backend is closed")
             if kind not in self._int8_scorers:
                 source = self.bundle.path / entry["file"]
                 options = self.ort.SessionOptions()
@@ -264,6 +266,14 @@ class OnnxRuntimeBackend(RunnerCache):
                 check_interface(label, entry, session, source)
                 self._int8_scorers[kind] = OnnxRuntimeRunner(label, entry, session, source)
             return self._int8_scorers[kind]
+
+    def close(self) -> None:
+        """The graphs' runners and the int8 scorers'."""
+        super().close()
+        with self._lock:
+            scorers, self._int8_scorers = list(self._int8_scorers.values()), {}
+        for runner in scorers:
+            runner.close()
 
     def _session(self, source: Path, options: Any, providers: list) -> Any:
         """A session on a bundle graph; a file ONNX Runtime cannot load is a UserError."""

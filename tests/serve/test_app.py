@@ -39,6 +39,12 @@ def client(served):
         yield client
 
 
+def _npz() -> bytes:
+    out = io.BytesIO()
+    np.savez(out, features=np.ones((1, 8, 32)))
+    return out.getvalue()
+
+
 def _npy(array) -> bytes:
     out = io.BytesIO()
     np.save(out, np.asarray(array))
@@ -112,6 +118,14 @@ BAD = [
     ("post", TEXT, {"json": {"queries": ["a"], "k": 401}}, 422, "k: expected 1..400"),
     ("post", TEXT, {"json": {"queries": ["a"] * 9}}, 413, "9 queries in one request"),
     ("post", IMAGE, {"content": b"not npy"}, 400, "body: expected a .npy file"),
+    ("post", IMAGE, {"content": _npz()}, 400, "body: expected a .npy file of region features, got"),
+    (
+        "post",
+        IMAGE,
+        {"content": _npy(np.ones((0, 8, 32)))},
+        422,
+        "body: expected (images, regions, 32) features, got (0, 8, 32)",
+    ),
     (
         "post",
         IMAGE,
@@ -158,8 +172,15 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(served):
         assert "larger than the server's limit of 1000 bytes" in response.json()["error"]["message"]
         streamed = client.post("/v1/search/image", content=iter([b"x" * 600, b"x" * 600]))
         assert streamed.status_code == 413  # no Content-Length: counted as it arrives
+        chunked_json = client.post(  # a JSON route: FastAPI reads the body itself
+            "/v1/search/text", content=iter([b'{"queries": ["', b"a" * 1200, b'"]}'])
+        )
+        assert chunked_json.status_code == 413
+        chunks = iter([b'{"queries": ', b'["a"], "k": 1}'])
+        small = client.post("/v1/search/text", content=chunks, headers=JSON)
+        assert small.status_code == 200, small.text  # a chunked body within the limit: whole
         metrics = client.get("/metrics").text
-        assert _sample(metrics, 'scan_requests_refused_total{reason="body_too_large"}') == 2
+        assert _sample(metrics, 'scan_requests_refused_total{reason="body_too_large"}') == 3
 
 
 def test_explain_gives_the_retrievers_attention(served, client):
