@@ -105,12 +105,14 @@ def create_app(retriever: Retriever, settings: ServeSettings | None = None) -> F
 
     @app.middleware("http")
     async def timed(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.latency.labels(path, str(response.status_code)).observe(time.perf_counter() - start)
-        return response
+        start, status = time.perf_counter(), 500  # a bug's exception: counted as a 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            path = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.latency.labels(path, str(status)).observe(time.perf_counter() - start)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError):

@@ -56,6 +56,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
         self._observe = observe or (lambda queries, depth: None)
         self._worker: asyncio.Task | None = None
+        self._taken: list[_Pending] = []  # the batch the worker holds, answered or not
 
     @property
     def depth(self) -> int:
@@ -72,9 +73,10 @@ class Batcher:
                 await self._worker
             self._worker = None
         while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(QueueFull("the server is shutting down"))
+            self._taken.append(self._queue.get_nowait())
+        for pending in self._taken:  # in flight, taken but not yet run, or waiting
+            _settle(pending, QueueFull("the server is shutting down"))
+        self._taken = []
 
     async def submit(
         self, queries: Sequence[Any], k: int, shortlist: int | None, key: Any = None
@@ -89,6 +91,7 @@ class Batcher:
 
     async def _serve(self) -> None:
         while True:
+            self._taken = []
             batch = await self._collect()
             self._observe(sum(len(p.queries) for p in batch), self.depth)
             for _, group in itertools.groupby(
@@ -99,7 +102,8 @@ class Batcher:
     async def _collect(self) -> list[_Pending]:
         """The first waiting request, then those arriving within max_wait, up to max_batch
         queries."""
-        batch = [await self._queue.get()]
+        batch = self._taken
+        batch.append(await self._queue.get())
         count = len(batch[0].queries)
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while count < self.max_batch:
@@ -119,16 +123,13 @@ class Batcher:
         queries = [q for p in group for q in p.queries]
         try:
             results = await asyncio.to_thread(self._run, queries, k, group[0].shortlist)
-        except asyncio.CancelledError:  # closing: the requests in flight get an answer too
-            for pending in group:
-                _settle(pending, QueueFull("the server is shutting down"))
-            raise
         except UserError as exc:
             if len(group) == 1:
                 _settle(group[0], exc)
                 return
             for pending in group:  # only the request at fault fails
-                await self._answer([pending])
+                if not pending.future.done():
+                    await self._answer([pending])
             return
         except Exception as exc:  # a bug: every request of the batch is told
             for pending in group:
