@@ -14,7 +14,7 @@ DEMO_PORT ?= 8765
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[reference,export,faiss,plots,serve,dev]'
+	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[reference,export,faiss,plots,serve,ray,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -759,6 +759,23 @@ class Gallery:
     def embed_size(self) -> int:
         return int(self.manifest["bundle"]["embed_size"])
 
+    def restricted(self, first: int, stop: int) -> Gallery:
+        """The same gallery seen through its shards first:stop only (a Ray shard actor's part:
+        `runtime.ray_shards`); ids, texts and indices stay the whole gallery's."""
+        return Gallery(
+            self.path, self.kind, self.dtype, self.count, self.manifest,
+            self.shards[first:stop], self.ids, self.texts, deleted=self.deleted,
+        )  # fmt: skip
+
+    def live_in_shards(self) -> int:
+        """Items of its shards that are not deleted."""
+        items = sum(shard.count for shard in self.shards)
+        if not len(self.deleted):
+            return items
+        return items - sum(
+            int(self.deleted_mask[s.offset : s.offset + s.count].sum()) for s in self.shards
+        )
+
     @property
     def live_count(self) -> int:
         """Items not deleted: what a search can return."""

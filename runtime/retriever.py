@@ -240,18 +240,28 @@ class Retriever:
         if not texts:
             return []
         gallery = self.gallery_for("text", k, shortlist)
+        return hits_of(*self.rank_text(texts, k, shortlist), gallery, self.galleries)
+
+    def rank_text(
+        self, texts: Sequence[str], k: int, shortlist: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, gallery indices), each (texts, k') best first: `search_text` without the
+        hits, k' = min(k, the live items). Captions are length-sorted and encoded
+        `text_batch` at a time."""
+        gallery = self.galleries["images"]
+        k = min(k, gallery.live_count)
         token_lists = self._token_lists(texts)
         order = np.argsort([-len(t) for t in token_lists], kind="stable")
-        results: list[list[Hit]] = [[] for _ in texts]
+        scores = np.empty((len(texts), k), np.float32)
+        indices = np.empty((len(texts), k), np.int64)
         step = self.sizes.text_batch
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
             queries = self._encode_tokens(
                 [token_lists[i] for i in chunk], [texts[i] for i in chunk]
             )
-            for i, hits in zip(chunk, self._search(queries, gallery, k, shortlist), strict=True):
-                results[i] = hits
-        return results
+            scores[chunk], indices[chunk] = self._rank(queries, gallery, k, shortlist)
+        return scores, indices
 
     def search_image(
         self,
@@ -265,43 +275,45 @@ class Retriever:
         the encoder turns into zeros or NaN/Inf (e.g. features ×1e30) is a UserError naming
         `source` (the features' file; `image features` when None) and the image."""
         gallery = self.gallery_for("image", k, shortlist)
+        ranked = self.rank_image(features, k, shortlist, source=source)
+        return hits_of(*ranked, gallery, self.galleries)
+
+    def rank_image(
+        self,
+        features: np.ndarray,
+        k: int,
+        shortlist: int | None = None,
+        *,
+        source: str | Path | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, gallery indices), each (images, k'): `search_image` without the hits."""
+        gallery = self.galleries["captions"]
+        k = min(k, gallery.live_count)
         features = self.check_features(features)
-        results: list[list[Hit]] = []
+        parts = []
         step = self.sizes.image_batch
         for start in range(0, len(features), step):
             queries = self._encode_images(features[start : start + step], source, start)
-            results += self._search(queries, gallery, k, shortlist)
-        return results
+            parts.append(self._rank(queries, gallery, k, shortlist))
+        if not parts:
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        scores, indices = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+        return scores, indices
 
-    def _search(self, queries: Queries, gallery: Gallery, k: int, size: int | None):
+    def _rank(self, queries: Queries, gallery: Gallery, k: int, size: int | None):
         scorer, block = self.scorers[gallery.kind], self.sizes.block(gallery.kind)
         if size is None or size >= gallery.count:
-            scores, indices = exhaustive(scorer, queries, gallery, k, block)
-        else:
-            stage, engine = stage_of(gallery, self.first_stage), self.shortlist_engine
-            pooling, threads, per_token = self.pooling, self.threads, self.token_candidates
-            extra = len(gallery.deleted)  # deleted items found are dropped: ask for as many more
-            candidates = shortlist(
-                queries, gallery, min(size + extra, gallery.count), stage, pooling, engine,
-                threads, per_token,
-            )  # fmt: skip
-            if extra:
-                candidates = live_candidates(candidates, gallery, size)
-            scores, indices = reranked(scorer, queries, gallery, k, candidates, block)
-        texts, images = gallery.texts, self.galleries.get("images")
-        return [
-            [
-                Hit(
-                    int(i),
-                    gallery.ids[i],
-                    float(s),
-                    texts[i] if texts is not None else None,
-                    images.image_file(_image_id(gallery, int(i))) if images else None,
-                )
-                for s, i in zip(row_scores, row_indices, strict=True)
-            ]
-            for row_scores, row_indices in zip(scores, indices, strict=True)
-        ]
+            return exhaustive(scorer, queries, gallery, k, block)
+        stage, engine = stage_of(gallery, self.first_stage), self.shortlist_engine
+        pooling, threads, per_token = self.pooling, self.threads, self.token_candidates
+        extra = len(gallery.deleted)  # deleted items found are dropped: ask for as many more
+        candidates = shortlist(
+            queries, gallery, min(size + extra, gallery.count), stage, pooling, engine,
+            threads, per_token,
+        )  # fmt: skip
+        if extra:
+            candidates = live_candidates(candidates, gallery, size)
+        return reranked(scorer, queries, gallery, k, candidates, block)
 
     def explain_text(self, text: str, hits: Sequence[Hit]) -> list[Explanation]:
         """The attention between a text query and each of its image hits, from the gallery's
@@ -369,6 +381,27 @@ class Retriever:
         padded = check_feature_values(features, None, "image features")
         self.bundle.check_regions(features.shape[1], padded, None, "image features")
         return features
+
+
+def hits_of(
+    scores: np.ndarray, indices: np.ndarray, gallery: Gallery, galleries: dict[str, Gallery]
+) -> list[list[Hit]]:
+    """The hits of ranked gallery items: id, score, text and (from the images gallery) the
+    image file."""
+    texts, images = gallery.texts, galleries.get("images")
+    return [
+        [
+            Hit(
+                int(i),
+                gallery.ids[i],
+                float(s),
+                texts[i] if texts is not None else None,
+                images.image_file(_image_id(gallery, int(i))) if images else None,
+            )
+            for s, i in zip(row_scores, row_indices, strict=True)
+        ]
+        for row_scores, row_indices in zip(scores, indices, strict=True)
+    ]
 
 
 def _image_id(gallery: Gallery, index: int) -> str:

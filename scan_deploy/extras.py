@@ -37,6 +37,7 @@ EXTRAS = {
     "starlette": Extra("FastAPI", ("serve",)),
     "uvicorn": Extra("uvicorn", ("serve",)),
     "prometheus_client": Extra("prometheus-client", ("serve",)),
+    "ray": Extra("Ray", ("ray",)),
 }
 
 

@@ -45,6 +45,7 @@ DISTRIBUTIONS = {
     "starlette": {"fastapi"},  # FastAPI's own foundation, installed with it
     "uvicorn": {"uvicorn"},
     "prometheus_client": {"prometheus-client"},
+    "ray": {"ray"},
 }
 BASE = {"numpy", "typer", "rich"}
 

@@ -1,0 +1,178 @@
+"""A gallery's shards spread over Ray actors (the `ray` extra): scale-out past one machine.
+
+Each actor (`ShardActor`) opens the bundle, a backend and a contiguous range of the gallery's
+shards from a path every node of the cluster can read (a shared file system, or a copy at the
+same path), and ranks its items exactly; `ShardedRetriever` sends each query batch to every
+actor and merges their top-k into the exact top-k (`search.TopK`, ties by lower index). Every
+actor runs the same code on the same query batches as one process would, so the merged answer
+equals the single-process `Retriever`'s, scores bit for bit (tests/runtime/test_ray_shards.py).
+
+An actor that dies (its node lost, or killed) is restarted by Ray and the call retried once
+(`max_restarts`, `max_task_retries`); past that the search is a one-line UserError naming the
+actor's shards: never a partial answer. Exhaustive search only: the first-stage indexes are the
+whole gallery's, not split per actor.
+
+Ray is the cluster: start or join one before (`ray.init(address=...)`, KubeRay on Kubernetes);
+without one, `ShardedRetriever` starts a local Ray instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scan_deploy.runtime.search import Hit, TopK
+
+from scan_deploy.errors import UserError, input_error
+
+KINDS_BY_QUERY = {"text": "images", "image": "captions"}
+
+
+class ShardActor:
+    """One actor's part: the shards first:stop of each gallery kind (runs in a Ray worker)."""
+
+    def __init__(
+        self,
+        bundle: str,
+        gallery: str,
+        parts: dict[str, tuple[int, int]],
+        backend: str,
+        precision: str,
+        threads: int,
+    ) -> None:
+        from scan_deploy.runtime.backends import open_backend
+        from scan_deploy.runtime.retriever import Retriever, open_galleries
+
+        from scan_deploy.bundle import load_bundle
+
+        loaded = load_bundle(bundle)
+        galleries = open_galleries(gallery, verify=False)
+        views = {kind: galleries[kind].restricted(*parts[kind]) for kind in parts}
+        opened = open_backend(loaded, backend, precision, threads=threads)
+        self.retriever = Retriever(loaded, views, opened, threads=threads)
+        self.live = {kind: view.live_in_shards() for kind, view in views.items()}
+
+    def rank(self, query: str, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices) of this actor's best min(k, its live items) for each query."""
+        k = min(k, self.live[KINDS_BY_QUERY[query]])
+        if k == 0:  # no live items here
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        if query == "text":
+            return self.retriever.rank_text(queries, k)
+        return self.retriever.rank_image(queries, k)
+
+    def close(self) -> None:
+        self.retriever.close()
+
+
+class ShardedRetriever:
+    """`Retriever.search_text` / `search_image` over a gallery split across `actors` Ray actors
+    (exhaustive search). Use as a context manager, or `close()`: the actors are killed."""
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        gallery: str | Path,
+        actors: int = 2,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        threads: int = 0,
+        max_restarts: int = 1,
+        timeout: float = 600.0,
+    ) -> None:
+        ray = require_ray()
+        from scan_deploy.runtime.retriever import open_galleries
+
+        self.galleries = open_galleries(gallery)
+        if not isinstance(actors, int) or actors < 1:
+            raise input_error(None, "actors", f"expected an integer ≥ 1, got {actors!r}")
+        if not ray.is_initialized():
+            ray.init()
+        self.timeout, self._ray = timeout, ray
+        self.parts = split_shards(self.galleries, actors)
+        remote = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ShardActor)
+        self.actors = [
+            remote.remote(str(bundle), str(gallery), part, backend, precision, threads)
+            for part in self.parts
+        ]
+
+    def search_text(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        return self._search("text", list(texts), k)
+
+    def search_image(self, features: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        return self._search("image", np.asarray(features, np.float32), k)
+
+    def _search(self, query: str, queries: Any, k: int) -> list[list[Hit]]:
+        from scan_deploy.runtime.retriever import hits_of
+
+        kind = KINDS_BY_QUERY[query]
+        if kind not in self.galleries:
+            raise UserError(f"the gallery has no {kind}: {query} queries need them indexed")
+        gallery = self.galleries[kind]
+        if not 1 <= k <= gallery.live_count:
+            raise input_error(
+                None, "k", f"expected 1..{gallery.live_count} (gallery size), got {k}"
+            )
+        if len(queries) == 0:
+            return []
+        calls = [actor.rank.remote(query, queries, k) for actor in self.actors]
+        top = TopK(len(queries), k)
+        for part, call in zip(self.parts, calls, strict=True):
+            scores, indices = self._get(call, part)
+            if scores.shape[1]:
+                top.update(scores, indices)
+        return hits_of(*top.result(), gallery, self.galleries)
+
+    def _get(self, call, part: dict[str, tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        errors = self._ray.exceptions
+        try:
+            return self._ray.get(call, timeout=self.timeout)
+        except (errors.RayActorError, errors.GetTimeoutError) as exc:
+            shards = ", ".join(f"{kind} shards {a}..{b - 1}" for kind, (a, b) in part.items())
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"the Ray actor of {shards} failed: {reason}") from None
+        except errors.RayTaskError as exc:  # a UserError in the actor: its own message
+            cause = exc.as_instanceof_cause()
+            raise UserError(str(cause).strip().splitlines()[-1]) from None
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> ShardedRetriever:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def split_shards(galleries: dict[str, Any], actors: int) -> list[dict[str, tuple[int, int]]]:
+    """Contiguous shard ranges per actor for each gallery kind, balanced by item count (an
+    actor may get no shards of a kind with fewer shards than actors: an empty range)."""
+    parts: list[dict[str, tuple[int, int]]] = [{} for _ in range(actors)]
+    for kind, gallery in galleries.items():
+        counts = np.array([shard.count for shard in gallery.shards])
+        ends = np.cumsum(counts)
+        cuts = (
+            [0]
+            + [
+                int(np.searchsorted(ends, gallery.count * (a + 1) / actors, side="left")) + 1
+                for a in range(actors - 1)
+            ]
+            + [len(counts)]
+        )
+        cuts = np.maximum.accumulate(np.minimum(cuts, len(counts))).tolist()
+        for a in range(actors):
+            parts[a][kind] = (cuts[a], cuts[a + 1])
+    return parts
+
+
+def require_ray():
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise UserError("scale-out needs Ray: pip install 'scan-deploy[ray]'") from None
+    return ray
