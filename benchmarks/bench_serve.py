@@ -3,7 +3,10 @@ send text queries for a fixed time; p50 / p99 latency, throughput, errors and th
 resident memory over the run, with dynamic batching (the default) and without (--max-batch 1),
 side by side in one run.
 
-    python benchmarks/bench_serve.py runs/demo/gallery --clients 8 --seconds 20
+    python benchmarks/bench_serve.py runs/demo/gallery --clients 8 --seconds 20 [--ray-actors 2]
+
+With --ray-actors, a third run serves the gallery sharded over that many Ray actors (the ray
+extra; a local Ray instance), after checking its answers equal the one-process server's.
 
 Clients are threads of this process on the same 2-core machine as the server: the numbers are
 what one machine serves itself, not a network service's.
@@ -75,15 +78,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--queries", type=int, default=200, help="distinct texts, cycled")
+    parser.add_argument("--ray-actors", type=int, default=0)
     args = parser.parse_args()
     texts = json.loads((args.gallery / "images" / "texts.json").read_text())
     queries = texts[: args.queries]
-    report = {}
-    for name, options in (("batched", []), ("unbatched", ["--max-batch", 1])):
+    runs = [("batched", []), ("unbatched", ["--max-batch", 1])]
+    if args.ray_actors:
+        runs.append((f"ray {args.ray_actors} actors", ["--ray-actors", args.ray_actors]))
+    report, answers = {}, {}
+    check = {"queries": queries[:20], "k": args.k}
+    for name, options in runs:
         with running_server(args.gallery, *options) as (url, process):
-            post_json(url + "/v1/search/text", {"queries": queries[:1], "k": args.k})  # warm-up
+            answers[name] = post_json(url + "/v1/search/text", check)  # also the warm-up
             report[name] = load(url, queries, args.clients, args.seconds, args.k, process.pid)
-        print(name, json.dumps(report[name]), flush=True)
+        same = answers[name] == answers["batched"]
+        print(name, json.dumps(report[name]), f"answers as batched: {same}", flush=True)
     ratio = report["batched"]["throughput_rps"] / report["unbatched"]["throughput_rps"]
     print(f"throughput batched / unbatched: {ratio:.2f}×")
 

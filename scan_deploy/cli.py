@@ -1112,6 +1112,17 @@ def serve(
     max_body_mb: Annotated[
         float, typer.Option(min=0.001, help="Largest request body (MiB); beyond: HTTP 413.")
     ] = 16.0,
+    ray_actors: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Search over this many Ray actors, each holding a part of the shards "
+            "(the ray extra; exhaustive search only). 0: in this process.",
+        ),
+    ] = 0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="The Ray cluster to join (default: a local instance).")
+    ] = None,
     shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
     first_stage: FirstStage = None,
     faiss_params: FaissParams = None,
@@ -1144,20 +1155,41 @@ def serve(
         raise UserError(
             f"--host {host} --port {port}: cannot listen there ({exc.strerror})"
         ) from None
-    with Retriever.open(
-        bundle,
-        gallery,
-        backend,
-        precision,
-        threads=threads,
-        checkpoint=checkpoint,
-        shortlist_engine=shortlist_engine,
-        first_stage=first_stage,
-        faiss_params=faiss_params,
-        token_candidates=token_candidates,
-        scorer=scorer,
-    ) as retriever:
-        app_ = create_app(retriever, settings)
+    with (
+        Retriever.open(
+            bundle,
+            gallery,
+            backend,
+            precision,
+            threads=threads,
+            checkpoint=checkpoint,
+            shortlist_engine=shortlist_engine,
+            first_stage=first_stage,
+            faiss_params=faiss_params,
+            token_candidates=token_candidates,
+            scorer=scorer,
+        ) as retriever,
+        contextlib.ExitStack() as stack,
+    ):
+        sharded = None
+        if ray_actors:
+            from scan_deploy.runtime.ray_shards import ShardedRetriever, require_ray
+
+            ray = require_ray()
+            local = {"include_dashboard": False} if ray_address is None else {}
+            ray.init(address=ray_address, **local)
+            stack.callback(ray.shutdown)
+            sharded = stack.enter_context(
+                ShardedRetriever(
+                    retriever.bundle.path,
+                    gallery,
+                    ray_actors,
+                    str(backend),
+                    str(precision),
+                    threads,
+                )  # fmt: skip
+            )
+        app_ = create_app(retriever, settings, sharded)
         bound = listener.getsockname()[1]
         message = f"serving {gallery} on http://{host}:{bound}/ (API docs at /docs)"
         err_console.print(message, soft_wrap=True)  # one line: scripts read the address

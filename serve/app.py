@@ -63,23 +63,28 @@ class ExplainRequest(BaseModel):
     id: str = Field(min_length=1, description="A gallery image's id.")
 
 
-def create_app(retriever: Retriever, settings: ServeSettings | None = None) -> FastAPI:
-    """The app; the retriever stays the caller's (closed by whoever opened it)."""
+def create_app(
+    retriever: Retriever, settings: ServeSettings | None = None, sharded=None
+) -> FastAPI:
+    """The app; the retriever stays the caller's (closed by whoever opened it). `sharded`: a
+    `runtime.ray_shards.ShardedRetriever` over the same gallery that answers the searches
+    (exhaustive only); the retriever then checks requests, explains and serves image files."""
     settings = settings or ServeSettings()
+    searcher = retriever if sharded is None else _Exhaustive(sharded)
     metrics = Metrics()
     batchers: dict[str, Batcher] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batchers["text"] = Batcher(
-            lambda q, k, s: retriever.search_text(q, k, s),
+            lambda q, k, s: searcher.search_text(q, k, s),
             settings.max_batch,
             settings.max_wait,
             settings.max_queue,
             metrics.observer("text"),
         )
         batchers["image"] = Batcher(
-            lambda q, k, s: retriever.search_image(np.stack(q), k, s),
+            lambda q, k, s: searcher.search_image(np.stack(q), k, s),
             settings.max_batch,
             settings.max_wait,
             settings.max_queue,
@@ -230,6 +235,27 @@ def create_app(retriever: Retriever, settings: ServeSettings | None = None) -> F
         return image_index[image_id]
 
     return app
+
+
+class _Exhaustive:
+    """A sharded retriever behind the retriever's interface: no shortlist (the first-stage
+    indexes are the whole gallery's)."""
+
+    def __init__(self, sharded) -> None:
+        self.sharded = sharded
+
+    def search_text(self, texts, k, shortlist):
+        _no_shortlist(shortlist)
+        return self.sharded.search_text(texts, k)
+
+    def search_image(self, features, k, shortlist):
+        _no_shortlist(shortlist)
+        return self.sharded.search_image(features, k)
+
+
+def _no_shortlist(shortlist: int | None) -> None:
+    if shortlist is not None:
+        raise UserError("shortlist: the gallery is sharded over Ray actors: exhaustive search only")
 
 
 async def _run(function, *args):
