@@ -80,7 +80,9 @@ from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.dequantize import to_float32
 from scan_deploy.runtime.first_stage import global_shortlist
-from scan_deploy.runtime.gallery import Gallery, GalleryWriter, open_gallery, stored_arrays
+from scan_deploy.runtime.gallery import Gallery, open_gallery
+from scan_deploy.runtime.gallery_format import stored_arrays
+from scan_deploy.runtime.gallery_writer import GalleryWriter
 from scan_deploy.runtime.inner_product import FAISS_HINT, faiss_installed, gallery_engine
 from scan_deploy.runtime.retriever import Retriever
 from scan_deploy.runtime.search import GalleryScorer, Queries, exhaustive, reranked

@@ -19,7 +19,7 @@ from scan_deploy.calibration.gates import TARGETS, recall_deltas, worst_delta
 from scan_deploy.export.compare import caption_chunks, encode_split_images
 from scan_deploy.export.scorer import int8_gallery_scorer_graph
 from scan_deploy.export.verify import session
-from scan_deploy.runtime.gallery import KINDS, SCALE_SUFFIX
+from scan_deploy.runtime.gallery_format import KINDS, SCALE_SUFFIX
 
 from scan_deploy.bundle import Bundle
 from scan_deploy.choices import Graph, Precision

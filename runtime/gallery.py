@@ -1,47 +1,8 @@
-"""The gallery: the scorer's precomputed per-item tensors, sharded `.npy` files, memory-mapped.
+"""Reading a gallery: the scorer's precomputed per-item tensors, sharded `.npy` files,
+memory-mapped (`runtime.gallery_format` is the format, `runtime.gallery_writer` writes it).
 
-`scan-deploy index` encodes every image (or caption) once and writes a gallery with
-`GalleryWriter`; `scan-deploy query` opens it with `open_gallery`, shortlists with the pooled
-global embeddings and re-ranks the shortlist with the exact scorer, reading only the rows it needs.
-
-On-disk layout (one folder, written to a hidden temp folder beside it and renamed on success)::
-
-    GALLERY/
-      manifest.json   format_version, kind, dtype, count, shard_size, quantization,
-                      bundle identity (path, sha256 of the three FP32 graphs, the vocabulary's
-                      words_sha256, embed_size, cross_attn), ids/texts files with sha256,
-                      shards: [{count, offset, files: {array: {file, sha256, shape, dtype}}}],
-                      first_stages: {stage: {file, sha256, bytes, factory, type,
-                      vectors, dim, trained_on, search_params, build_seconds}} for the
-                      stages indexed (`index --first-stage`; format 1 had faiss_index)
-      ids.json        JSON list of the item ids (strings, unique), in gallery order
-      texts.json      JSON list of the item texts (only when texts were given)
-      global.faiss    with `first_stages={"global": FACTORY}`: a FAISS inner-product index of
-                      every item's `global`, in gallery order
-      maxsim.faiss    with `first_stages={"maxsim": FACTORY}`: one of every token (each
-                      image's regions, each caption's valid words), in gallery order
-                      (`runtime/first_stage.py` builds them, `inner_product.py` reads them)
-      shard-00000/
-        regions.npy   one .npy file per stored array; the first axis is the shard's items
-
-Arrays per kind (n = items in the shard, D = embed_size, R = regions, T = the shard's longest
-caption; every caption of a shard is zero-padded to T, so T varies from shard to shard):
-
-    kind "images"   regions (n, R, D)   region_gram (n, R, R)   global (n, D)
-    kind "captions" words (n, T, D)     caption_gram (n, T, T)  global (n, D)   lengths (n,) int64
-
-Words and Gram entries beyond a caption's length are stored as zeros. Storage dtype (`dtype`):
-`regions`, `words` and the Grams are stored as float32 (`fp32`), float16 (`fp16`) or int8
-(`int8`: symmetric per-row quantization, `x ≈ q * scale[..., None]` with `q` in [-127, 127]
-stored as the uint8 code `q + 128` — the operand ONNX Runtime's u8s8 integer GEMM reads without
-a conversion pass (`runtime/dequantize.py`; formats 1 and 2 stored `q` as int8) — and
-`scale = max|row| / 127` stored as float32 in `{name}_scale.npy` of shape (n, R) or (n, T);
-an all-zero row has scale 0). `global` stays float32 in every dtype, so the shortlist is as exact
-as the encoders (it costs D floats per item, ~1/R of the regions); `lengths` is int64.
-
-Worst-case round-trip error per element (tests/runtime/test_gallery.py measures it): fp32 exact;
-fp16 ≤ 2⁻¹¹ ≈ 4.9e-4 of |x| (normal range; larger values than 65504 are refused);
-int8 ≤ max|row| / 254 (half a quantization step).
+`scan-deploy query` opens a gallery with `open_gallery`, shortlists with the pooled global
+embeddings and re-ranks the shortlist with the exact scorer, reading only the rows it needs.
 
 Reading memory-maps every file (`precomp.open_npy`); `Shard.block`/`Gallery.rows` copy and
 dequantize (`runtime/dequantize.py`) only the requested rows. `open_gallery` checks the manifest
@@ -60,510 +21,38 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scan_deploy.runtime.dequantize import to_float32
-from scan_deploy.runtime.first_stage import INDEX_FILES, extend_stage_index, write_stage_index
-from scan_deploy.runtime.inner_product import apply_search_params, open_faiss_index, require_faiss
+from scan_deploy.runtime.first_stage import INDEX_FILES
+from scan_deploy.runtime.gallery_format import (
+    BOX_FILES,
+    DELETED,
+    EMBEDDINGS,
+    IDS,
+    ITEM_AXES,
+    KINDS,
+    MANIFEST,
+    READABLE_VERSIONS,
+    REINDEX,
+    SCALE_SUFFIX,
+    V1_INDEX,
+    bundle_identity,
+    stored_arrays,
+    stored_zero,
+)
+from scan_deploy.runtime.inner_product import apply_search_params, open_faiss_index
 
-from scan_deploy.atomic import Marker, atomic_dir, check_output_dir, write_json
 from scan_deploy.bundle import Bundle, check_sha256, sha256_file
 from scan_deploy.choices import FirstStage, GalleryDtype, Graph
 from scan_deploy.errors import input_error, one_of
-from scan_deploy.int8_rows import INT8_ZERO_POINT, quantize_int8
 from scan_deploy.jsonfile import read_json_object, typed
 from scan_deploy.precomp import image_file, open_npy, read_npy_header
-
-FORMAT_VERSION = 3
-# 1: one optional float16 index of the globals (`faiss_index`); 1 and 2: int8 values as int8
-READABLE_VERSIONS = (1, 2, 3)
-_V1_INDEX = "shortlist.faiss"
-KINDS = ("images", "captions")
-MANIFEST = "manifest.json"
-MARKER = Marker(MANIFEST, ("format_version", "kind", "shards", "bundle"), "gallery")
-IDS = "ids.json"
-BOX_FILES = {"boxes": "boxes.npy", "image_sizes": "image_sizes.npy"}  # optional, images only
-TEXTS = "texts.json"
-DELETED = "deleted.json"  # the ids of deleted items (tombstones), when there are any
-SCALE_SUFFIX = "_scale"
-QUANTIZATION = "symmetric-per-row"
-
-# The axes of one item of each array (after the leading item axis).
-ITEM_AXES: dict[str, dict[str, tuple[str, ...]]] = {
-    "images": {"regions": ("R", "D"), "region_gram": ("R", "R"), "global": ("D",)},
-    "captions": {
-        "words": ("T", "D"),
-        "lengths": (),
-        "caption_gram": ("T", "T"),
-        "global": ("D",),
-    },
-}
-GRAMS = {"images": "region_gram", "captions": "caption_gram"}
-EMBEDDINGS = {"images": "regions", "captions": "words"}
-# Arrays stored in the gallery dtype; `global` is always float32 and `lengths` int64.
-QUANTIZED = ("regions", "region_gram", "words", "caption_gram")
-_STORAGE = {
-    GalleryDtype.FP32: np.dtype(np.float32),
-    GalleryDtype.FP16: np.dtype(np.float16),
-    GalleryDtype.INT8: np.dtype(np.uint8),  # codes q + 128
-}
-_FIXED = {"global": np.dtype(np.float32), "lengths": np.dtype(np.int64)}
-_FP16_MAX = float(np.finfo(np.float16).max)
-_FIX = "re-run scan-deploy index"
-
-
-class _Aborted(Exception):
-    """Thrown into the temp-folder context to discard a gallery that will not be finished."""
-
-
-def stored_arrays(
-    kind: str, dtype: GalleryDtype, version: int = FORMAT_VERSION
-) -> dict[str, np.dtype]:
-    """The files of one shard of a `kind`/`dtype` gallery of format `version`: stored array
-    name → numpy dtype."""
-    stored = {}
-    for name in ITEM_AXES[kind]:
-        if name in QUANTIZED:
-            old_int8 = dtype == GalleryDtype.INT8 and version < 3
-            stored[name] = np.dtype(np.int8) if old_int8 else _STORAGE[dtype]
-            if dtype == GalleryDtype.INT8:
-                stored[name + SCALE_SUFFIX] = np.dtype(np.float32)
-        else:
-            stored[name] = _FIXED[name]
-    return stored
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing
-
-
-class GalleryWriter:
-    """Write a gallery batch by batch; nothing appears at `path` until `close()` succeeds.
-
-    Batches are converted to the storage dtype as they arrive and buffered until a shard of
-    `shard_size` items is complete, so memory holds at most one shard (stored form) plus a batch
-    (and, with `first_stages`, each FAISS index while `close()` builds it, with its training
-    sample).
-    An error inside `add` or `close`, or leaving a `with` block by an exception, discards the
-    temp folder; leaving the `with` block normally closes the writer.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        kind: str,
-        bundle: Bundle | None,
-        dtype: GalleryDtype | str = GalleryDtype.FP16,
-        shard_size: int = 4096,
-        force: bool = False,
-        first_stages: dict[FirstStage | str, str | None] | None = None,
-        where: Path | None = None,
-        boxes: tuple[np.ndarray, np.ndarray] | None = None,
-        images_dir: Path | None = None,
-        base: Gallery | None = None,
-        delete: Sequence[str] = (),
-    ) -> None:
-        """`first_stages`: the FAISS index to build for each first stage, by index-factory
-        string (None: `first_stage.default_factory`). `where`: the path errors name (default
-        `path`; the indexer writes into a temporary folder renamed later). `boxes`: an images
-        gallery's region boxes (items, R, 4) and image sizes (items, 2), in the order the items
-        will be added (`precomp.image_boxes`), kept for `explain`. `images_dir`: the folder of
-        the items' image files, named by id (recorded as an absolute path; hits name their
-        file). `base`: a gallery this one extends (`runtime.generations`: its shards are hard
-        links, its dtype, shard size, image folder and first stages are kept, the items added
-        follow its own, and its first-stage indexes are extended with theirs). `delete`: ids of
-        the base's items to mark deleted (tombstones: searches skip them)."""
-        self.path = Path(path)
-        self.where = Path(where) if where is not None else self.path
-        one_of(kind, KINDS, "kind")
-        stages = {FirstStage.parse(k, "first_stages"): v for k, v in (first_stages or {}).items()}
-        if stages:
-            require_faiss()
-        dtype = GalleryDtype.parse(dtype, "dtype")
-        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-            raise input_error(None, "shard_size", f"got {shard_size!r}, expected an integer ≥ 1")
-        check_output_dir(self.path, force, MARKER)
-        if base is not None:
-            if base.kind != kind:
-                raise RuntimeError(f"{base.path}: a gallery of {base.kind}, not {kind}")
-            dtype, shard_size = base.dtype, int(base.manifest["shard_size"])
-            stages = {stage: record["factory"] for stage, record in base.first_stages.items()}
-            folder = base.manifest.get("images_dir")
-            images_dir = None if folder is None else Path(folder)
-        self.base = base
-        self.kind = kind
-        self.dtype = dtype
-        self.shard_size = shard_size
-        self.first_stages = stages
-        self.boxes = boxes
-        self.images_dir = None if images_dir is None else str(Path(images_dir).resolve())
-        if bundle is None and base is None:
-            raise RuntimeError("a gallery writer needs a bundle or a base gallery")
-        self.embed_size = int(bundle.config.embed_size) if base is None else base.embed_size
-        self.bundle_identity = bundle_identity(bundle) if base is None else base.manifest["bundle"]
-        self.manifest: dict[str, Any] | None = None
-        self._count = 0
-        self._ids: list[str] = []
-        self._seen: set[str] = set()
-        self._texts: list[str] | None = None
-        self._regions: int | None = None  # R, fixed by the first images batch
-        self._pending: list[dict[str, np.ndarray]] = []  # stored-form batches not yet in a shard
-        self._pending_count = 0
-        self._shards: list[dict[str, Any]] = []
-        self._state = "open"
-        self._context = atomic_dir(self.path)
-        self._tmp = self._context.__enter__()
-        self._deleted: list[str] = []
-        if base is not None:
-            self._start_from(base, delete)
-
-    def _start_from(self, base: Gallery, delete: Sequence[str]) -> None:
-        """The base's items first: its shard files hard-linked (immutable, so shared), its ids,
-        texts, boxes and tombstones, then `delete` marked."""
-        for shard in base.manifest["shards"]:
-            for record in shard["files"].values():
-                target = self._tmp / record["file"]
-                target.parent.mkdir(exist_ok=True)
-                try:
-                    os.link(base.path / record["file"], target)
-                except OSError:  # another file system: a copy
-                    shutil.copyfile(base.path / record["file"], target)
-        self._shards = json.loads(json.dumps(base.manifest["shards"]))
-        self._ids, self._seen, self._count = list(base.ids), set(base.ids), base.count
-        self._texts = None if base.texts is None else list(base.texts)
-        if base.kind == "images":
-            self._regions = base.shards[0].shape("regions")[1]
-        if "boxes" in base.manifest:
-            old = tuple(open_npy(base.path / BOX_FILES[key]) for key in BOX_FILES)
-            new = self.boxes or tuple(np.zeros((0, *a.shape[1:]), a.dtype) for a in old)
-            self.boxes = tuple(np.concatenate([a, b]) for a, b in zip(old, new, strict=True))
-        else:
-            self.boxes = None
-        self._deleted = [base.ids[i] for i in base.deleted]
-        gone = set(self._deleted)
-        for item in delete:
-            if item not in self._seen or item in gone:
-                state = "already deleted" if item in gone else "not in the gallery"
-                raise input_error(self.where, "delete", f"id {item!r}: {state}")
-            gone.add(item)
-            self._deleted.append(item)
-
-    def __enter__(self) -> GalleryWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._state == "open":
-            self.close()
-
-    @property
-    def count(self) -> int:
-        """Items added so far."""
-        return self._count
-
-    def add(
-        self, arrays: dict[str, np.ndarray], ids: list[str], texts: list[str] | None = None
-    ) -> None:
-        """Add a batch: `arrays` keyed as in ITEM_AXES[kind] (float32; `lengths` integer; the Gram
-        is computed from the embeddings when left out), one id per item, optionally one text."""
-        self._require_open()
-        try:
-            batch = self._validate(arrays, ids, texts)
-            if not ids:
-                return
-            self._pending.append(self._to_storage(batch))
-            self._pending_count += len(ids)
-            self._ids.extend(ids)
-            self._seen.update(ids)
-            if texts is not None:
-                self._texts = self._texts if self._texts is not None else []
-                self._texts.extend(texts)
-            self._count += len(ids)
-            while self._pending_count >= self.shard_size:
-                self._write_shard(self.shard_size)
-        except BaseException:
-            self.abort()
-            raise
-
-    def _write_boxes(self) -> dict[str, Any]:
-        """`boxes.npy` and `image_sizes.npy` and their manifest records, when given."""
-        if self.boxes is None:
-            return {}
-        records = {}
-        for key, array in zip(BOX_FILES, self.boxes, strict=True):
-            if len(array) != self._count:
-                message = f"has {len(array)} rows for the {self._count} items added"
-                raise input_error(self.where, key, message)
-            file = self._tmp / BOX_FILES[key]
-            np.save(file, np.ascontiguousarray(array), allow_pickle=False)
-            records[key] = {
-                "file": file.name,
-                "sha256": sha256_file(file),
-                "shape": list(array.shape),
-            }
-        return records
-
-    def close(self) -> dict[str, Any]:
-        """Write the last shard, the ids/texts and manifest.json, and rename the folder into place;
-        returns the manifest."""
-        self._require_open()
-        try:
-            if self._count == 0:
-                raise input_error(self.path, "count", "no items were added, expected at least one")
-            if self._pending_count:
-                self._write_shard(self._pending_count)
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "kind": self.kind,
-                "dtype": self.dtype,
-                "count": self._count,
-                "shard_size": self.shard_size,
-                "quantization": QUANTIZATION if self.dtype == GalleryDtype.INT8 else None,
-                "bundle": self.bundle_identity,
-                "ids": _write_list(self._tmp, IDS, self._ids),
-                "texts": None
-                if self._texts is None
-                else _write_list(self._tmp, TEXTS, self._texts),
-                "shards": self._shards,
-                "first_stages": {},
-                **(
-                    {"deleted": _write_list(self._tmp, DELETED, self._deleted)}
-                    if self._deleted
-                    else {}
-                ),
-                **self._write_boxes(),
-                **({"images_dir": self.images_dir} if self.images_dir else {}),
-            }
-            write_json(self._tmp / MANIFEST, manifest)
-            if self.first_stages:
-                manifest["first_stages"] = self._write_first_stages()
-                write_json(self._tmp / MANIFEST, manifest)
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "closed"
-        self._context.__exit__(None, None, None)  # rename into place (cleans up if that fails)
-        self.manifest = manifest
-        return manifest
-
-    def abort(self) -> None:
-        """Discard everything written so far (idempotent)."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        self._pending = []
-        aborted = _Aborted()
-        self._context.__exit__(_Aborted, aborted, None)
-
-    # -- internals --
-
-    def _require_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"{self.path}: the gallery writer is {self._state}")
-
-    def _validate(
-        self, arrays: dict[str, np.ndarray], ids: list[str], texts: list[str] | None
-    ) -> dict[str, np.ndarray]:
-        where = self.path
-        if not isinstance(ids, list | tuple) or not all(isinstance(i, str) and i for i in ids):
-            raise input_error(where, "ids", "expected a list of non-empty strings")
-        n = len(ids)
-        fresh: set[str] = set()
-        for item_id in ids:
-            if item_id in self._seen or item_id in fresh:
-                raise input_error(where, "ids", f"duplicate id {item_id!r}, expected unique ids")
-            fresh.add(item_id)
-        if texts is not None:
-            if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
-                raise input_error(where, "texts", "expected a list of strings or None")
-            if len(texts) != n:
-                raise input_error(where, "texts", f"got {len(texts)} texts for {n} ids")
-        if self._count and (texts is None) != (self._texts is None):
-            state = "had texts" if self._texts is not None else "had no texts"
-            raise input_error(where, "texts", f"earlier batches {state}, expected the same")
-        if not isinstance(arrays, dict):
-            raise input_error(where, "arrays", "expected a dict of arrays")
-        axes = ITEM_AXES[self.kind]
-        gram = GRAMS[self.kind]
-        unknown = sorted(set(arrays) - set(axes))
-        missing = [name for name in axes if name not in arrays and name != gram]
-        if unknown or missing:
-            bad = unknown[0] if unknown else missing[0]
-            problem = "unknown" if unknown else "missing"
-            raise input_error(
-                where,
-                f"arrays.{bad}",
-                f"{problem} array, a gallery of {self.kind} expects {', '.join(axes)} "
-                f"({gram} is computed when left out)",
-            )
-        batch = {name: np.asarray(value) for name, value in arrays.items()}
-        sizes = {"D": self.embed_size}
-        if self.kind == "images":
-            regions = batch["regions"]
-            if regions.ndim == 3:
-                sizes["R"] = self._regions if self._regions is not None else regions.shape[1]
-        else:
-            words = batch["words"]
-            if words.ndim == 3:
-                sizes["T"] = words.shape[1]
-        for name, value in batch.items():
-            expected = (n, *(sizes.get(a, a) for a in axes[name]))
-            ok = value.ndim == len(expected) and all(
-                isinstance(e, str) or e == s for e, s in zip(expected, value.shape, strict=True)
-            )
-            if not ok:
-                shown = ", ".join(
-                    f"{a}={e}" if isinstance(e, int) else str(e)
-                    for a, e in zip(("n", *axes[name]), expected, strict=True)
-                )
-                raise input_error(
-                    where, f"arrays.{name}", f"got shape {value.shape}, expected ({shown})"
-                )
-            if name == "lengths":
-                if not np.issubdtype(value.dtype, np.integer):
-                    raise input_error(
-                        where, "arrays.lengths", f"got dtype {value.dtype}, expected integers"
-                    )
-            elif not np.issubdtype(value.dtype, np.floating):
-                raise input_error(
-                    where, f"arrays.{name}", f"got dtype {value.dtype}, expected float32"
-                )
-        if self.kind == "images" and n and sizes["R"] < 1:
-            raise input_error(where, "arrays.regions", "expected at least one region")
-        if self.kind == "captions" and n:
-            lengths = batch["lengths"].astype(np.int64)
-            bad = np.flatnonzero((lengths < 1) | (lengths > sizes["T"]))
-            if bad.size:
-                j = int(bad[0])
-                raise input_error(
-                    where,
-                    "arrays.lengths",
-                    f"item {j} (id {ids[j]!r}) has length {int(lengths[j])}, "
-                    f"expected 1..{sizes['T']} (the words' padded length)",
-                )
-        out = {}
-        for name, value in batch.items():
-            out[name] = value.astype(np.int64 if name == "lengths" else np.float32, copy=False)
-        if self.kind == "captions" and n:
-            out = _mask_captions(out)
-        for name, value in out.items():
-            if name == "lengths" or not n:
-                continue
-            finite = np.isfinite(value.reshape(n, -1)).all(axis=1)
-            if not finite.all():
-                j = int(np.argmin(finite))
-                raise input_error(
-                    where, f"arrays.{name}", f"item {j} (id {ids[j]!r}) has NaN or Inf values"
-                )
-        if self.kind == "images" and n:
-            self._regions = sizes["R"]
-        return out
-
-    def _to_storage(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        embeddings = batch[EMBEDDINGS[self.kind]]
-        gram = GRAMS[self.kind]
-        if gram not in batch:
-            batch[gram] = np.matmul(embeddings, np.swapaxes(embeddings, 1, 2))
-        stored = {}
-        for name, value in batch.items():
-            if name not in QUANTIZED or self.dtype == GalleryDtype.FP32:
-                stored[name] = value
-            elif self.dtype == GalleryDtype.FP16:
-                peak = float(np.abs(value).max()) if value.size else 0.0
-                if peak > _FP16_MAX:
-                    raise input_error(
-                        self.path,
-                        f"arrays.{name}",
-                        f"has values up to {peak:.4g}, beyond the float16 range "
-                        f"(±{_FP16_MAX:.0f}); expected dtype fp32 or int8",
-                    )
-                stored[name] = value.astype(np.float16)
-            else:
-                stored[name], stored[name + SCALE_SUFFIX] = quantize_int8(value)
-        return stored
-
-    def _write_first_stages(self) -> dict[str, Any]:
-        """Each first stage's index, built from the finished shards (read back as a gallery),
-        or, on a base, the base's index extended with the items added (its training kept)."""
-        written = open_gallery(self._tmp, verify=False)
-        records = {}
-        for stage, factory in self.first_stages.items():
-            if self.base is None:
-                record = write_stage_index(written, stage, factory, self.where)
-            else:
-                record = extend_stage_index(self.base, written, stage)
-            records[str(stage)] = {**record, "sha256": sha256_file(self._tmp / record["file"])}
-        return records
-
-    def _write_shard(self, size: int) -> None:
-        """Write the first `size` pending items as the next shard."""
-        parts: list[dict[str, np.ndarray]] = []
-        taken = 0
-        while taken < size:
-            part = self._pending[0]
-            n = len(next(iter(part.values())))
-            need = size - taken
-            if n <= need:
-                parts.append(self._pending.pop(0))
-                taken += n
-            else:
-                parts.append({k: v[:need] for k, v in part.items()})
-                self._pending[0] = {k: v[need:] for k, v in part.items()}
-                taken += need
-        self._pending_count -= size
-        if self.kind == "captions":
-            longest = max(int(p["lengths"].max()) for p in parts)
-            parts = [_fit_captions(p, longest) for p in parts]
-        index = len(self._shards)
-        folder = f"shard-{index:05d}"
-        (self._tmp / folder).mkdir()
-        files = {}
-        for name, expected in stored_arrays(self.kind, self.dtype).items():
-            array = np.concatenate([p[name] for p in parts])
-            if array.dtype != expected:  # an internal invariant, not a user error
-                raise RuntimeError(f"{name}: stored {array.dtype}, expected {expected}")
-            rel = f"{folder}/{name}.npy"
-            np.save(self._tmp / rel, np.ascontiguousarray(array), allow_pickle=False)
-            files[name] = {
-                "file": rel,
-                "sha256": sha256_file(self._tmp / rel),
-                "shape": list(array.shape),
-                "dtype": array.dtype.name,
-            }
-        offset = sum(s["count"] for s in self._shards)
-        self._shards.append({"count": size, "offset": offset, "files": files})
-
-
-def bundle_identity(bundle: Bundle) -> dict[str, Any]:
-    """What a gallery records about the bundle it was encoded with."""
-    return {
-        "path": str(Path(bundle.path).absolute()),
-        "graphs": {name: bundle.manifest["graphs"][name]["sha256"] for name in Graph},
-        "vocab": {"words_sha256": bundle.manifest["vocab"]["words_sha256"]},
-        "embed_size": int(bundle.config.embed_size),
-        "cross_attn": bundle.config.cross_attn,
-    }
-
-
-def _mask_captions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Zero the words (and Gram rows/columns) beyond each caption's length."""
-    lengths = batch["lengths"]
-    t = batch["words"].shape[1]
-    valid = np.arange(t)[None, :] < lengths[:, None]  # (n, T)
-    out = dict(batch)
-    out["words"] = np.where(valid[:, :, None], batch["words"], np.float32(0))
-    if "caption_gram" in batch:
-        both = valid[:, :, None] & valid[:, None, :]
-        out["caption_gram"] = np.where(both, batch["caption_gram"], np.float32(0))
-    return out
-
 
 MAPS_KEPT = 256
 
@@ -576,44 +65,7 @@ def _mapped(path: str, inode: int, mtime_ns: int, size: int) -> np.ndarray:
     file descriptor (about 1M images in shards of 4096 would pass a 1024 descriptor limit);
     keyed by the file's identity, so a gallery written again at the same path is mapped
     afresh."""
-    return open_npy(Path(path), f": {_FIX}")
-
-
-def _fit_captions(part: dict[str, np.ndarray], t: int) -> dict[str, np.ndarray]:
-    """Crop or pad with zeros (as stored: `stored_zero`) the word axes of a stored captions
-    batch to `t` words."""
-    word_axes = {"words": (1,), "caption_gram": (1, 2)}
-    out = {}
-    for name, value in part.items():
-        base = name.removesuffix(SCALE_SUFFIX)
-        axes = word_axes.get(base, ())[:1] if name != base else word_axes.get(base, ())
-        for axis in axes:
-            value = _fit_axis(value, axis, t)
-        out[name] = value
-    return out
-
-
-def _fit_axis(value: np.ndarray, axis: int, size: int) -> np.ndarray:
-    have = value.shape[axis]
-    if have >= size:
-        return value[(slice(None),) * axis + (slice(0, size),)]
-    pad = [(0, 0)] * value.ndim
-    pad[axis] = (0, size - have)
-    return np.pad(value, pad, constant_values=stored_zero(value.dtype))
-
-
-def stored_zero(dtype: np.dtype) -> int:
-    """What a stored 0 is: the code 128 in uint8 (int8 values as codes), else 0."""
-    return INT8_ZERO_POINT if dtype == np.uint8 else 0
-
-
-def _write_list(folder: Path, name: str, items: list[str]) -> dict[str, Any]:
-    (folder / name).write_text(json.dumps(items, ensure_ascii=False) + "\n", encoding="utf-8")
-    return {"file": name, "sha256": sha256_file(folder / name), "count": len(items)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading
+    return open_npy(Path(path), f": {REINDEX}")
 
 
 @dataclass(frozen=True)
@@ -645,7 +97,7 @@ class Shard:
         try:
             stat = path.stat()
         except OSError:
-            return open_npy(path, f": {_FIX}")  # its one-line error
+            return open_npy(path, f": {REINDEX}")  # its one-line error
         return _mapped(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
     def block(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -724,7 +176,7 @@ class Shard:
     def _layout(self, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
         """(data offset, shape, dtype) of a C-ordered .npy file, read once per shard and array."""
         if name not in self.headers:
-            header = read_npy_header(self.path(name), f": {_FIX}")
+            header = read_npy_header(self.path(name), f": {REINDEX}")
             if header.fortran_order:
                 raise input_error(self.path(name), None, "Fortran-ordered .npy: not ours")
             self.headers[name] = (header.offset, header.shape, header.dtype)
@@ -837,7 +289,7 @@ class Gallery:
                 where,
                 "bundle.embed_size",
                 f"gallery built with another bundle (embed_size {recorded['embed_size']}, the "
-                f"bundle at {bundle.path} has {actual['embed_size']}): {_FIX}",
+                f"bundle at {bundle.path} has {actual['embed_size']}): {REINDEX}",
             )
         for name in Graph:
             mine, theirs = recorded["graphs"].get(name), actual["graphs"][name]
@@ -846,7 +298,7 @@ class Gallery:
                     where,
                     f"bundle.graphs.{name}",
                     f"gallery built with another bundle ({name} sha256 {str(mine)[:12]}…, the "
-                    f"bundle at {bundle.path} has {theirs[:12]}…): {_FIX}",
+                    f"bundle at {bundle.path} has {theirs[:12]}…): {REINDEX}",
                 )
         mine = recorded["vocab"].get("words_sha256")
         theirs = actual["vocab"]["words_sha256"]
@@ -855,7 +307,7 @@ class Gallery:
                 where,
                 "bundle.vocab.words_sha256",
                 f"gallery built with another bundle (vocabulary {str(mine)[:12]}…, the bundle at "
-                f"{bundle.path} has {theirs[:12]}…): {_FIX}",
+                f"{bundle.path} has {theirs[:12]}…): {REINDEX}",
             )
 
     def stage_index(self, stage: FirstStage, search_params: str | None = None) -> Any:
@@ -1077,7 +529,7 @@ def _first_stage_records(manifest: dict[str, Any], where: Path) -> dict[FirstSta
         if old is None:
             return {}
         typed(old, dict, "faiss_index", where)
-        record = {"file": _V1_INDEX, "factory": "SQfp16", "vectors": old.get("count")}
+        record = {"file": V1_INDEX, "factory": "SQfp16", "vectors": old.get("count")}
         record.update(type="IndexScalarQuantizer", search_params="", trained_on=0)
         return {FirstStage.GLOBAL: {**old, **record}}
     records = typed(manifest.get("first_stages"), dict, "first_stages", where)
@@ -1092,7 +544,7 @@ def _check_stage_record(
     where, label = gallery.path / MANIFEST, f"first_stages.{stage}"
     typed(record, dict, label, where)
     file_name = typed(record.get("file"), str, f"{label}.file", where)
-    expected_file = INDEX_FILES[stage] if gallery.manifest["format_version"] > 1 else _V1_INDEX
+    expected_file = INDEX_FILES[stage] if gallery.manifest["format_version"] > 1 else V1_INDEX
     if file_name != expected_file:
         raise input_error(where, f"{label}.file", f"got {file_name!r}, expected {expected_file!r}")
     for key in ("sha256", "factory", "type", "search_params"):
@@ -1103,15 +555,17 @@ def _check_stage_record(
     for key, expected in (("vectors", vectors), ("dim", gallery.embed_size)):
         if record[key] != expected:
             message = f"got {record[key]}, expected {expected} (an index of another gallery?)"
-            raise input_error(where, f"{label}.{key}", f"{message}: {_FIX}")
+            raise input_error(where, f"{label}.{key}", f"{message}: {REINDEX}")
     file = gallery.path / file_name
     if not file.is_file():
         raise input_error(file, None, f"missing (named by {MANIFEST} {label})")
     if file.stat().st_size != record["bytes"]:
-        message = f"is {file.stat().st_size} bytes, the manifest records {record['bytes']}: {_FIX}"
+        message = (
+            f"is {file.stat().st_size} bytes, the manifest records {record['bytes']}: {REINDEX}"
+        )
         raise input_error(file, "size", message)
     if verify:
-        check_sha256(file, sha256_file(file), record["sha256"], _FIX)
+        check_sha256(file, sha256_file(file), record["sha256"], REINDEX)
     return record
 
 
@@ -1152,17 +606,17 @@ def _check_npy(file: Path, record: dict[str, Any], field_name: str, verify: bool
     if not file.is_file():
         raise input_error(file, None, f"missing (named by {MANIFEST} {field_name})")
     expected = f"{tuple(record['shape'])} {np.dtype(record['dtype']).name}"
-    header = read_npy_header(file, f": {_FIX}")
+    header = read_npy_header(file, f": {REINDEX}")
     shape, dtype, fortran = header.shape, header.dtype, header.fortran_order
     if list(shape) != record["shape"] or dtype != np.dtype(record["dtype"]) or fortran:
         raise input_error(
             file,
             "shape",
             f"is {shape} {dtype.name}{' (Fortran order)' if fortran else ''}, "
-            f"the manifest expects {expected}: {_FIX}",
+            f"the manifest expects {expected}: {REINDEX}",
         )
     if verify:
-        check_sha256(file, sha256_file(file), record["sha256"], _FIX)
+        check_sha256(file, sha256_file(file), record["sha256"], REINDEX)
 
 
 def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: bool) -> None:
@@ -1181,11 +635,11 @@ def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: bo
             expected = f"({count}, R, 4)" if rows == 3 else f"({count}, 2)"
             raise input_error(where, f"{key}.shape", f"got {shape}, expected {expected}")
         if not file.is_file():
-            raise input_error(file, None, f"missing (named by {MANIFEST} {key}): {_FIX}")
-        if list(read_npy_header(file, f": {_FIX}").shape) != shape:
-            raise input_error(file, None, f"does not hold the recorded shape {shape}: {_FIX}")
+            raise input_error(file, None, f"missing (named by {MANIFEST} {key}): {REINDEX}")
+        if list(read_npy_header(file, f": {REINDEX}").shape) != shape:
+            raise input_error(file, None, f"does not hold the recorded shape {shape}: {REINDEX}")
         if verify:
-            check_sha256(file, sha256_file(file), record.get("sha256"), _FIX)
+            check_sha256(file, sha256_file(file), record.get("sha256"), REINDEX)
 
 
 def _deleted_indices(path: Path, manifest: dict, ids: list[str], where: Path) -> np.ndarray:
@@ -1218,7 +672,7 @@ def _read_list(
         raw = file.read_bytes()
     except FileNotFoundError:
         raise input_error(file, None, f"missing (named by {MANIFEST} {key})") from None
-    check_sha256(file, hashlib.sha256(raw).hexdigest(), entry.get("sha256"), _FIX)
+    check_sha256(file, hashlib.sha256(raw).hexdigest(), entry.get("sha256"), REINDEX)
     try:
         items = json.loads(raw)
     except ValueError as exc:
@@ -1228,13 +682,3 @@ def _read_list(
     if len(items) != count:
         raise input_error(file, None, f"has {len(items)} entries, the manifest count is {count}")
     return items
-
-
-__all__ = [
-    "FORMAT_VERSION",
-    "KINDS",
-    "Gallery",
-    "GalleryWriter",
-    "Shard",
-    "open_gallery",
-]

@@ -31,7 +31,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from scan_deploy.runtime.gallery import KINDS, Gallery, GalleryWriter, open_gallery
+from scan_deploy.runtime.gallery import Gallery, open_gallery
+from scan_deploy.runtime.gallery_format import KINDS
+from scan_deploy.runtime.gallery_writer import GalleryWriter
 
 from scan_deploy.atomic import _kill_point, atomic_dir, write_json
 from scan_deploy.bundle import Bundle

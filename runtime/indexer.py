@@ -27,7 +27,9 @@ import numpy as np
 from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
 from scan_deploy.runtime.first_stage import check_stages
-from scan_deploy.runtime.gallery import MARKER, Gallery, GalleryWriter
+from scan_deploy.runtime.gallery import Gallery
+from scan_deploy.runtime.gallery_format import MARKER
+from scan_deploy.runtime.gallery_writer import GalleryWriter
 
 from scan_deploy.atomic import atomic_dir, check_output_dir
 from scan_deploy.batching import pad_tokens

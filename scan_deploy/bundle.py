@@ -42,7 +42,7 @@ LOG = logging.getLogger(__name__)
 # The manifest's `padded_regions`: the graphs mask all-zero region rows (images of fewer regions
 # than R, zero-padded: `scan_deploy.scoring.region_mask`). Bundles exported before have none.
 PADDED_REGIONS = "masked"
-INT8_SCORER_KINDS = ("images", "captions")  # gallery kinds (`runtime.gallery.KINDS`)
+INT8_SCORER_KINDS = ("images", "captions")  # gallery kinds (`runtime.gallery_format.KINDS`)
 # The graphs' symbolic dims, by the manifest shape range they take their sizes from.
 DIM_RANGES = {
     "batch": "batch",

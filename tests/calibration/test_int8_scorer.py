@@ -7,7 +7,7 @@ from scan_deploy.calibration import int8_scorer
 from scan_deploy.calibration.calibrate import write_int8_scorers
 from scan_deploy.calibration.int8_scorer import gate_int8_scorers
 from scan_deploy.export.lint import lint_bundle
-from scan_deploy.runtime.gallery import KINDS
+from scan_deploy.runtime.gallery_format import KINDS
 
 from scan_deploy.bundle import load_bundle
 from scan_deploy.checkpoint import load_checkpoint

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scan_deploy.runtime import inner_product
 from scan_deploy.runtime.first_stage import global_shortlist as shortlist
-from scan_deploy.runtime.gallery import GalleryWriter, open_gallery
+from scan_deploy.runtime.gallery import open_gallery
+from scan_deploy.runtime.gallery_writer import GalleryWriter
 from scan_deploy.runtime.retriever import Retriever
 from scan_deploy.runtime.search import Queries
 

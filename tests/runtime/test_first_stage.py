@@ -16,7 +16,8 @@ from scan_deploy.runtime.first_stage import (
     maxsim_shortlist,
     query_tokens,
 )
-from scan_deploy.runtime.gallery import GalleryWriter, open_gallery
+from scan_deploy.runtime.gallery import open_gallery
+from scan_deploy.runtime.gallery_writer import GalleryWriter
 from scan_deploy.runtime.search import Queries
 
 from scan_deploy.choices import FirstStage

@@ -14,13 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scan_deploy.runtime.gallery import (
-    EMBEDDINGS,
-    ITEM_AXES,
-    KINDS,
-    GalleryWriter,
-    open_gallery,
-)
+from scan_deploy.runtime.gallery import open_gallery
+from scan_deploy.runtime.gallery_format import EMBEDDINGS, ITEM_AXES, KINDS
+from scan_deploy.runtime.gallery_writer import GalleryWriter
 
 from scan_deploy.bundle import Bundle, sha256_file
 from scan_deploy.choices import GalleryDtype
