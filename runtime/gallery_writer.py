@@ -74,6 +74,7 @@ class GalleryWriter:
         images_dir: Path | None = None,
         base: Gallery | None = None,
         delete: Sequence[str] = (),
+        compact: bool = False,
     ) -> None:
         """`first_stages`: the FAISS index to build for each first stage, by index-factory
         string (None: `first_stage.default_factory`). `where`: the path errors name (default
@@ -84,7 +85,9 @@ class GalleryWriter:
         file). `base`: a gallery this one extends (`runtime.generations`: its shards are hard
         links, its dtype, shard size, image folder and first stages are kept, the items added
         follow its own, and its first-stage indexes are extended with theirs). `delete`: ids of
-        the base's items to mark deleted (tombstones: searches skip them)."""
+        the base's items to mark deleted (tombstones: searches skip them). `compact`: instead of
+        linking the base's shards, write its live items again (deleted rows dropped, first
+        stages rebuilt)."""
         self.path = Path(path)
         self.where = Path(where) if where is not None else self.path
         one_of(kind, KINDS, "kind")
@@ -102,7 +105,7 @@ class GalleryWriter:
             stages = {stage: record["factory"] for stage, record in base.first_stages.items()}
             folder = base.manifest.get("images_dir")
             images_dir = None if folder is None else Path(folder)
-        self.base = base
+        self.base, self.compact = base, compact
         self.kind = kind
         self.dtype = dtype
         self.shard_size = shard_size
@@ -126,8 +129,25 @@ class GalleryWriter:
         self._context = atomic_dir(self.path)
         self._tmp = self._context.__enter__()
         self._deleted: list[str] = []
-        if base is not None:
+        if base is not None and compact:
+            self._copy_live(base)
+        elif base is not None:
             self._start_from(base, delete)
+
+    def _copy_live(self, base: Gallery) -> None:
+        """The base's live items, added again in order (rows read back as float32 and stored
+        again: fp16 and int8 rows round-trip to the same codes), its deleted ones dropped."""
+        live = np.flatnonzero(~base.deleted_mask)
+        if "boxes" in base.manifest:
+            stored = (open_npy(base.path / BOX_FILES[key]) for key in BOX_FILES)
+            self.boxes = tuple(np.asarray(array)[live] for array in stored)
+        else:
+            self.boxes = None
+        for start in range(0, len(live), self.shard_size):
+            rows = live[start : start + self.shard_size]
+            arrays = {name: base.rows(name, rows) for name in ITEM_AXES[base.kind]}
+            texts = None if base.texts is None else [base.texts[i] for i in rows]
+            self.add(arrays, [base.ids[i] for i in rows], texts)
 
     def _start_from(self, base: Gallery, delete: Sequence[str]) -> None:
         """The base's items first: its shard files hard-linked (immutable, so shared), its ids,
@@ -401,7 +421,7 @@ class GalleryWriter:
         written = open_gallery(self._tmp, verify=False)
         records = {}
         for stage, factory in self.first_stages.items():
-            if self.base is None:
+            if self.base is None or self.compact:
                 record = write_stage_index(written, stage, factory, self.where)
             else:
                 record = extend_stage_index(self.base, written, stage)

@@ -1,5 +1,5 @@
-"""Galleries that change: `index --append` adds items, `delete` marks items deleted, and each
-change is a new generation of the gallery, switched to atomically.
+"""Galleries that change: `index --append` adds items, `delete` marks items deleted, `compact`
+drops them, and each change is a new generation of the gallery, switched to atomically.
 
     GALLERY/images/, captions/                generation 0, as `index` wrote it
     GALLERY/generations/000001/images/, ...   a later generation (a complete gallery folder)
@@ -135,6 +135,21 @@ def delete_items(root: Path, ids: Sequence[str]) -> dict[str, Any]:
                 )
                 writer.close()
     return {kind: len(items) for kind, items in by_kind.items()}
+
+
+def compact_gallery(root: Path) -> dict[str, int]:
+    """A new generation without the deleted items: the live ones written again in order, the
+    first-stage indexes rebuilt (positions change). Returns {kind: items kept}."""
+    root = Path(root)
+    with changing(root) as (base, target):
+        if not any(len(gallery.deleted) for gallery in base.values()):
+            raise input_error(root, "deleted", "no deleted items: nothing to compact")
+        with atomic_dir(target) as tmp:
+            for kind, gallery in base.items():
+                GalleryWriter(
+                    tmp / kind, kind, None, base=gallery, compact=True, where=root / kind
+                ).close()
+    return {kind: gallery.live_count for kind, gallery in base.items()}
 
 
 def _prune_unfinished(root: Path, current: int) -> None:

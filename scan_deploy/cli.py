@@ -838,6 +838,24 @@ def delete(
 
 
 @app.command()
+def compact(
+    gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
+    as_json: Summary = False,
+) -> None:
+    """Drop the deleted items for good: a new generation of the live ones, first stages
+    rebuilt."""
+    from scan_deploy.runtime.generations import compact_gallery
+
+    if not gallery.is_dir():
+        raise UserError(f"{gallery}: not a gallery folder")
+    kept = compact_gallery(gallery)
+    if as_json:
+        print(json.dumps({"gallery": str(gallery), "kept": kept}))
+        return
+    console.print(f"{gallery}: kept " + ", ".join(f"{n} {kind}" for kind, n in kept.items()))
+
+
+@app.command()
 def query(
     gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
     text: Annotated[list[str] | None, typer.Argument(help="Text queries.")] = None,

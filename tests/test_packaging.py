@@ -182,6 +182,7 @@ USAGE_ERRORS = {
     "export-triton": (("b",), "Missing option '--out'"),
     "serve": (("g", "--port", "70000"), "'--port'"),
     "delete": (("g",), "Missing argument 'ids'"),
+    "compact": (("g", "--nope"), "No such option"),
 }
 # Commands that need an extra before they read their inputs, and what they say.
 NEEDS_EXTRA = {

@@ -548,3 +548,26 @@ def test_a_format_2_int8_gallery_stored_as_int8_reads_the_same(tmp_path, kind):
     assert old.shards[0].load(EMBEDDINGS[kind]).dtype == np.int8
     for name, want in expected.items():
         np.testing.assert_array_equal(old.rows(name, np.arange(COUNT)), want)
+
+
+@pytest.mark.parametrize("kind", ["images", "captions"])
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_a_compacted_gallery_stores_the_live_rows_as_they_were(tmp_path, kind, dtype):
+    """Compaction reads rows back as float32 and stores them again: fp16 values and int8 codes
+    come back unchanged (scales to the last bit or so), the deleted rows are gone."""
+    path, _, _ = write(tmp_path, kind, dtype)
+    base = open_gallery(path)
+    deleted = [base.ids[1], base.ids[7]]
+    with_tombstones = tmp_path / "deleted"
+    GalleryWriter(with_tombstones, kind, None, base=base, delete=deleted).close()
+    marked = open_gallery(with_tombstones)
+    GalleryWriter(tmp_path / "compact", kind, None, base=marked, compact=True).close()
+    compacted = open_gallery(tmp_path / "compact")
+    live = [i for i in range(COUNT) if base.ids[i] not in deleted]
+    assert compacted.ids == [base.ids[i] for i in live] and compacted.texts[0] == base.texts[0]
+    for name in compacted.shards[0].files:
+        if name.endswith("_scale"):
+            continue
+        np.testing.assert_array_equal(
+            compacted.stored_rows(name, np.arange(len(live))), base.stored_rows(name, live)
+        )

@@ -120,6 +120,34 @@ def test_deleted_items_are_never_returned(parts, grown, tmp_path):
     assert current_generation(gallery)[0] == 2  # the refusals changed nothing
 
 
+def test_compaction_drops_the_deleted_and_answers_the_same(parts, grown, tmp_path):
+    import shutil
+
+    _, root = parts
+    gallery = shutil.copytree(grown[0], tmp_path / "g", symlinks=True)
+    assert run_cli("delete", gallery, "i3", "i350", "i10:2").returncode == 0
+    texts = (root / "all_caps.txt").read_text().splitlines()[::97]
+    features = np.load(root / "all_ims.npy")[[10, 351]]
+    with Retriever.open(None, gallery) as deleted:
+        before = deleted.search_text(texts, k=8) + deleted.search_image(features, k=8)
+    done = run_cli("compact", gallery, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["kept"] == {"images": 398, "captions": 1989}
+    galleries = open_galleries(gallery, verify=True)
+    assert galleries["images"].count == 398 and len(galleries["images"].deleted) == 0
+    assert "i3" not in galleries["images"].ids
+    assert galleries["images"].first_stages["maxsim"]["vectors"] == 398 * 8  # rebuilt
+    with Retriever.open(None, gallery) as compacted:
+        after = compacted.search_text(texts, k=8) + compacted.search_image(features, k=8)
+        shortlisted = compacted.search_text(texts, k=8, shortlist=40)
+    for old, new in zip(before, after, strict=True):  # the same items (positions renumbered)
+        assert [h.id for h in new] == [h.id for h in old]
+        np.testing.assert_allclose([h.score for h in new], [h.score for h in old], atol=1e-5)
+    assert all(len(hits) == 8 for hits in shortlisted)
+    again = run_cli("compact", gallery)
+    assert again.returncode == 2 and "no deleted items: nothing to compact" in again.stderr
+
+
 def test_a_reader_keeps_its_snapshot_while_a_writer_appends(parts, tmp_path):
     bundle, root = parts
     gallery = tmp_path / "g"
