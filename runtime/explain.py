@@ -38,6 +38,13 @@ class Explanation:
         order = np.argsort(-row, kind="stable")[:count]
         return [(int(r), float(row[r])) for r in order]
 
+    def boxes(self, boxed: tuple[np.ndarray, tuple[int, int]] | None):
+        """An image's (boxes, size) as its gallery keeps them (`Gallery.boxes_of`) cut to the
+        regions shown (trailing padding left out), or None."""
+        if boxed is None:
+            return None
+        return boxed[0][: self.weights.shape[1]], (int(boxed[1][0]), int(boxed[1][1]))
+
     def to_dict(self) -> dict:
         return {
             "similarity": self.similarity,

@@ -30,6 +30,7 @@ search.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from scan_deploy.runtime.inner_product import (
     check_engine,
     gallery_engine,
     make_faiss_index,
+    require_faiss,
     search_faiss_index,
     top_inner_products,
     training_vectors,
@@ -108,10 +110,6 @@ def extend_stage_index(base: Gallery, written: Gallery, stage: FirstStage) -> di
     the base's (its shards past the base's), written into `written`'s folder; returns the
     record. The base's training (IVF centroids, quantizer ranges) is kept: appending stays
     O(items added), and ids stay positions in gallery order."""
-    import time
-
-    from scan_deploy.runtime.inner_product import require_faiss
-
     faiss = require_faiss()
     started = time.perf_counter()
     record = base.first_stages[stage]

@@ -59,8 +59,9 @@ def current_generation(root: Path) -> tuple[int, Path]:
     return number, folder
 
 
-def open_generation(root: Path, verify: bool = True) -> dict[str, Gallery]:
-    """The galleries (by kind) of the current generation of the gallery folder `root`."""
+def open_galleries(root: str | Path, verify: bool = True) -> dict[str, Gallery]:
+    """The `images/` and `captions/` galleries (by kind) of a gallery folder, in its current
+    generation."""
     _, folder = current_generation(Path(root))
     found = {kind: folder / kind for kind in KINDS if (folder / kind).is_dir()}
     if not found:
@@ -80,7 +81,7 @@ def changing(root: Path) -> Iterator[tuple[dict[str, Gallery], Path]]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         number, _ = current_generation(root)
         _prune_unfinished(root, number)
-        base = open_generation(root, verify=False)  # immutable: checked when it was written
+        base = open_galleries(root, verify=False)  # immutable: checked when it was written
         target = root / GENERATIONS / f"{number + 1:06d}"
         yield base, target
         _kill_point("generation:written", target)

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scan_deploy.runtime.retriever import KINDS_BY_QUERY
 from scan_deploy.runtime.search import Hit, TopK
 
 from scan_deploy.errors import UserError, input_error
-
-KINDS_BY_QUERY = {"text": "images", "image": "captions"}
 
 
 class ShardActor:
@@ -42,7 +41,7 @@ class ShardActor:
         precision: str,
         threads: int,
     ) -> None:
-        from scan_deploy.runtime.backends import open_backend
+        from scan_deploy.runtime.backends import open_backend  # in the actor's process
         from scan_deploy.runtime.retriever import Retriever, open_galleries
 
         from scan_deploy.bundle import load_bundle
@@ -98,23 +97,24 @@ class ShardedRetriever:
             for part in self.parts
         ]
 
-    def search_text(self, texts: Sequence[str], k: int = 10) -> list[list[Hit]]:
-        return self._search("text", list(texts), k)
+    def search_text(
+        self, texts: Sequence[str], k: int = 10, shortlist: int | None = None
+    ) -> list[list[Hit]]:
+        """`Retriever.search_text` over the actors; `shortlist` must be None (exhaustive)."""
+        return self._search("text", list(texts), k, shortlist)
 
-    def search_image(self, features: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        return self._search("image", np.asarray(features, np.float32), k)
+    def search_image(
+        self, features: np.ndarray, k: int = 10, shortlist: int | None = None
+    ) -> list[list[Hit]]:
+        return self._search("image", np.asarray(features, np.float32), k, shortlist)
 
-    def _search(self, query: str, queries: Any, k: int) -> list[list[Hit]]:
-        from scan_deploy.runtime.retriever import hits_of
+    def _search(self, query: str, queries: Any, k: int, shortlist: int | None) -> list[list[Hit]]:
+        from scan_deploy.runtime.retriever import hits_of, queried_gallery
 
-        kind = KINDS_BY_QUERY[query]
-        if kind not in self.galleries:
-            raise UserError(f"the gallery has no {kind}: {query} queries need them indexed")
-        gallery = self.galleries[kind]
-        if not 1 <= k <= gallery.live_count:
-            raise input_error(
-                None, "k", f"expected 1..{gallery.live_count} (gallery size), got {k}"
-            )
+        if shortlist is not None:
+            message = "the gallery is sharded over Ray actors: exhaustive search only"
+            raise input_error(None, "shortlist", message)
+        gallery = queried_gallery(self.galleries, query, k)
         if len(queries) == 0:
             return []
         calls = [actor.rank.remote(query, queries, k) for actor in self.actors]

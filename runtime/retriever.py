@@ -36,7 +36,7 @@ from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_text
 from scan_deploy.runtime.explain import Explainer, Explanation
 from scan_deploy.runtime.first_stage import Pooling, missing_stage, reads_index, shortlist
 from scan_deploy.runtime.gallery import Gallery
-from scan_deploy.runtime.generations import open_generation
+from scan_deploy.runtime.generations import open_galleries
 from scan_deploy.runtime.inner_product import (
     FAISS_HINT,
     check_engine,
@@ -339,16 +339,7 @@ class Retriever:
             return self._explain
 
     def gallery_for(self, query: str, k: int, shortlist: int | None) -> Gallery:
-        kind = KINDS_BY_QUERY[query]
-        if kind not in self.galleries:
-            raise UserError(
-                f"the gallery has no {kind}: {query} queries need `scan-deploy index` "
-                + ("--captions" if kind == "captions" else "--features")
-            )
-        gallery = self.galleries[kind]
-        if not 1 <= k <= gallery.live_count:
-            message = f"expected 1..{gallery.live_count} (gallery size), got {k}"
-            raise input_error(None, "k", message)
+        gallery = queried_gallery(self.galleries, query, k)
         if shortlist is not None and not k <= shortlist:
             raise input_error(None, "shortlist", f"expected at least k = {k}, got {shortlist}")
         stage = stage_of(gallery, self.first_stage)
@@ -381,6 +372,22 @@ class Retriever:
         padded = check_feature_values(features, None, "image features")
         self.bundle.check_regions(features.shape[1], padded, None, "image features")
         return features
+
+
+def queried_gallery(galleries: dict[str, Gallery], query: str, k: int) -> Gallery:
+    """The gallery a `query` ("text" or "image") searches, with k checked against its live
+    items; one-line UserErrors otherwise."""
+    kind = KINDS_BY_QUERY[query]
+    if kind not in galleries:
+        raise UserError(
+            f"the gallery has no {kind}: {query} queries need `scan-deploy index` "
+            + ("--captions" if kind == "captions" else "--features")
+        )
+    gallery = galleries[kind]
+    if not 1 <= k <= gallery.live_count:
+        message = f"expected 1..{gallery.live_count} (gallery size), got {k}"
+        raise input_error(None, "k", message)
+    return gallery
 
 
 def hits_of(
@@ -448,9 +455,3 @@ def _open_stage_index(
         gallery.stage_index(stage, params)
     elif stage in gallery.first_stages and engine == ShortlistEngine.AUTO:
         LOG.warning("unused FAISS index in %s: %s", gallery.path, FAISS_HINT)
-
-
-def open_galleries(path: str | Path, verify: bool = True) -> dict[str, Gallery]:
-    """The `images/` and `captions/` galleries of an index folder, in its current generation
-    (`runtime.generations`)."""
-    return open_generation(Path(path), verify)

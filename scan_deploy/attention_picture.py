@@ -61,6 +61,19 @@ def load_picture(path: Path, size: tuple[int, int]) -> np.ndarray:
         raise input_error(path, None, f"not an image Pillow can read ({exc})") from None
 
 
+def write_hit_png(
+    path: Path, text: str, image_id: str, explanation, boxed, image: str | None
+) -> None:
+    """The attention picture of a text and a gallery image: `boxed` is the image's (boxes,
+    size) already cut to the explanation's regions (`Explanation.boxes`), `image` its file;
+    without the boxes, a grid."""
+    boxes, size = boxed if boxed is not None else (None, None)
+    picture = None if boxed is None or image is None else load_picture(Path(image), size)
+    title = f"{text!r} → image {image_id}: similarity {explanation.similarity:.4f}"
+    title += f" ({explanation.direction})"
+    write_explain_png(path, explanation.tokens, explanation.weights, title, boxes, size, picture)
+
+
 def write_explain_png(
     path: Path,
     tokens: list[str],

@@ -944,9 +944,9 @@ def query(
             rows = [asdict(h) for h in hits]
             for row, result, boxed in zip(rows, explained, boxes, strict=False):
                 row["attention"] = result.to_dict()
-                if boxed is not None:
-                    shown = boxed[0][: result.weights.shape[1]]  # without trailing padding
-                    row["attention"].update(boxes=shown.tolist(), image_size=list(boxed[1]))
+                shown = result.boxes(boxed)
+                if shown is not None:
+                    row["attention"].update(boxes=shown[0].tolist(), image_size=list(shown[1]))
             print(json.dumps({"query": name, "hits": rows}))
             continue
         table = Table(title=f"{name!r}")
@@ -956,27 +956,17 @@ def query(
             table.add_row(str(rank), hit.id, f"{hit.score:.4f}", hit.text or "")
         console.print(table)
         if explained:
-            first = boxes[0][0][: explained[0].weights.shape[1]] if boxes[0] is not None else None
+            shown = explained[0].boxes(boxes[0])
+            first = None if shown is None else shown[0]
             console.print(attention_table(explained[0], f"hit 1 ({hits[0].id})", first, 3))
 
 
 def _write_hit_png(path: Path, retriever, text: str, hit, explanation) -> None:
-    """The attention picture of a text query's image hit: its image file and boxes when the
-    gallery has them, else its boxes on a canvas, else a grid."""
-    from scan_deploy.attention_picture import load_picture, write_explain_png
+    """The attention picture of a text query's image hit."""
+    from scan_deploy.attention_picture import write_hit_png
 
-    boxes = size = picture = None
-    boxed = _hit_boxes(retriever, "images", hit)
-    if boxed is not None:
-        boxes = boxed[0][: explanation.weights.shape[1]]  # without trailing padding
-        size = tuple(int(v) for v in boxed[1])
-        if hit.image is not None:
-            picture = load_picture(Path(hit.image), size)
-    title = f"{text!r} → image {hit.id}: similarity {explanation.similarity:.4f}"
-    weights, tokens = explanation.weights, explanation.tokens
-    write_explain_png(
-        path, tokens, weights, f"{title} ({explanation.direction})", boxes, size, picture
-    )
+    boxed = explanation.boxes(_hit_boxes(retriever, "images", hit))
+    write_hit_png(path, text, hit.id, explanation, boxed, hit.image)
 
 
 def _hit_boxes(retriever, kind: str, hit):

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from scan_deploy.config import ModelConfig
 from scan_deploy.errors import input_error
-from scan_deploy.scoring import l2norm, score_block, similarity_matrix
+from scan_deploy.scoring import l2norm, nonzero_rows, score_block, similarity_matrix
 
 
 class WeightNormLinear(nn.Module):
@@ -57,7 +57,7 @@ class EncoderImage(nn.Module):
             nn.init.zeros_(self.fc.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        valid = images.abs().amax(dim=-1, keepdim=True) > 0
+        valid = nonzero_rows(images)[..., None]
         features = self.fc(images)
         if not self.no_imgnorm:  # padding normalised as ones: the gradient of |0| is NaN
             features = l2norm(features.masked_fill(~valid, 1.0), dim=-1)

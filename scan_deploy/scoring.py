@@ -55,7 +55,12 @@ def region_mask(regions: torch.Tensor) -> torch.Tensor | None:
     it); a real region is never all zero (an L2-normalised embedding has norm 1, and import
     refuses all-zero feature rows). The convention needs no count array beside the features, and
     every stored form of a gallery (fp16, int8 codes) keeps a zero row zero."""
-    return _unless_all(regions.detach().abs().amax(dim=-1) > 0)
+    return _unless_all(nonzero_rows(regions))
+
+
+def nonzero_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., R) bool: the rows (last axis) of `x` with a non-zero value (`region_mask`)."""
+    return x.detach().abs().amax(dim=-1) > 0
 
 
 def _unless_all(valid: torch.Tensor) -> torch.Tensor | None:
@@ -324,5 +329,5 @@ def pooled_embedding(x: torch.Tensor, lengths: torch.Tensor | None = None) -> to
     beyond each length -> (M, D).
     """
     if lengths is None:
-        lengths = (x.detach().abs().amax(dim=-1) > 0).sum(dim=1).clamp_min(1)
+        lengths = nonzero_rows(x).sum(dim=1).clamp_min(1)
     return l2norm(x.sum(dim=1) / lengths.to(x.dtype)[:, None], -1)

@@ -16,6 +16,7 @@ own one-line messages), 503 the queue is full (with Retry-After) or the server i
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tempfile
 import time
@@ -70,7 +71,7 @@ def create_app(
     `runtime.ray_shards.ShardedRetriever` over the same gallery that answers the searches
     (exhaustive only); the retriever then checks requests, explains and serves image files."""
     settings = settings or ServeSettings()
-    searcher = retriever if sharded is None else _Exhaustive(sharded)
+    searcher = retriever if sharded is None else sharded
     metrics = Metrics()
     batchers: dict[str, Batcher] = {}
 
@@ -167,34 +168,30 @@ def create_app(
     async def explain(body: ExplainRequest) -> dict[str, Any]:
         index = _image_index(body.id)
         hit = Hit(index, body.id, 0.0, None)
-        (result,) = await _run(retriever.explain_text, body.text, [hit])
+        (result,) = await asyncio.to_thread(retriever.explain_text, body.text, [hit])
         out = result.to_dict()
-        boxed = images_gallery.boxes_of(index)
-        if boxed is not None:
-            boxes = boxed[0][: result.weights.shape[1]]
-            out.update(boxes=boxes.tolist(), image_size=list(boxed[1]))
+        shown = result.boxes(images_gallery.boxes_of(index))
+        if shown is not None:
+            out.update(boxes=shown[0].tolist(), image_size=list(shown[1]))
         return out
 
     @app.get("/v1/explain.png", summary="The attention picture (the plots extra)")
     async def explain_png(text: str = Query(min_length=1), id: str = Query(min_length=1)):
         index = _image_index(id)
         try:
-            from scan_deploy.attention_picture import load_picture, write_explain_png
+            import matplotlib  # noqa: F401 (the plots extra; attention_picture imports it late)
         except ModuleNotFoundError:
             return _error(501, "pictures need matplotlib: pip install 'scan-deploy[plots]'")
-        (result,) = await _run(retriever.explain_text, text, [Hit(index, id, 0.0, None)])
-        boxes = size = picture = None
-        boxed = images_gallery.boxes_of(index)
-        if boxed is not None:
-            boxes, size = boxed[0][: result.weights.shape[1]], boxed[1]
-            file = images_gallery.image_file(id)
-            picture = None if file is None else load_picture(Path(file), size)
-        title = f"{text!r} → image {id}: similarity {result.similarity:.4f}"
+        from scan_deploy.attention_picture import write_hit_png
+
+        (result,) = await asyncio.to_thread(
+            retriever.explain_text, text, [Hit(index, id, 0.0, None)]
+        )
+        boxed = result.boxes(images_gallery.boxes_of(index))
+        image = images_gallery.image_file(id)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "explain.png"
-            await _run(
-                write_explain_png, path, result.tokens, result.weights, title, boxes, size, picture
-            )
+            await asyncio.to_thread(write_hit_png, path, text, id, result, boxed, image)
             return Response(path.read_bytes(), media_type="image/png")
 
     @app.get("/v1/images/{image_id}", summary="A gallery image's file")
@@ -235,33 +232,6 @@ def create_app(
         return image_index[image_id]
 
     return app
-
-
-class _Exhaustive:
-    """A sharded retriever behind the retriever's interface: no shortlist (the first-stage
-    indexes are the whole gallery's)."""
-
-    def __init__(self, sharded) -> None:
-        self.sharded = sharded
-
-    def search_text(self, texts, k, shortlist):
-        _no_shortlist(shortlist)
-        return self.sharded.search_text(texts, k)
-
-    def search_image(self, features, k, shortlist):
-        _no_shortlist(shortlist)
-        return self.sharded.search_image(features, k)
-
-
-def _no_shortlist(shortlist: int | None) -> None:
-    if shortlist is not None:
-        raise UserError("shortlist: the gallery is sharded over Ray actors: exhaustive search only")
-
-
-async def _run(function, *args):
-    import asyncio
-
-    return await asyncio.to_thread(function, *args)
 
 
 def _check_count(count: int, limit: int) -> None:

@@ -39,12 +39,17 @@ def _run(config: ModelConfig, regions, words, lengths) -> np.ndarray:
     graph = scorer_graph(config)
     onnx.checker.check_model(graph, full_check=True)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["similarity"], _feeds(config.cross_attn, regions, words, lengths))[0]
+
+
+def _feeds(direction: str, regions, words, lengths) -> dict:
+    """The scorer's inputs: the embeddings, lengths and the direction's Gram."""
     feeds = {"regions": regions.numpy(), "words": words.numpy(), "lengths": lengths.numpy()}
-    if config.cross_attn == "t2i":
+    if direction == "t2i":
         feeds["region_gram"] = region_gram(regions).numpy()
     else:
         feeds["caption_gram"] = caption_gram(words).numpy()
-    return session.run(["similarity"], feeds)[0]
+    return feeds
 
 
 @pytest.mark.parametrize(
@@ -162,11 +167,7 @@ def test_the_explain_graph_outputs_the_references_attention(norm, direction):
     graph = scorer_graph(config, attention=True)
     onnx.checker.check_model(graph, full_check=True)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {"regions": regions.numpy(), "words": words.numpy(), "lengths": lengths.numpy()}
-    if direction == "t2i":
-        feeds["region_gram"] = region_gram(regions).numpy()
-    else:
-        feeds["caption_gram"] = caption_gram(words).numpy()
+    feeds = _feeds(direction, regions, words, lengths)
     similarity, attention = session.run(["similarity", "attention"], feeds)
     expected = attention_weights(regions, words, lengths, config).numpy()
     valid = (np.arange(T)[None] < lengths.numpy()[:, None])[None, None]  # (1, 1, M, T)
@@ -230,11 +231,7 @@ def test_the_explain_graph_shows_no_attention_on_padded_regions(norm, direction)
     regions, words, lengths = _padded_inputs(seed=14)
     graph = scorer_graph(config, attention=True)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {"regions": regions.numpy(), "words": words.numpy(), "lengths": lengths.numpy()}
-    if direction == "t2i":
-        feeds["region_gram"] = region_gram(regions).numpy()
-    else:
-        feeds["caption_gram"] = caption_gram(words).numpy()
+    feeds = _feeds(direction, regions, words, lengths)
     (attention,) = session.run(["attention"], feeds)
     expected = attention_weights(regions, words, lengths, config).numpy()
     valid = np.broadcast_to(
