@@ -6,7 +6,10 @@ side by side in one run.
     python benchmarks/bench_serve.py runs/demo/gallery --clients 8 --seconds 20 [--ray-actors 2]
 
 With --ray-actors, a third run serves the gallery sharded over that many Ray actors (the ray
-extra; a local Ray instance), after checking its answers equal the one-process server's.
+extra; a local Ray instance), after checking its answers equal the one-process server's. With
+--ray-serve N, another serves the same search on Ray Serve instead (`ray_serve_app.py`, N
+replicas, each a whole retriever with --threads threads; needs `pip install 'ray[serve]'`);
+its resident memory is not measured (replicas are Ray's processes).
 
 Clients are threads of this process on the same 2-core machine as the server: the numbers are
 what one machine serves itself, not a network service's.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import sys
 import threading
@@ -26,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' serve
 from tests.serve.server_process import post_json, running_server  # noqa: E402
 
 
-def resident_mib(pid: int) -> float:
+def resident_mib(pid: int | None) -> float:
+    if pid is None:  # not measured: 0
+        return 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -67,7 +73,9 @@ def load(url: str, queries: list[str], clients: int, seconds: float, k: int, pid
         "throughput_rps": len(latencies) / seconds,
         "p50_ms": 1e3 * statistics.median(ordered),
         "p99_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
-        "rss_mib_first_last_max": [round(memory[0]), round(memory[-1]), round(max(memory))],
+        "rss_mib_first_last_max": None
+        if pid is None
+        else [round(memory[0]), round(memory[-1]), round(max(memory))],
     }
 
 
@@ -79,6 +87,8 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--queries", type=int, default=200, help="distinct texts, cycled")
     parser.add_argument("--ray-actors", type=int, default=0)
+    parser.add_argument("--ray-serve", type=int, default=0, help="Ray Serve replicas")
+    parser.add_argument("--threads", type=int, default=0, help="per Ray Serve replica")
     args = parser.parse_args()
     texts = json.loads((args.gallery / "images" / "texts.json").read_text())
     queries = texts[: args.queries]
@@ -93,8 +103,41 @@ def main() -> None:
             report[name] = load(url, queries, args.clients, args.seconds, args.k, process.pid)
         same = answers[name] == answers["batched"]
         print(name, json.dumps(report[name]), f"answers as batched: {same}", flush=True)
+    if args.ray_serve:
+        name = f"ray serve {args.ray_serve} replicas"
+        report[name] = ray_serve_run(args, queries, check, answers)
     ratio = report["batched"]["throughput_rps"] / report["unbatched"]["throughput_rps"]
     print(f"throughput batched / unbatched: {ratio:.2f}×")
+    for name in report:
+        if name.startswith("ray"):
+            ratio = report[name]["throughput_rps"] / report["batched"]["throughput_rps"]
+            print(f"throughput {name} / batched: {ratio:.2f}×")
+
+
+def ray_serve_run(args, queries: list[str], check: dict, answers: dict) -> dict:
+    import ray
+    import ray_serve_app
+    from ray import serve
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        url = ray_serve_app.start(args.gallery, args.ray_serve, args.threads, port)
+        got = post_json(url + "/v1/search/text", check)  # also the warm-up
+        report = load(url, queries, args.clients, args.seconds, args.k, None)
+        same = _hits(got) == _hits(answers["batched"])
+        name = f"ray serve {args.ray_serve} replicas"
+        print(name, json.dumps(report), f"answers as batched: {same}", flush=True)
+        return report
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _hits(answer: tuple[int, dict]) -> list:
+    return [[(h["id"], h["score"]) for h in r["hits"]] for r in answer[1]["results"]]
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scan_deploy.runtime.gallery_format import link_or_copy
 from scan_deploy.runtime.inner_product import (
     check_engine,
     gallery_engine,
@@ -113,6 +114,10 @@ def extend_stage_index(base: Gallery, written: Gallery, stage: FirstStage) -> di
     faiss = require_faiss()
     started = time.perf_counter()
     record = base.first_stages[stage]
+    path = written.path / INDEX_FILES[stage]
+    if written.count == base.count:  # nothing added (a delete): the index file is shared
+        link_or_copy(base.path / record["file"], path)
+        return {**record, "file": path.name}
     index = faiss.read_index(str(base.path / record["file"]))  # a private, writable copy
     first = len(base.shards)
     if stage == FirstStage.GLOBAL:
@@ -124,7 +129,6 @@ def extend_stage_index(base: Gallery, written: Gallery, stage: FirstStage) -> di
     expected = written.count if stage == FirstStage.GLOBAL else written.token_count
     if index.ntotal != expected:  # an internal invariant, not a user error
         raise RuntimeError(f"{written.path}: indexed {index.ntotal} vectors, expected {expected}")
-    path = written.path / INDEX_FILES[stage]
     faiss.write_index(index, str(path))
     seconds = round(time.perf_counter() - started, 3)
     extended = {"vectors": int(index.ntotal), "bytes": path.stat().st_size}

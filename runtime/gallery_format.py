@@ -43,6 +43,8 @@ int8 ≤ max|row| / 254 (half a quantization step).
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +124,13 @@ def bundle_identity(bundle: Bundle) -> dict[str, Any]:
 def stored_zero(dtype: np.dtype) -> int:
     """What a stored 0 is: the code 128 in uint8 (int8 values as codes), else 0."""
     return INT8_ZERO_POINT if dtype == np.uint8 else 0
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source` (a gallery's files never change once written, so a
+    later generation shares them), or a copy on another file system."""
+    target.parent.mkdir(exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

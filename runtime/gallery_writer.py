@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from scan_deploy.runtime.gallery_format import (
     SCALE_SUFFIX,
     TEXTS,
     bundle_identity,
+    link_or_copy,
     stored_arrays,
     stored_zero,
 )
@@ -154,12 +154,7 @@ class GalleryWriter:
         texts, boxes and tombstones, then `delete` marked."""
         for shard in base.manifest["shards"]:
             for record in shard["files"].values():
-                target = self._tmp / record["file"]
-                target.parent.mkdir(exist_ok=True)
-                try:
-                    os.link(base.path / record["file"], target)
-                except OSError:  # another file system: a copy
-                    shutil.copyfile(base.path / record["file"], target)
+                link_or_copy(base.path / record["file"], self._tmp / record["file"])
         self._shards = json.loads(json.dumps(base.manifest["shards"]))
         self._ids, self._seen, self._count = list(base.ids), set(base.ids), base.count
         self._texts = None if base.texts is None else list(base.texts)
@@ -214,6 +209,52 @@ class GalleryWriter:
             self._count += len(ids)
             while self._pending_count >= self.shard_size:
                 self._write_shard(self.shard_size)
+        except BaseException:
+            self.abort()
+            raise
+
+    def adopt(self, part: Path) -> None:
+        """Take the one shard of the finished gallery `part` (written by another process with
+        this writer's bundle and dtype: `runtime.ray_index`) as the next shard: its shard folder
+        is moved in, its ids and texts follow the items before. Not after `add` of a partial
+        shard (the shards would not be filled in order)."""
+        self._require_open()
+        try:
+            if self._pending_count:
+                raise RuntimeError(f"{self.path}: adopt after a partial shard was added")
+            gallery = open_gallery(part, verify=False)
+            manifest = gallery.manifest
+            same = (gallery.kind, gallery.dtype, manifest["bundle"]) == (
+                self.kind,
+                self.dtype,
+                self.bundle_identity,
+            )
+            if not same or len(manifest["shards"]) != 1:
+                raise RuntimeError(f"{part}: not one shard of this gallery's kind and bundle")
+            texts = gallery.texts
+            self._check_ids(gallery.ids)
+            if self._count and (texts is None) != (self._texts is None):
+                raise RuntimeError(f"{part}: texts where the items before had none, or the reverse")
+            if self.kind == "images":
+                regions = gallery.shards[0].shape("regions")[1]
+                if self._regions is not None and regions != self._regions:
+                    message = f"{part}: {regions} regions, the gallery has {self._regions}"
+                    raise RuntimeError(message)
+                self._regions = regions
+            shard = manifest["shards"][0]
+            folder = f"shard-{len(self._shards):05d}"
+            os.replace(part / Path(next(iter(shard["files"].values()))["file"]).parent,
+                       self._tmp / folder)  # fmt: skip
+            files = {
+                name: {**record, "file": f"{folder}/{Path(record['file']).name}"}
+                for name, record in shard["files"].items()
+            }
+            self._shards.append({"count": gallery.count, "offset": self._count, "files": files})
+            self._ids.extend(gallery.ids)
+            self._seen.update(gallery.ids)
+            if texts is not None:
+                self._texts = (self._texts or []) + list(texts)
+            self._count += gallery.count
         except BaseException:
             self.abort()
             raise
@@ -294,6 +335,14 @@ class GalleryWriter:
         if self._state != "open":
             raise RuntimeError(f"{self.path}: the gallery writer is {self._state}")
 
+    def _check_ids(self, ids: Sequence[str]) -> None:
+        fresh: set[str] = set()
+        for item_id in ids:
+            if item_id in self._seen or item_id in fresh:
+                message = f"duplicate id {item_id!r}, expected unique ids"
+                raise input_error(self.path, "ids", message)
+            fresh.add(item_id)
+
     def _validate(
         self, arrays: dict[str, np.ndarray], ids: list[str], texts: list[str] | None
     ) -> dict[str, np.ndarray]:
@@ -301,11 +350,7 @@ class GalleryWriter:
         if not isinstance(ids, list | tuple) or not all(isinstance(i, str) and i for i in ids):
             raise input_error(where, "ids", "expected a list of non-empty strings")
         n = len(ids)
-        fresh: set[str] = set()
-        for item_id in ids:
-            if item_id in self._seen or item_id in fresh:
-                raise input_error(where, "ids", f"duplicate id {item_id!r}, expected unique ids")
-            fresh.add(item_id)
+        self._check_ids(ids)
         if texts is not None:
             if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
                 raise input_error(where, "texts", "expected a list of strings or None")

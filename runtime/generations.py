@@ -10,8 +10,9 @@ A generation never changes once written. The next one links the shard files of t
 (hard links: shards are immutable, so nothing is copied), adds shards for the items appended,
 rewrites the ids, texts, boxes, tombstones (`deleted.json`: the deleted items' ids, skipped by
 every search) and manifest, and extends the first-stage FAISS indexes with the new vectors (their
-training kept). Readers (`open_galleries`, `Retriever.open`, `serve`) read CURRENT once and open
-that generation: a consistent snapshot whatever a writer does meanwhile.
+training kept). Readers (`open_galleries`, `Retriever.open`) read CURRENT once and open that
+generation: a consistent snapshot whatever a writer does meanwhile (`serve` looks again every
+few seconds and switches: `serve.live`).
 
 A writer holds an exclusive lock on `GALLERY/.lock` (one writer at a time), writes the new
 generation into a temp folder renamed into place (`atomic_dir`), and only then replaces CURRENT
@@ -62,11 +63,16 @@ def current_generation(root: Path) -> tuple[int, Path]:
 def open_galleries(root: str | Path, verify: bool = True) -> dict[str, Gallery]:
     """The `images/` and `captions/` galleries (by kind) of a gallery folder, in its current
     generation."""
-    _, folder = current_generation(Path(root))
+    return open_current(root, verify)[1]
+
+
+def open_current(root: str | Path, verify: bool = True) -> tuple[int, dict[str, Gallery]]:
+    """(number, galleries by kind) of a gallery folder's current generation."""
+    number, folder = current_generation(Path(root))
     found = {kind: folder / kind for kind in KINDS if (folder / kind).is_dir()}
     if not found:
         raise input_error(root, None, "not a gallery folder (expected images/ or captions/)")
-    return {kind: open_gallery(path, verify) for kind, path in found.items()}
+    return number, {kind: open_gallery(path, verify) for kind, path in found.items()}
 
 
 @contextmanager
@@ -97,16 +103,25 @@ def append_gallery(
     features_path: Path,
     captions_path: Path | None,
     progress=None,
+    ray=None,
 ) -> dict[str, dict[str, Any]]:
     """Append the images of `features_path` (and their captions, when the gallery has a
-    captions part) in a new generation; returns the manifests written (`index_gallery`'s)."""
+    captions part) in a new generation; returns the manifests written (`index_gallery`'s, whose
+    `ray` settings encode on Ray Data workers)."""
     from scan_deploy.runtime.indexer import index_gallery  # the indexer imports galleries
 
     with changing(Path(root)) as (base, target):
         for gallery in base.values():
             gallery.check_bundle(bundle)
         return index_gallery(
-            bundle, backend, features_path, captions_path, target, progress=progress, base=base
+            bundle,
+            backend,
+            features_path,
+            captions_path,
+            target,
+            progress=progress,
+            base=base,
+            ray=ray,
         )
 
 

@@ -18,10 +18,11 @@ would score every query alike.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scan_deploy.runtime.backends.base import CallSizes
@@ -37,6 +38,7 @@ from scan_deploy.bundle import Bundle
 from scan_deploy.choices import FirstStage, GalleryDtype
 from scan_deploy.errors import input_error
 from scan_deploy.precomp import (
+    PrecompSplit,
     check_feature_dim,
     image_boxes,
     image_ids,
@@ -44,7 +46,37 @@ from scan_deploy.precomp import (
     load_files,
 )
 
+if TYPE_CHECKING:
+    from scan_deploy.runtime.ray_index import RayIndexing
+
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class IndexInputs:
+    """A split to index, as read: its features (memory-mapped), captions and image ids."""
+
+    data: PrecompSplit
+    names: list[str]
+    features_path: Path
+    captions_path: Path | None
+
+    @classmethod
+    def read(cls, features_path: Path, captions_path: Path | None, scan_values: bool = True):
+        """`scan_values`: scan every feature for NaN/Inf and padding now (else the encoding
+        of each shard does: `check_image_rows`)."""
+        data = load_files(features_path, captions_path, check_finite=scan_values)
+        names = image_ids(features_path, data.num_images)
+        return cls(data, names, Path(features_path), captions_path)
+
+    def image_texts(self, rows: range) -> list[str] | None:
+        """Each image's first caption (shown with its hits), or None without captions."""
+        captions, per_image = self.data.captions, self.data.captions_per_image
+        return [captions[i * per_image] for i in rows] if captions else None
+
+    def caption_ids(self, lines: range) -> list[str]:
+        per_image = self.data.captions_per_image
+        return [f"{self.names[j // per_image]}:{j % per_image}" for j in lines]
 
 
 def index_gallery(
@@ -59,38 +91,61 @@ def index_gallery(
     progress: Progress | None = None,
     first_stages: dict[FirstStage | str, str | None] | None = None,
     base: dict[str, Gallery] | None = None,
+    ray: RayIndexing | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write the gallery folder `out`; returns the manifest written for each kind (its `count`,
     `first_stages` records, ...). `first_stages`:
     the FAISS index of each first stage for `query --shortlist`, by index-factory string (None:
     the default; `runtime.first_stage`), in both galleries. `base`: the galleries (by kind)
     the new ones extend (`runtime.generations.append_gallery`: their items first, then these;
-    their dtype, shard size and first stages kept)."""
+    their dtype, shard size and first stages kept). `ray`: encode the shards on a Ray Data
+    pool of workers (`runtime.ray_index`) instead of `backend` in this process (which still
+    checks the graphs open)."""
     report = progress or (lambda stage, done, total: None)
     out = Path(out)
     checkpoint = getattr(backend, "checkpoint", None)  # the torch backend's
     inputs = [p for p in (features_path, captions_path, bundle.path, checkpoint) if p is not None]
     check_output_dir(out, force, replace(MARKER, file=f"images/{MARKER.file}"), inputs)
-    data = load_files(features_path, captions_path)  # checks NaN/Inf in bounded chunks
+    split = IndexInputs.read(features_path, captions_path, scan_values=ray is None)
+    data = split.data
     bundle.check_regions(data.num_regions, data.padded, features_path, "shape")
     if base is not None:
         _check_base(base, data, features_path, captions_path)
-    check_feature_dim(data, bundle.config.img_dim, bundle.path / "manifest.json")
-    n, dim = len(data.images), int(bundle.config.embed_size)
-    stages = check_stages(first_stages or {}, dim, n, n * data.num_regions, out / "images")
-    features, captions, per_image = data.images, data.captions, data.captions_per_image
-    names = image_ids(features_path, n)
-    if base is not None:
-        known = set(base["images"].ids)
-        clash = next((name for name in names if name in known), None)
+        images = base["images"]
+        known, deleted = set(images.ids), {images.ids[i] for i in images.deleted}
+        clash = next((name for name in split.names if name in known), None)
+        if clash in deleted:
+            message = f"image {clash!r} was deleted: compact the gallery before adding it again"
+            raise input_error(features_path, "ids", message)
         if clash is not None:
             message = f"image {clash!r} is already in the gallery (ids must stay unique)"
             raise input_error(features_path, "ids", message)
-    runner = backend.runner("image_encoder")  # both graphs opened (and checked) before any work
-    text_runner = backend.runner("text_encoder") if captions else None
-    sizes = CallSizes.of(backend)
-    with atomic_dir(out) as tmp:
-        images = GalleryWriter(
+    check_feature_dim(data, bundle.config.img_dim, bundle.path / "manifest.json")
+    n, dim = data.num_images, int(bundle.config.embed_size)
+    stages = check_stages(first_stages or {}, dim, n, n * data.num_regions, out / "images")
+    encoders = LocalEncoders(bundle, backend, split)  # both graphs opened (checked) first
+    with atomic_dir(out) as tmp, contextlib.ExitStack() as stack:
+        writers = {
+            kind: stack.enter_context(writer)
+            for kind, writer in _open_writers(
+                bundle, split, tmp, out, dtype, shard_size, stages, base
+            ).items()
+        }
+        if ray is None:
+            cut = encoders.encode_all(writers, report)
+        else:
+            from scan_deploy.runtime.ray_index import encode_on_ray
+
+            cut = encode_on_ray(ray, bundle, split, writers, tmp, out, report)
+    bundle.warn_cut(cut, data.num_captions, "captions", encoders.sizes.max_tokens)
+    return {kind: writer.manifest for kind, writer in writers.items()}
+
+
+def _open_writers(bundle, split, tmp, out, dtype, shard_size, stages, base):
+    """The gallery writers of `out`'s images (and captions) parts, in the temp folder `tmp`."""
+    n, regions = split.data.num_images, split.data.num_regions
+    writers = {
+        "images": GalleryWriter(
             tmp / "images",
             "images",
             bundle,
@@ -98,42 +153,78 @@ def index_gallery(
             shard_size,
             first_stages=stages,
             where=out / "images",
-            boxes=image_boxes(features_path, n, data.num_regions),
-            images_dir=images_folder(features_path),
+            boxes=image_boxes(split.features_path, n, regions),
+            images_dir=images_folder(split.features_path),
             base=None if base is None else base["images"],
         )
-        with images as writer:
-            for start in range(0, len(features), sizes.image_batch):
-                batch = np.asarray(features[start : start + sizes.image_batch], np.float32)
-                regions, region_gram, pooled = runner.run({"features": batch})
-                check_encoded_images(batch, regions, pooled, features_path, start)
-                ids = [names[i] for i in ids_range(start, batch)]
-                texts = (
-                    [captions[i * per_image] for i in ids_range(start, batch)] if captions else None
-                )
-                writer.add(
-                    {"regions": regions, "region_gram": region_gram, "global": pooled}, ids, texts
-                )
-                report("images", len(batch), len(features))
-        manifests = {"images": images.manifest}
-        if captions:
-            writer = GalleryWriter(
-                tmp / "captions",
-                "captions",
-                bundle,
-                dtype,
-                shard_size,
-                first_stages=stages,
-                where=out / "captions",
-                base=None if base is None else base["captions"],
+    }
+    if split.data.captions:
+        writers["captions"] = GalleryWriter(
+            tmp / "captions",
+            "captions",
+            bundle,
+            dtype,
+            shard_size,
+            first_stages=stages,
+            where=out / "captions",
+            base=None if base is None else base["captions"],
+        )
+    return writers
+
+
+class LocalEncoders:
+    """Encode a split's images and captions into gallery writers with one backend's runners,
+    in the engine's batch sizes (`CallSizes`): the whole split (`index_gallery`), or one
+    shard's range (`runtime.ray_index`, in each worker)."""
+
+    def __init__(self, bundle: Bundle, backend, split: IndexInputs) -> None:
+        self.bundle, self.split = bundle, split
+        self.image_runner = backend.runner("image_encoder")
+        self.text_runner = backend.runner("text_encoder") if split.data.captions else None
+        self.sizes = CallSizes.of(backend)
+
+    def encode_all(self, writers: dict[str, GalleryWriter], report: Progress) -> int:
+        """Every image and caption; returns the number of captions cut."""
+        self.encode_images(range(self.split.data.num_images), writers["images"], report)
+        if "captions" not in writers:
+            return 0
+        return self.encode_captions(
+            range(self.split.data.num_captions), writers["captions"], report
+        )
+
+    def encode_images(self, rows: range, writer: GalleryWriter, report: Progress) -> None:
+        features, path = self.split.data.images, self.split.features_path
+        step = self.sizes.image_batch
+        for start in range(rows.start, rows.stop, step):
+            batch_rows = range(start, min(start + step, rows.stop))
+            batch = np.asarray(features[batch_rows.start : batch_rows.stop], np.float32)
+            regions, region_gram, pooled = self.image_runner.run({"features": batch})
+            check_encoded_images(batch, regions, pooled, path, start)
+            arrays = {"regions": regions, "region_gram": region_gram, "global": pooled}
+            ids = [self.split.names[i] for i in batch_rows]
+            writer.add(arrays, ids, self.split.image_texts(batch_rows))
+            report("images", len(batch), self.split.data.num_images)
+
+    def encode_captions(self, lines: range, writer: GalleryWriter, report: Progress) -> int:
+        """The captions of `lines`; returns how many were cut to the engine's word limit."""
+        captions, cut = self.split.data.captions, 0
+        step, max_tokens = self.sizes.text_batch, self.sizes.max_tokens
+        for start in range(lines.start, lines.stop, step):
+            chunk_lines = range(start, min(start + step, lines.stop))
+            chunk = captions[chunk_lines.start : chunk_lines.stop]
+            token_lists, chunk_cut = self.bundle.encode_captions(chunk, max_tokens)
+            cut += chunk_cut
+            tokens, lengths = pad_tokens(token_lists)
+            words, caption_gram, pooled = self.text_runner.run(
+                {"tokens": tokens, "lengths": lengths}
             )
-            _index_captions(writer, bundle, text_runner, captions_path, data, names, report, sizes)
-            manifests["captions"] = writer.manifest
-    return manifests
-
-
-def ids_range(start: int, batch: np.ndarray) -> range:
-    return range(start, start + len(batch))
+            numbers = [f"line {j + 1}" for j in chunk_lines]
+            check_encoded_texts(words, pooled, lengths, self.split.captions_path, numbers)
+            arrays = {"words": words, "lengths": lengths, "caption_gram": caption_gram}
+            ids = self.split.caption_ids(chunk_lines)
+            writer.add({**arrays, "global": pooled}, ids, chunk)
+            report("captions", len(chunk), len(captions))
+        return cut
 
 
 def _check_base(base: dict[str, Gallery], data, features_path: Path, captions_path) -> None:
@@ -155,22 +246,3 @@ def _check_base(base: dict[str, Gallery], data, features_path: Path, captions_pa
             else "has no captions part: append images only"
         )
         raise input_error(where, "captions", message)
-
-
-def _index_captions(writer, bundle, runner, captions_path, data, names, report, sizes) -> None:
-    captions, per_image, cut = data.captions, data.captions_per_image, 0
-    with writer:
-        for start in range(0, len(captions), sizes.text_batch):
-            chunk = captions[start : start + sizes.text_batch]
-            token_lists, chunk_cut = bundle.encode_captions(chunk, sizes.max_tokens)
-            cut += chunk_cut
-            tokens, lengths = pad_tokens(token_lists)
-            words, caption_gram, pooled = runner.run({"tokens": tokens, "lengths": lengths})
-            lines = [f"line {j + 1}" for j in range(start, start + len(chunk))]
-            check_encoded_texts(words, pooled, lengths, captions_path, lines)
-            arrays = {"words": words, "lengths": lengths, "caption_gram": caption_gram}
-            rows = range(start, start + len(chunk))
-            ids = [f"{names[j // per_image]}:{j % per_image}" for j in rows]
-            writer.add({**arrays, "global": pooled}, ids, chunk)
-            report("captions", len(chunk), len(captions))
-    bundle.warn_cut(cut, len(captions), "captions", sizes.max_tokens)

@@ -9,8 +9,13 @@ equals the single-process `Retriever`'s, scores bit for bit (tests/runtime/test_
 
 An actor that dies (its node lost, or killed) is restarted by Ray and the call retried once
 (`max_restarts`, `max_task_retries`); past that the search is a one-line UserError naming the
-actor's shards: never a partial answer. Exhaustive search only: the first-stage indexes are the
-whole gallery's, not split per actor.
+actor's shards: never a partial answer.
+
+With a shortlist (two-stage search) the queries are encoded and the first stage runs in this
+process, on the whole gallery's first-stage index (`Retriever.candidates`); each actor re-ranks
+exactly the candidates in its shards and the merged top-k equals the single-process one (the
+same candidates, scored by the same scorer). The first-stage index is not split per actor: this
+process must hold it (memory-mapped for the flat and SQ indexes).
 
 Ray is the cluster: start or join one before (`ray.init(address=...)`, KubeRay on Kubernetes);
 without one, `ShardedRetriever` starts a local Ray instance.
@@ -23,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scan_deploy.runtime.retriever import KINDS_BY_QUERY
-from scan_deploy.runtime.search import Hit, TopK
+from scan_deploy.runtime.ray_cluster import require_ray
+from scan_deploy.runtime.retriever import KINDS_BY_QUERY, Retriever, hits_of
+from scan_deploy.runtime.search import Hit, Queries, TopK
 
 from scan_deploy.errors import UserError, input_error
 
@@ -42,7 +48,7 @@ class ShardActor:
         threads: int,
     ) -> None:
         from scan_deploy.runtime.backends import open_backend  # in the actor's process
-        from scan_deploy.runtime.retriever import Retriever, open_galleries
+        from scan_deploy.runtime.retriever import open_galleries
 
         from scan_deploy.bundle import load_bundle
 
@@ -62,13 +68,24 @@ class ShardActor:
             return self.retriever.rank_text(queries, k)
         return self.retriever.rank_image(queries, k)
 
+    def rerank(
+        self, kind: str, arrays: dict[str, np.ndarray], candidates: list[np.ndarray], k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of encoded queries' candidates in this actor's shards (padded with -inf
+        and -1: `Retriever.rerank`)."""
+        return self.retriever.rerank(Queries(arrays), kind, k, candidates)
+
     def close(self) -> None:
         self.retriever.close()
 
 
 class ShardedRetriever:
-    """`Retriever.search_text` / `search_image` over a gallery split across `actors` Ray actors
-    (exhaustive search). Use as a context manager, or `close()`: the actors are killed."""
+    """`Retriever.search_text` / `search_image` over a gallery split across `actors` Ray actors.
+    Exhaustive search fans the queries out; with a shortlist, `retriever` (this process's:
+    default, one opened here with `backend`, `precision`, `threads` and `first_stage`) encodes
+    the queries and runs the first stage on the whole gallery's index, and each actor re-ranks
+    the candidates in its shards. Use as a context manager, or `close()`: the actors are
+    killed (and the retriever opened here closed)."""
 
     def __init__(
         self,
@@ -80,13 +97,17 @@ class ShardedRetriever:
         threads: int = 0,
         max_restarts: int = 1,
         timeout: float = 600.0,
+        retriever: Retriever | None = None,
+        first_stage: str | None = None,
     ) -> None:
         ray = require_ray()
-        from scan_deploy.runtime.retriever import open_galleries
-
-        self.galleries = open_galleries(gallery)
         if not isinstance(actors, int) or actors < 1:
             raise input_error(None, "actors", f"expected an integer ≥ 1, got {actors!r}")
+        self.local = retriever or Retriever.open(
+            bundle, gallery, backend, precision, threads=threads, first_stage=first_stage
+        )
+        self._owned = retriever is None
+        self.galleries = self.local.galleries
         if not ray.is_initialized():
             ray.init()
         self.timeout, self._ray = timeout, ray
@@ -100,7 +121,6 @@ class ShardedRetriever:
     def search_text(
         self, texts: Sequence[str], k: int = 10, shortlist: int | None = None
     ) -> list[list[Hit]]:
-        """`Retriever.search_text` over the actors; `shortlist` must be None (exhaustive)."""
         return self._search("text", list(texts), k, shortlist)
 
     def search_image(
@@ -109,21 +129,44 @@ class ShardedRetriever:
         return self._search("image", np.asarray(features, np.float32), k, shortlist)
 
     def _search(self, query: str, queries: Any, k: int, shortlist: int | None) -> list[list[Hit]]:
-        from scan_deploy.runtime.retriever import hits_of, queried_gallery
-
-        if shortlist is not None:
-            message = "the gallery is sharded over Ray actors: exhaustive search only"
-            raise input_error(None, "shortlist", message)
-        gallery = queried_gallery(self.galleries, query, k)
+        gallery = self.local.gallery_for(query, k, shortlist)
         if len(queries) == 0:
             return []
-        calls = [actor.rank.remote(query, queries, k) for actor in self.actors]
-        top = TopK(len(queries), k)
-        for part, call in zip(self.parts, calls, strict=True):
-            scores, indices = self._get(call, part)
-            if scores.shape[1]:
-                top.update(scores, indices)
-        return hits_of(*top.result(), gallery, self.galleries)
+        if shortlist is not None and shortlist < gallery.count:
+            scores, indices = self._two_stage(query, queries, gallery, k, shortlist)
+        else:
+            calls = [actor.rank.remote(query, queries, k) for actor in self.actors]
+            top = TopK(len(queries), k)
+            for part, call in zip(self.parts, calls, strict=True):
+                scores, indices = self._get(call, part)
+                if scores.shape[1]:
+                    top.update(scores, indices)
+            scores, indices = top.result()
+        return hits_of(scores, indices, gallery, self.galleries)
+
+    def _two_stage(self, query: str, queries: Any, gallery, k: int, size: int):
+        """Encode and shortlist here, a batch of the engine's size at a time; re-rank on the
+        actors holding the candidates; merge."""
+        kind, k = gallery.kind, min(k, gallery.live_count)
+        sizes = self.local.sizes
+        step = sizes.text_batch if query == "text" else sizes.image_batch
+        scores = np.empty((len(queries), k), np.float32)
+        indices = np.empty((len(queries), k), np.int64)
+        for start in range(0, len(queries), step):
+            chunk = queries[start : start + step]
+            local = self.local
+            encoded = local.encode_text(chunk) if query == "text" else local.encode_images(chunk)
+            candidates = local.candidates(encoded, gallery, size)
+            top, calls = TopK(len(chunk), k), []
+            for actor, part in zip(self.actors, self.parts, strict=True):
+                low, high = _item_range(gallery, part[kind])
+                mine = [row[(row >= low) & (row < high)] for row in candidates]
+                if any(len(row) for row in mine):
+                    calls.append((part, actor.rerank.remote(kind, encoded.arrays, mine, k)))
+            for part, call in calls:
+                top.update(*self._get(call, part))
+            scores[start : start + len(chunk)], indices[start : start + len(chunk)] = top.result()
+        return scores, indices
 
     def _get(self, call, part: dict[str, tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         errors = self._ray.exceptions
@@ -141,12 +184,23 @@ class ShardedRetriever:
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors = []
+        if self._owned:
+            self.local.close()
 
     def __enter__(self) -> ShardedRetriever:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _item_range(gallery, shards: tuple[int, int]) -> tuple[int, int]:
+    """The gallery indices [low, high) of the shards first:stop (empty when none)."""
+    first, stop = shards
+    if first >= stop:
+        return 0, 0
+    last = gallery.shards[stop - 1]
+    return gallery.shards[first].offset, last.offset + last.count
 
 
 def split_shards(galleries: dict[str, Any], actors: int) -> list[dict[str, tuple[int, int]]]:
@@ -168,11 +222,3 @@ def split_shards(galleries: dict[str, Any], actors: int) -> list[dict[str, tuple
         for a in range(actors):
             parts[a][kind] = (cuts[a], cuts[a + 1])
     return parts
-
-
-def require_ray():
-    try:
-        import ray
-    except ModuleNotFoundError:
-        raise UserError("scale-out needs Ray: pip install 'scan-deploy[ray]'") from None
-    return ray

@@ -48,6 +48,7 @@ from scan_deploy.runtime.search import (
     exhaustive,
     live_candidates,
     reranked,
+    reranked_lists,
 )
 
 from scan_deploy.batching import pad_tokens
@@ -95,8 +96,12 @@ class Retriever:
         first_stage: FirstStage | str | None = None,
         token_candidates: int | None = None,
         scorer: Scorer | str = Scorer.AUTO,
+        faiss_params: str | None = None,
     ) -> None:
+        """`faiss_params`: those the galleries' first-stage indexes were opened with (`open`),
+        kept for `on_galleries`."""
         self.bundle, self.galleries, self.backend = bundle, galleries, backend
+        self.faiss_params = faiss_params
         self.shortlist_engine = check_engine(shortlist_engine)
         self.threads = threads
         self.first_stage = (
@@ -116,9 +121,9 @@ class Retriever:
         self._explain: Explainer | None = None
         self._owned: list = []  # what close() closes
         self._explainer_lock = threading.Lock()
-        choice = Scorer.parse(scorer, "scorer")
+        self.scorer = Scorer.parse(scorer, "scorer")
         self.scorers = {
-            kind: self._gallery_scorer(gallery, choice) for kind, gallery in galleries.items()
+            kind: self._gallery_scorer(gallery, self.scorer) for kind, gallery in galleries.items()
         }
 
     def _gallery_scorer(self, gallery: Gallery, choice: Scorer) -> GalleryScorer:
@@ -135,7 +140,9 @@ class Retriever:
             else:
                 return GalleryScorer(_Locked(runner), cross_attn, stored=True)
         resident = getattr(self.backend, "resident", None)  # device-resident blocks (torch)
-        return GalleryScorer(self._runners[Graph.SCORER], cross_attn, resident=resident)
+        release = getattr(self.backend, "release", None)
+        runner = self._runners[Graph.SCORER]
+        return GalleryScorer(runner, cross_attn, resident=resident, release=release)
 
     @classmethod
     def open(
@@ -179,9 +186,40 @@ class Retriever:
         opened = open_backend(
             bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
         )
-        retriever = cls(bundle, galleries, opened, engine, threads, stage, token_candidates, scorer)
+        retriever = cls(
+            bundle,
+            galleries,
+            opened,
+            engine,
+            threads,
+            stage,
+            token_candidates,
+            scorer,
+            faiss_params,
+        )
         retriever._owned.append(opened)  # opened here: closed with the retriever
         return retriever
+
+    def on_galleries(self, galleries: dict[str, Gallery]) -> Retriever:
+        """This retriever's bundle, backend and settings over `galleries` (a later generation
+        of its gallery: `serve` switches to it), their first-stage indexes opened as `open`
+        does. The backend stays this retriever's: closing the new one closes its own scorers."""
+        for part in galleries.values():
+            part.check_bundle(self.bundle)
+        for part in galleries.values():
+            stage = stage_of(part, self.first_stage)
+            _open_stage_index(part, stage, self.shortlist_engine, self.faiss_params)
+        return Retriever(
+            self.bundle,
+            galleries,
+            self.backend,
+            self.shortlist_engine,
+            self.threads,
+            self.first_stage,
+            self.token_candidates,
+            self.scorer,
+            self.faiss_params,
+        )
 
     def close(self) -> None:
         """Close the int8 scorers, the explain session and the backend `open` opened (one
@@ -304,6 +342,10 @@ class Retriever:
         scorer, block = self.scorers[gallery.kind], self.sizes.block(gallery.kind)
         if size is None or size >= gallery.count:
             return exhaustive(scorer, queries, gallery, k, block)
+        return reranked(scorer, queries, gallery, k, self.candidates(queries, gallery, size), block)
+
+    def candidates(self, queries: Queries, gallery: Gallery, size: int) -> np.ndarray:
+        """(queries, size) live items of `gallery` the first stage picks for each query."""
         stage, engine = stage_of(gallery, self.first_stage), self.shortlist_engine
         pooling, threads, per_token = self.pooling, self.threads, self.token_candidates
         extra = len(gallery.deleted)  # deleted items found are dropped: ask for as many more
@@ -313,7 +355,16 @@ class Retriever:
         )  # fmt: skip
         if extra:
             candidates = live_candidates(candidates, gallery, size)
-        return reranked(scorer, queries, gallery, k, candidates, block)
+        return candidates
+
+    def rerank(
+        self, queries: Queries, kind: str, k: int, candidates: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of each query's own candidates in the `kind` gallery (any number, maybe
+        none: a Ray shard actor gets the first stage's candidates in its shards): (queries, k)
+        best first, padded with -inf scores and index -1 (`search.reranked_lists`)."""
+        gallery, block = self.galleries[kind], self.sizes.block(kind)
+        return reranked_lists(self.scorers[kind], queries, gallery, k, candidates, block)
 
     def explain_text(self, text: str, hits: Sequence[Hit]) -> list[Explanation]:
         """The attention between a text query and each of its image hits, from the gallery's

@@ -13,7 +13,7 @@ takes (`runtime.backends.base.CallSizes`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,8 @@ class GalleryScorer:
     # The backend's `resident(arrays)`: device copies of a block, or None past its budget
     # (`TorchBackend.resident`); the blocks it took are kept here and scored from the device.
     resident: Callable[[dict], dict | None] | None = None
+    # The backend's `release(blocks)`: the budget of device blocks dropped (`close`).
+    release: Callable[[list[dict]], None] | None = None
     device_blocks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def block(self, gallery: Gallery, shard: Shard, start: int, stop: int) -> dict:
@@ -117,8 +119,11 @@ class GalleryScorer:
         return on_device
 
     def close(self) -> None:
-        """Drop the device blocks (freed with their last reference); the runner is the
-        backend's, closed with it."""
+        """Drop the device blocks (freed with their last reference) and give their budget
+        back to the backend (another scorer on it may keep blocks: `serve` switching to a
+        gallery's next generation); the runner is the backend's, closed with it."""
+        if self.release is not None and self.device_blocks:
+            self.release(list(self.device_blocks.values()))
         self.device_blocks.clear()
 
     def rows(self, gallery: Gallery, indices: np.ndarray) -> dict:
@@ -185,6 +190,26 @@ def reranked(
             chosen = candidates[q, start : start + block]
             top.update(scorer.score(one, scorer.rows(gallery, chosen)), chosen)
         (scores[q],), (indices[q],) = top.result()
+    return scores, indices
+
+
+def reranked_lists(
+    scorer: GalleryScorer,
+    queries: Queries,
+    gallery: Gallery,
+    k: int,
+    candidates: Sequence[np.ndarray],
+    block: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`reranked` with each query's own candidates, any number, maybe none (a Ray shard actor
+    gets those in its shards): (queries, k) best first, padded with -inf scores and index -1."""
+    scores = np.full((queries.count, k), -np.inf, np.float32)
+    indices = np.full((queries.count, k), -1, np.int64)
+    for q, chosen in enumerate(candidates):
+        if len(chosen):
+            top = reranked(scorer, queries.take(np.array([q])), gallery, k, chosen[None], block)
+            kept = top[0].shape[1]
+            scores[q, :kept], indices[q, :kept] = top[0][0], top[1][0]
     return scores, indices
 
 

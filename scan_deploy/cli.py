@@ -772,6 +772,17 @@ def index(
             "new generation (its dtype, shards and first stages kept)."
         ),
     ] = False,
+    ray_workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Encode the shards on this many Ray Data workers (the ray extra; each uses "
+            "--threads threads, default 1). 0: in this process.",
+        ),
+    ] = 0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="The Ray cluster to join (default: a local instance).")
+    ] = None,
     as_json: Summary = False,
 ) -> None:
     """Encode images (and captions) once into a sharded, memory-mapped gallery for `query`."""
@@ -784,12 +795,25 @@ def index(
     stages = _first_stage_options(first_stage or [])
     if append and (force or stages):
         raise UserError("--append keeps the gallery's settings: not with --force or --first-stage")
+    if ray_address is not None and not ray_workers:
+        raise UserError("--ray-address: applies with --ray-workers N")
     loaded = load_bundle(bundle)
     opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
-    with progress_bar(err_console) as progress:
+    with contextlib.ExitStack() as stack:
+        ray = None
+        if ray_workers:
+            from scan_deploy.runtime.ray_cluster import ray_cluster
+            from scan_deploy.runtime.ray_index import RayIndexing
+
+            stack.enter_context(ray_cluster(ray_address))
+            where = None if checkpoint is None else str(checkpoint)
+            ray = RayIndexing(ray_workers, str(backend), str(precision), threads or 1, where)
+        progress = stack.enter_context(progress_bar(err_console))
         on_progress = stage_bars(progress, "encoding ")
         if append:
-            manifests = append_gallery(loaded, opened, out, features, captions, on_progress)
+            manifests = append_gallery(
+                loaded, opened, out, features, captions, on_progress, ray=ray
+            )
         else:
             manifests = index_gallery(
                 loaded,
@@ -802,6 +826,7 @@ def index(
                 force,
                 on_progress,
                 stages,
+                ray=ray,
             )
     counts = {kind: manifest["count"] for kind, manifest in manifests.items()}
     indexed = {kind: manifest["first_stages"] for kind, manifest in manifests.items()}
@@ -1125,11 +1150,20 @@ def serve(
         typer.Option(
             min=0,
             help="Search over this many Ray actors, each holding a part of the shards "
-            "(the ray extra; exhaustive search only). 0: in this process.",
+            "(the ray extra; a shortlist's first stage runs in this process). 0: in this process.",
         ),
     ] = 0,
     ray_address: Annotated[
         str | None, typer.Option(help="The Ray cluster to join (default: a local instance).")
+    ] = None,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Seconds between looks for a new generation of the gallery (index --append, "
+            "delete, compact), served without a restart; 0: never. Default 2; never with "
+            "--ray-actors.",
+        ),
     ] = None,
     shortlist_engine: ShortlistEngine = choices.ShortlistEngine.AUTO,
     first_stage: FirstStage = None,
@@ -1152,8 +1186,11 @@ def serve(
     from scan_deploy.runtime.retriever import Retriever
     from scan_deploy.serve.app import ServeSettings, create_app
 
+    if ray_actors and watch:
+        raise UserError("--watch: a gallery sharded over Ray actors is not watched (restart it)")
+    watch = (0.0 if ray_actors else 2.0) if watch is None else watch
     settings = ServeSettings(
-        max_batch, max_wait_ms / 1000, max_queue, max_queries, int(max_body_mb * (1 << 20))
+        max_batch, max_wait_ms / 1000, max_queue, max_queries, int(max_body_mb * (1 << 20)), watch
     )
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1181,12 +1218,10 @@ def serve(
     ):
         sharded = None
         if ray_actors:
-            from scan_deploy.runtime.ray_shards import ShardedRetriever, require_ray
+            from scan_deploy.runtime.ray_cluster import ray_cluster
+            from scan_deploy.runtime.ray_shards import ShardedRetriever
 
-            ray = require_ray()
-            local = {"include_dashboard": False} if ray_address is None else {}
-            ray.init(address=ray_address, **local)
-            stack.callback(ray.shutdown)
+            stack.enter_context(ray_cluster(ray_address))
             sharded = stack.enter_context(
                 ShardedRetriever(
                     retriever.bundle.path,
@@ -1195,9 +1230,10 @@ def serve(
                     str(backend),
                     str(precision),
                     threads,
+                    retriever=retriever,
                 )  # fmt: skip
             )
-        app_ = create_app(retriever, settings, sharded)
+        app_ = create_app(retriever, settings, sharded, gallery)
         bound = listener.getsockname()[1]
         message = f"serving {gallery} on http://{host}:{bound}/ (API docs at /docs)"
         err_console.print(message, soft_wrap=True)  # one line: scripts read the address

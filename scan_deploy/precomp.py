@@ -313,33 +313,35 @@ def _open_features(path: Path) -> np.ndarray:
 
 
 def check_feature_values(
-    images: np.ndarray, source: str | Path | None, field: str = "features"
+    images: np.ndarray, source: str | Path | None, field: str = "features", first: int = 0
 ) -> bool:
     """Scan (memory-mapped) features (images, regions, features) in bounded chunks; a one-line
     UserError names `source` and the first image with NaN or Inf values, or with no region (all
-    its rows zero: a padded region is an all-zero row, `scan_deploy.scoring.region_mask`).
-    Returns whether any image is padded (has an all-zero row)."""
+    its rows zero: a padded region is an all-zero row, `scan_deploy.scoring.region_mask`);
+    `first`: the number of `images[0]` in `source` (a slice's). Returns whether any image is
+    padded (has an all-zero row)."""
     padded = False
-    for start, chunk in _chunks(images):
+    for start, chunk in _chunks(images, first):
         bad = ~np.isfinite(chunk).all(axis=(1, 2))
         if bad.any():
-            first = start + int(np.argmax(bad))
-            raise input_error(source, field, f"image {first} has NaN or Inf values")
+            image = start + int(np.argmax(bad))
+            raise input_error(source, field, f"image {image} has NaN or Inf values")
         empty = ~chunk.any(axis=(1, 2))
         if empty.any():
-            first = start + int(np.argmax(empty))
-            message = f"image {first} has no regions (all its features are zero)"
+            image = start + int(np.argmax(empty))
+            message = f"image {image} has no regions (all its features are zero)"
             raise input_error(source, field, message)
         padded = padded or not chunk.any(axis=2).all()
     return padded
 
 
-def _chunks(images: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """Consecutive runs of whole images, about `_CHUNK_BYTES` each, read one at a time."""
+def _chunks(images: np.ndarray, first: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """Consecutive runs of whole images, about `_CHUNK_BYTES` each, read one at a time, with
+    the number of their first image (counted from `first`)."""
     image_bytes = int(np.prod(images.shape[1:])) * images.itemsize
     rows = max(1, _CHUNK_BYTES // max(1, image_bytes))
     for start in range(0, images.shape[0], rows):
-        yield start, np.asarray(images[start : start + rows])
+        yield first + start, np.asarray(images[start : start + rows])
 
 
 def read_captions(path: Path) -> list[str]:

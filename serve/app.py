@@ -17,6 +17,7 @@ own one-line messages), 503 the queue is full (with Retry-After) or the server i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import tempfile
 import time
@@ -32,10 +33,12 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from scan_deploy.runtime.gallery import Gallery
 from scan_deploy.runtime.retriever import Retriever
 from scan_deploy.runtime.search import Hit
 from scan_deploy.serve.batcher import Batcher, QueueFull
 from scan_deploy.serve.body_limit import BodyLimit
+from scan_deploy.serve.live import LiveGallery, Snapshot
 from scan_deploy.serve.metrics import Metrics
 from starlette.exceptions import HTTPException
 
@@ -49,6 +52,7 @@ class ServeSettings:
     max_queue: int = 64  # requests waiting; beyond: 503
     max_queries: int = 64  # queries in one request; beyond: 413
     max_body: int = 16 << 20  # bytes of one request body; beyond: 413
+    watch: float = 0.0  # seconds between looks for a new generation of the gallery (0: never)
 
 
 class TextSearch(BaseModel):
@@ -65,39 +69,56 @@ class ExplainRequest(BaseModel):
 
 
 def create_app(
-    retriever: Retriever, settings: ServeSettings | None = None, sharded=None
+    retriever: Retriever,
+    settings: ServeSettings | None = None,
+    sharded=None,
+    gallery: str | Path | None = None,
 ) -> FastAPI:
     """The app; the retriever stays the caller's (closed by whoever opened it). `sharded`: a
-    `runtime.ray_shards.ShardedRetriever` over the same gallery that answers the searches
-    (exhaustive only); the retriever then checks requests, explains and serves image files."""
+    `runtime.ray_shards.ShardedRetriever` over the same gallery that answers the searches; the
+    retriever then checks requests, explains and serves image files.
+    `gallery`: the retriever's gallery folder, watched for new generations every
+    `settings.watch` seconds (`serve.live`; not with `sharded`)."""
     settings = settings or ServeSettings()
-    searcher = retriever if sharded is None else sharded
+    if sharded is not None and settings.watch:
+        raise UserError("a gallery sharded over Ray actors is not watched: restart to switch")
+    live = LiveGallery(gallery if settings.watch else None, retriever)
     metrics = Metrics()
     batchers: dict[str, Batcher] = {}
 
+    def run_text(queries, k, shortlist):
+        if sharded is not None:
+            return sharded.search_text(queries, k, shortlist)
+        with live.using() as snapshot:
+            return snapshot.retriever.search_text(queries, k, shortlist)
+
+    def run_image(queries, k, shortlist):
+        if sharded is not None:
+            return sharded.search_image(np.stack(queries), k, shortlist)
+        with live.using() as snapshot:
+            return snapshot.retriever.search_image(np.stack(queries), k, shortlist)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batchers["text"] = Batcher(
-            lambda q, k, s: searcher.search_text(q, k, s),
-            settings.max_batch,
-            settings.max_wait,
-            settings.max_queue,
-            metrics.observer("text"),
-        )
-        batchers["image"] = Batcher(
-            lambda q, k, s: searcher.search_image(np.stack(q), k, s),
-            settings.max_batch,
-            settings.max_wait,
-            settings.max_queue,
-            metrics.observer("image"),
-        )
-        for batcher in batchers.values():
-            batcher.start()
+        for kind, run in (("text", run_text), ("image", run_image)):
+            batchers[kind] = Batcher(
+                run, *(settings.max_batch, settings.max_wait, settings.max_queue),
+                metrics.observer(kind),
+            )  # fmt: skip
+            batchers[kind].start()
+        watcher = None
+        if live.root is not None:
+            watcher = asyncio.get_running_loop().create_task(live.watch(settings.watch))
         app.state.ready = True
         yield
         app.state.ready = False
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         for batcher in batchers.values():
             await batcher.close()
+        live.close()
 
     app = FastAPI(
         title="scan-deploy",
@@ -106,8 +127,6 @@ def create_app(
     )
     app.state.ready = False
     app.add_middleware(BodyLimit, limit=settings.max_body, refused=metrics.refused)
-    images_gallery = retriever.galleries.get("images")
-    image_index = {} if images_gallery is None else {i: n for n, i in enumerate(images_gallery.ids)}
 
     @app.middleware("http")
     async def timed(request: Request, call_next):
@@ -144,7 +163,8 @@ def create_app(
     @app.post("/v1/search/text", summary="Images for each text")
     async def search_text(body: TextSearch) -> dict[str, Any]:
         _check_count(len(body.queries), settings.max_queries)
-        retriever.gallery_for("text", body.k, body.shortlist)  # k and shortlist, before queueing
+        with live.using() as snapshot:  # k and shortlist, before queueing
+            snapshot.retriever.gallery_for("text", body.k, body.shortlist)
         found = await batchers["text"].submit(body.queries, body.k, body.shortlist)
         results = zip(body.queries, found, strict=True)
         return {"results": [_result(q, hits, "images") for q, hits in results]}
@@ -157,8 +177,9 @@ def create_app(
     ) -> dict[str, Any]:
         features = _features(await request.body(), retriever.bundle.config.img_dim)
         _check_count(len(features), settings.max_queries)
-        retriever.gallery_for("image", k, shortlist)
-        features = retriever.check_features(features)
+        with live.using() as snapshot:
+            snapshot.retriever.gallery_for("image", k, shortlist)
+            features = snapshot.retriever.check_features(features)
         found = await batchers["image"].submit(list(features), k, shortlist, features.shape[1])
         return {
             "results": [_result(f"image {i}", hits, "captions") for i, hits in enumerate(found)]
@@ -166,29 +187,31 @@ def create_app(
 
     @app.post("/v1/explain", summary="The attention behind a text's score of an image")
     async def explain(body: ExplainRequest) -> dict[str, Any]:
-        index = _image_index(body.id)
-        hit = Hit(index, body.id, 0.0, None)
-        (result,) = await asyncio.to_thread(retriever.explain_text, body.text, [hit])
+        with live.using() as snapshot:
+            index, images = _image(snapshot, body.id)
+            hit = Hit(index, body.id, 0.0, None)
+            explain_text = snapshot.retriever.explain_text
+            (result,) = await asyncio.to_thread(explain_text, body.text, [hit])
+            shown = result.boxes(images.boxes_of(index))
         out = result.to_dict()
-        shown = result.boxes(images_gallery.boxes_of(index))
         if shown is not None:
             out.update(boxes=shown[0].tolist(), image_size=list(shown[1]))
         return out
 
     @app.get("/v1/explain.png", summary="The attention picture (the plots extra)")
     async def explain_png(text: str = Query(min_length=1), id: str = Query(min_length=1)):
-        index = _image_index(id)
-        try:
-            import matplotlib  # noqa: F401 (the plots extra; attention_picture imports it late)
-        except ModuleNotFoundError:
-            return _error(501, "pictures need matplotlib: pip install 'scan-deploy[plots]'")
-        from scan_deploy.attention_picture import write_hit_png
+        with live.using() as snapshot:
+            index, images = _image(snapshot, id)
+            try:
+                import matplotlib  # noqa: F401 (the plots extra; attention_picture imports it late)
+            except ModuleNotFoundError:
+                return _error(501, "pictures need matplotlib: pip install 'scan-deploy[plots]'")
+            from scan_deploy.attention_picture import write_hit_png
 
-        (result,) = await asyncio.to_thread(
-            retriever.explain_text, text, [Hit(index, id, 0.0, None)]
-        )
-        boxed = result.boxes(images_gallery.boxes_of(index))
-        image = images_gallery.image_file(id)
+            explain_text = snapshot.retriever.explain_text
+            (result,) = await asyncio.to_thread(explain_text, text, [Hit(index, id, 0.0, None)])
+            boxed = result.boxes(images.boxes_of(index))
+            image = images.image_file(id)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "explain.png"
             await asyncio.to_thread(write_hit_png, path, text, id, result, boxed, image)
@@ -196,8 +219,8 @@ def create_app(
 
     @app.get("/v1/images/{image_id}", summary="A gallery image's file")
     async def image(image_id: str):
-        _image_index(image_id)  # only the gallery's ids: no path from the URL reaches the disk
-        file = images_gallery.image_file(image_id)
+        with live.using() as snapshot:  # only the gallery's ids: no URL path reaches the disk
+            file = _image(snapshot, image_id)[1].image_file(image_id)
         if file is None:
             raise HTTPException(404, f"image {image_id!r}: the gallery knows no file for it")
         return FileResponse(file)
@@ -210,9 +233,11 @@ def create_app(
     async def readyz():
         if not app.state.ready:
             return _error(503, "not ready")
-        galleries = {kind: g.count for kind, g in retriever.galleries.items()}
+        with live.using() as snapshot:
+            galleries = {kind: g.live_count for kind, g in snapshot.retriever.galleries.items()}
         depth = {kind: b.depth for kind, b in batchers.items()}
-        return {"status": "ready", "galleries": galleries, "queue": depth}
+        ready = {"status": "ready", "generation": snapshot.generation, "galleries": galleries}
+        return {**ready, "queue": depth}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:
@@ -224,14 +249,18 @@ def create_app(
     async def page() -> str:
         return resources.files("scan_deploy.serve").joinpath("page.html").read_text("utf-8")
 
-    def _image_index(image_id: str) -> int:
-        if images_gallery is None:
-            raise HTTPException(404, "the gallery has no images")
-        if image_id not in image_index:
-            raise HTTPException(404, f"image {image_id!r}: not in the gallery")
-        return image_index[image_id]
-
     return app
+
+
+def _image(snapshot: Snapshot, image_id: str) -> tuple[int, Gallery]:
+    """(index, images gallery) of a live gallery image, or HTTP 404."""
+    images = snapshot.retriever.galleries.get("images")
+    if images is None:
+        raise HTTPException(404, "the gallery has no images")
+    index = snapshot.image_index.get(image_id)
+    if index is None or images.deleted_mask[index]:
+        raise HTTPException(404, f"image {image_id!r}: not in the gallery")
+    return index, images
 
 
 def _check_count(count: int, limit: int) -> None:

@@ -174,6 +174,12 @@ class TorchBackend(RunnerCache):
         torch = self.torch
         return {name: torch.from_numpy(array).to(self.device) for name, array in host.items()}
 
+    def release(self, blocks: list[dict[str, Any]]) -> None:
+        """Give back the budget of device blocks `resident` made, which a scorer dropped."""
+        size = sum(t.element_size() * t.nelement() for block in blocks for t in block.values())
+        with self._resident_lock:
+            self._resident_used = max(0, self._resident_used - size)
+
     def close(self) -> None:
         """The runners, and the resident budget (its blocks are freed with the scorers that
         hold them, `GalleryScorer.close`)."""

@@ -96,6 +96,11 @@ def test_deleted_items_are_never_returned(parts, grown, tmp_path):
     done = run_cli("delete", gallery, "i3", "i350", "i10:2", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["deleted"] == {"images": 2, "captions": 11}
+    for kind in ("images", "captions"):  # nothing added: the first-stage indexes are shared
+        for name in ("global.faiss", "maxsim.faiss"):
+            before = gallery / "generations" / "000001" / kind / name
+            after = gallery / "generations" / "000002" / kind / name
+            assert before.stat().st_ino == after.stat().st_ino
     texts = (root / "all_caps.txt").read_text().splitlines()[15:20]  # image i3's captions
     features = np.load(root / "all_ims.npy")[[10, 3]]
     gone = {"i3", "i350", "i10:2", *(f"i3:{k}" for k in range(5)), *(f"i350:{k}" for k in range(5))}
@@ -210,6 +215,7 @@ def test_a_writer_killed_anywhere_leaves_a_whole_generation(parts, tmp_path, kil
         ("dim", "img_dim: the model expects 32 features per region"),
         ("regions", "shape: has 6 regions per image, the bundle takes 8"),
         ("duplicate", "ids: image 'i0' is already in the gallery (ids must stay unique)"),
+        ("deleted", "ids: image 'i0' was deleted: compact the gallery before adding it again"),
         ("no-captions", "captions: has captions: append them too (--captions)"),
     ],
 )
@@ -219,7 +225,9 @@ def test_bad_appends_are_one_line_and_change_nothing(parts, tmp_path, setup, mes
     _index(bundle, root, "first", gallery)
     features = np.load(root / "rest_ims.npy")[:10]
     captions = (root / "rest_caps.txt").read_text().splitlines()[:50]
-    first_id = 0 if setup == "duplicate" else 1000
+    first_id = 0 if setup in ("duplicate", "deleted") else 1000
+    if setup == "deleted":
+        assert run_cli("delete", gallery, "i0").returncode == 0
     if setup == "dim":
         features = features[..., :20]
     if setup == "regions":
@@ -230,4 +238,5 @@ def test_bad_appends_are_one_line_and_change_nothing(parts, tmp_path, setup, mes
                    gallery, "--append")  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    assert current_generation(gallery)[0] == 0 and _intact(gallery) == 300
+    generation = 1 if setup == "deleted" else 0
+    assert current_generation(gallery)[0] == generation and _intact(gallery) == 300

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="ray (the ray extra) missing")
+pytest.importorskip("faiss")  # the galleries' first-stage indexes
 from scan_deploy.runtime.backends import open_backend  # noqa: E402
 from scan_deploy.runtime.indexer import index_gallery  # noqa: E402
 from scan_deploy.runtime.ray_shards import ShardedRetriever, split_shards  # noqa: E402
@@ -30,7 +31,8 @@ def sharded(trained, tmp_path_factory):
     gallery = tmp_path_factory.mktemp("ray") / "gallery"
     loaded = load_bundle(bundle)
     index_gallery(loaded, open_backend(loaded), data / "test_ims.npy", data / "test_caps.txt",
-                  gallery, dtype="fp16", shard_size=150)  # fmt: skip
+                  gallery, dtype="fp16", shard_size=150,
+                  first_stages={"global": None, "maxsim": None})  # fmt: skip
     return bundle, gallery, load_split(data, "test")
 
 
@@ -56,6 +58,27 @@ def test_fan_out_equals_one_process(cluster, sharded):
         with pytest.raises(UserError, match=r"^k: expected 1\.\.400"):
             retriever.search_text(texts, k=401)
     assert got == expected  # ids, scores (bit for bit), texts
+
+
+@pytest.mark.parametrize("stage", ["global", "maxsim"])
+def test_two_stage_over_actors_equals_one_process(cluster, sharded, stage):
+    """The first stage here (the whole gallery's index), the re-rank on the actors holding the
+    candidates: the same hits as one process, scores to float rounding."""
+    bundle, gallery, split = sharded
+    texts = split.captions[::97]
+    features = np.asarray(split.images[[0, 57, 399]])
+    options = {"first_stage": stage}
+    with Retriever.open(bundle, gallery, **options) as single:
+        expected = single.search_text(texts, k=7, shortlist=30)
+        expected += single.search_image(features, k=7, shortlist=60)
+    with ShardedRetriever(bundle, gallery, actors=2, **options) as retriever:
+        got = retriever.search_text(texts, k=7, shortlist=30)
+        got += retriever.search_image(features, k=7, shortlist=60)
+        with pytest.raises(UserError, match=r"^shortlist: expected at least k = 7, got 5$"):
+            retriever.search_text(texts, k=7, shortlist=5)
+    for hits, wanted in zip(got, expected, strict=True):
+        assert [h.id for h in hits] == [h.id for h in wanted]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in wanted], atol=1e-5)
 
 
 def test_a_killed_actor_is_restarted_and_the_query_retried(cluster, sharded):

@@ -18,7 +18,7 @@ from scan_deploy.runtime.backends import open_backend
 from scan_deploy.runtime.first_stage import global_shortlist as shortlist
 from scan_deploy.runtime.gallery import open_gallery
 from scan_deploy.runtime.indexer import index_gallery
-from scan_deploy.runtime.retriever import Retriever
+from scan_deploy.runtime.retriever import Retriever, open_galleries
 
 from scan_deploy.bundle import load_bundle
 from scan_deploy.checkpoint import load_checkpoint
@@ -601,6 +601,12 @@ def test_the_torch_backend_keeps_gallery_blocks_on_its_device(indexed, trained, 
         assert resident.search_text(texts, k=5) == expected
         assert len(resident.scorers["images"].device_blocks) == kept
         assert len(reads) - first == first - 2 * kept  # the kept blocks are not read again
+    used = backend._resident_used
+    later = resident.on_galleries(open_galleries(gallery))  # serve's next generation
+    resident.close()  # its blocks' budget goes back: the next retriever keeps them again
+    assert used == block and backend._resident_used == 0
+    assert later.search_text(texts, k=5) == expected
+    assert len(later.scorers["images"].device_blocks) == 1
 
 
 def test_a_closed_retriever_refuses_to_search(indexed):

@@ -1,0 +1,187 @@
+"""`index --ray-workers N`: encode a large feature set on a pool of Ray Data workers (the `ray`
+extra; Ray Data brings pandas and pyarrow).
+
+The split is cut into the gallery's shards (`shard_size` images, then `shard_size` captions);
+Ray Data streams these jobs to N actors (`ShardEncoder`), each holding a backend opened from the
+bundle and the features memory-mapped from the same path (storage every node mounts at that
+path). Each actor encodes its shard's items with the code one process uses
+(`indexer.LocalEncoders`) into a one-shard gallery inside the gallery being written; the driver
+then moves the shards in, in order (`GalleryWriter.adopt`), and writes the ids, texts, boxes,
+manifests and first-stage indexes as `index` does. The result is the gallery one process writes:
+the same shards, ids and texts, values equal to float rounding of the encoders' batch
+composition (tests/runtime/test_ray_index.py).
+
+The features are scanned for NaN/Inf and padding shard by shard, in the workers. A user error in
+a shard (NaN features, an image with no regions, a caption the encoder cannot take) comes back
+as its one-line message and stops the run (the jobs left are skipped, the shards being written
+finish first); nothing is written. A worker that dies is restarted
+by Ray Data and its shard encoded again (a shard's part is written whole or replaced).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scan_deploy.runtime.gallery_writer import GalleryWriter
+from scan_deploy.runtime.indexer import IndexInputs, LocalEncoders, Progress
+from scan_deploy.runtime.ray_cluster import require_ray
+
+from scan_deploy.bundle import Bundle
+from scan_deploy.errors import UserError, input_error
+from scan_deploy.precomp import check_feature_values
+
+PARTS = ".parts"  # the workers' one-shard galleries, inside the gallery's temp folder
+STOP = "STOP"  # in PARTS once a job failed: the workers skip the jobs left
+
+
+@dataclass(frozen=True)
+class RayIndexing:
+    """Encode on `workers` Ray actors, each opening `backend` at `precision` with `threads`
+    threads (ONNX Runtime's intra-op threads, and the CPUs Ray reserves for each actor);
+    `checkpoint`: the torch backend's."""
+
+    workers: int
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    threads: int = 1
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        for field, value in (("ray_workers", self.workers), ("threads", self.threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise input_error(None, field, f"expected an integer ≥ 1, got {value!r}")
+
+
+def shard_jobs(split: IndexInputs, shard_sizes: dict[str, int]) -> list[dict[str, Any]]:
+    """One job per shard to write, by kind in the order given (images, then captions):
+    {kind, shard, start, stop}."""
+    totals = {"images": split.data.num_images, "captions": split.data.num_captions}
+    return [
+        {"kind": kind, "shard": shard, "start": start, "stop": min(start + size, totals[kind])}
+        for kind, size in shard_sizes.items()
+        for shard, start in enumerate(range(0, totals[kind], size))
+    ]
+
+
+def encode_on_ray(
+    settings: RayIndexing,
+    bundle: Bundle,
+    split: IndexInputs,
+    writers: dict[str, GalleryWriter],
+    tmp: Path,
+    out: Path,
+    report: Progress,
+) -> int:
+    """Encode every shard of `split` on Ray Data actors and add them to `writers` in order;
+    returns the number of captions cut to the engine's word limit."""
+    ray = require_ray(data=True)
+    parts = tmp / PARTS
+    parts.mkdir()
+    jobs = shard_jobs(split, {kind: writer.shard_size for kind, writer in writers.items()})
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the command shows its own
+    dataset = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map(
+        ShardEncoder,
+        fn_constructor_kwargs={
+            "bundle": str(bundle.path),
+            "features": str(split.features_path),
+            "captions": None if split.captions_path is None else str(split.captions_path),
+            "parts": str(parts),
+            "out": str(out),
+            "dtype": str(writers["images"].dtype),
+            "settings": settings,
+        },
+        compute=ray.data.ActorPoolStrategy(size=settings.workers),
+        num_cpus=settings.threads,
+    )
+    totals = {"images": split.data.num_images, "captions": split.data.num_captions}
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    error = None
+    for row in dataset.iter_rows():
+        if row["error"] and error is None:
+            # The workers skip the jobs left; the run ends once the shards being written are
+            # (none may write into the temp folder after it is removed).
+            error = row["error"]
+            (parts / STOP).touch()
+        elif error is None:
+            done[row["kind"], row["shard"]] = row
+            report(row["kind"], row["stop"] - row["start"], totals[row["kind"]])
+    if error is not None:
+        raise UserError(error)
+    for job in jobs:
+        writers[job["kind"]].adopt(Path(done[job["kind"], job["shard"]]["path"]))
+    shutil.rmtree(parts)
+    return sum(row["cut"] for row in done.values())
+
+
+class ShardEncoder:
+    """A Ray Data actor: encodes shard jobs into one-shard galleries under `parts`. User errors
+    (its own opening included) come back as the job's `error`, one line, as the driver shows
+    them."""
+
+    def __init__(
+        self,
+        bundle: str,
+        features: str,
+        captions: str | None,
+        parts: str,
+        out: str,
+        dtype: str,
+        settings: RayIndexing,
+    ) -> None:
+        from scan_deploy.runtime.backends import open_backend  # in the worker's process
+
+        from scan_deploy.bundle import load_bundle
+
+        self.parts, self.out, self.dtype = Path(parts), Path(out), dtype
+        self.error: str | None = None
+        try:
+            self.bundle = load_bundle(bundle)
+            backend = open_backend(
+                self.bundle,
+                settings.backend,
+                settings.precision,
+                threads=settings.threads,
+                checkpoint=settings.checkpoint,
+            )
+            captions_path = None if captions is None else Path(captions)
+            self.split = IndexInputs.read(Path(features), captions_path, scan_values=False)
+            self.encoders = LocalEncoders(self.bundle, backend, self.split)
+        except UserError as exc:
+            self.error = str(exc)
+
+    def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if self.error is not None:
+                raise UserError(self.error)
+            path, cut = self._encode(job)
+        except UserError as exc:
+            return {**job, "path": "", "cut": 0, "error": str(exc)}
+        return {**job, "path": str(path), "cut": cut, "error": None}
+
+    def _encode(self, job: dict[str, Any]) -> tuple[Path, int]:
+        if (self.parts / STOP).exists():
+            raise UserError("skipped: another shard failed")
+        kind, rows = job["kind"], range(job["start"], job["stop"])
+        if kind == "images":
+            data, features_path = self.split.data, self.split.features_path
+            chunk = data.images[rows.start : rows.stop]
+            padded = check_feature_values(chunk, features_path, first=rows.start)
+            self.bundle.check_regions(data.num_regions, padded, features_path, "shape")
+        path = self.parts / f"{kind}-{job['shard']:06d}"
+        # force: a shard encoded again (its worker died after writing it) replaces the first
+        writer = GalleryWriter(
+            path, kind, self.bundle, self.dtype, len(rows), force=True, where=self.out / kind
+        )
+        with writer:
+            if kind == "images":
+                self.encoders.encode_images(rows, writer, _silent)
+                return path, 0
+            return path, self.encoders.encode_captions(rows, writer, _silent)
+
+
+def _silent(stage: str, done: int, total: int) -> None:
+    """Workers report nothing: the driver counts finished shards."""
