@@ -117,7 +117,7 @@ def extend_stage_index(base: Gallery, written: Gallery, stage: FirstStage) -> di
     path = written.path / INDEX_FILES[stage]
     if written.count == base.count:  # nothing added (a delete): the index file is shared
         link_or_copy(base.path / record["file"], path)
-        return {**record, "file": path.name}
+        return {**record, "file": path.name}  # its sha256 too
     index = faiss.read_index(str(base.path / record["file"]))  # a private, writable copy
     first = len(base.shards)
     if stage == FirstStage.GLOBAL:
@@ -132,7 +132,8 @@ def extend_stage_index(base: Gallery, written: Gallery, stage: FirstStage) -> di
     faiss.write_index(index, str(path))
     seconds = round(time.perf_counter() - started, 3)
     extended = {"vectors": int(index.ntotal), "bytes": path.stat().st_size}
-    return {**record, **extended, "file": path.name, "extend_seconds": seconds}
+    kept = {key: value for key, value in record.items() if key != "sha256"}  # a new file
+    return {**kept, **extended, "file": path.name, "extend_seconds": seconds}
 
 
 def check_stages(

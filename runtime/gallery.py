@@ -326,6 +326,11 @@ class Gallery:
                 apply_search_params(self._indexes[stage], search_params, self.path / MANIFEST)
         return self._indexes[stage]
 
+    def close_indexes(self) -> None:
+        """Drop the first-stage indexes opened (FAISS frees each with its last reference)."""
+        with self._lock:
+            self._indexes.clear()
+
     @functools.cached_property
     def token_starts(self) -> np.ndarray:
         """(count + 1,) int64: the position of each item's first token in the gallery's token

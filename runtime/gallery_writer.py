@@ -253,7 +253,8 @@ class GalleryWriter:
             self._ids.extend(gallery.ids)
             self._seen.update(gallery.ids)
             if texts is not None:
-                self._texts = (self._texts or []) + list(texts)
+                self._texts = self._texts if self._texts is not None else []
+                self._texts.extend(texts)
             self._count += gallery.count
         except BaseException:
             self.abort()
@@ -470,7 +471,9 @@ class GalleryWriter:
                 record = write_stage_index(written, stage, factory, self.where)
             else:
                 record = extend_stage_index(self.base, written, stage)
-            records[str(stage)] = {**record, "sha256": sha256_file(self._tmp / record["file"])}
+            if "sha256" not in record:  # a file shared with the base keeps its record's
+                record = {**record, "sha256": sha256_file(self._tmp / record["file"])}
+            records[str(stage)] = record
         return records
 
     def _write_shard(self, size: int) -> None:

@@ -66,13 +66,31 @@ def open_galleries(root: str | Path, verify: bool = True) -> dict[str, Gallery]:
     return open_current(root, verify)[1]
 
 
+def generation_of(root: str | Path, galleries: dict[str, Gallery]) -> int:
+    """The number of the generation of `root` that `galleries` (`open_galleries`) belong to."""
+    folder = next(iter(galleries.values())).path.parent.resolve()
+    return 0 if folder == Path(root).resolve() else int(folder.name)
+
+
+def generation_folder(galleries: dict[str, Gallery]) -> Path:
+    """The folder of the generation `galleries` belong to (its `images/`, `captions/`), for
+    `open_generation`."""
+    return next(iter(galleries.values())).path.parent
+
+
 def open_current(root: str | Path, verify: bool = True) -> tuple[int, dict[str, Gallery]]:
     """(number, galleries by kind) of a gallery folder's current generation."""
     number, folder = current_generation(Path(root))
+    return number, open_generation(folder, verify)
+
+
+def open_generation(folder: str | Path, verify: bool = True) -> dict[str, Gallery]:
+    """The galleries (by kind) in one generation's folder, whichever generation is current."""
+    folder = Path(folder)
     found = {kind: folder / kind for kind in KINDS if (folder / kind).is_dir()}
     if not found:
-        raise input_error(root, None, "not a gallery folder (expected images/ or captions/)")
-    return number, {kind: open_gallery(path, verify) for kind, path in found.items()}
+        raise input_error(folder, None, "not a gallery folder (expected images/ or captions/)")
+    return {kind: open_gallery(path, verify) for kind, path in found.items()}
 
 
 @contextmanager

@@ -15,12 +15,14 @@ The features are scanned for NaN/Inf and padding shard by shard, in the workers.
 a shard (NaN features, an image with no regions, a caption the encoder cannot take) comes back
 as its one-line message and stops the run (the jobs left are skipped, the shards being written
 finish first); nothing is written. A worker that dies is restarted
-by Ray Data and its shard encoded again (a shard's part is written whole or replaced).
+by Ray Data and its shard encoded again (a shard's part is written whole or replaced), up to
+`ATTEMPTS` times a shard; then the run stops with one line.
 """
 
 from __future__ import annotations
 
 import shutil
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,16 @@ from scan_deploy.runtime.gallery_writer import GalleryWriter
 from scan_deploy.runtime.indexer import IndexInputs, LocalEncoders, Progress
 from scan_deploy.runtime.ray_cluster import require_ray
 
+from scan_deploy.atomic import _kill_point
 from scan_deploy.bundle import Bundle
 from scan_deploy.errors import UserError, input_error
 from scan_deploy.precomp import check_feature_values
 
 PARTS = ".parts"  # the workers' one-shard galleries, inside the gallery's temp folder
 STOP = "STOP"  # in PARTS once a job failed: the workers skip the jobs left
+# Ray Data restarts a worker whose process died and runs its shard again, without end: a
+# shard that kills its worker every time (out of memory) stops the run after this many tries.
+ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -104,13 +110,15 @@ def encode_on_ray(
         if row["error"] and error is None:
             # The workers skip the jobs left; the run ends once the shards being written are
             # (none may write into the temp folder after it is removed).
-            error = row["error"]
+            error = row
             (parts / STOP).touch()
         elif error is None:
             done[row["kind"], row["shard"]] = row
             report(row["kind"], row["stop"] - row["start"], totals[row["kind"]])
     if error is not None:
-        raise UserError(error)
+        if error["bug"]:  # not the user's input: the worker's traceback
+            raise RuntimeError(f"{error['kind']} shard {error['shard']}: {error['error']}")
+        raise UserError(error["error"])
     for job in jobs:
         writers[job["kind"]].adopt(Path(done[job["kind"], job["shard"]]["path"]))
     shutil.rmtree(parts)
@@ -137,7 +145,7 @@ class ShardEncoder:
         from scan_deploy.bundle import load_bundle
 
         self.parts, self.out, self.dtype = Path(parts), Path(out), dtype
-        self.error: str | None = None
+        self.error: dict[str, Any] | None = None
         try:
             self.bundle = load_bundle(bundle)
             backend = open_backend(
@@ -150,17 +158,17 @@ class ShardEncoder:
             captions_path = None if captions is None else Path(captions)
             self.split = IndexInputs.read(Path(features), captions_path, scan_values=False)
             self.encoders = LocalEncoders(self.bundle, backend, self.split)
-        except UserError as exc:
-            self.error = str(exc)
+        except Exception as exc:  # told with every job, as the driver shows errors
+            self.error = _failure(exc)
 
     def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        if self.error is not None:
+            return {**job, "path": "", "cut": 0, **self.error}
         try:
-            if self.error is not None:
-                raise UserError(self.error)
             path, cut = self._encode(job)
-        except UserError as exc:
-            return {**job, "path": "", "cut": 0, "error": str(exc)}
-        return {**job, "path": str(path), "cut": cut, "error": None}
+        except Exception as exc:
+            return {**job, "path": "", "cut": 0, **_failure(exc)}
+        return {**job, "path": str(path), "cut": cut, "error": None, "bug": False}
 
     def _encode(self, job: dict[str, Any]) -> tuple[Path, int]:
         if (self.parts / STOP).exists():
@@ -171,7 +179,17 @@ class ShardEncoder:
             chunk = data.images[rows.start : rows.stop]
             padded = check_feature_values(chunk, features_path, first=rows.start)
             self.bundle.check_regions(data.num_regions, padded, features_path, "shape")
-        path = self.parts / f"{kind}-{job['shard']:06d}"
+        # A folder per job: writers never share one (each sweeps its folder for stale temps)
+        folder = self.parts / f"{kind}-{job['shard']:06d}"
+        folder.mkdir(exist_ok=True)
+        tried = len(list(folder.glob("attempt-*")))
+        if tried >= ATTEMPTS:
+            raise UserError(
+                f"{kind} {rows.start}..{rows.stop - 1}: the Ray worker encoding them died "
+                f"{tried} times (out of memory? Ray's logs: /tmp/ray/session_latest/logs)"
+            )
+        (folder / f"attempt-{tried}").touch()
+        path = folder / kind
         # force: a shard encoded again (its worker died after writing it) replaces the first
         writer = GalleryWriter(
             path, kind, self.bundle, self.dtype, len(rows), force=True, where=self.out / kind
@@ -179,8 +197,22 @@ class ShardEncoder:
         with writer:
             if kind == "images":
                 self.encoders.encode_images(rows, writer, _silent)
-                return path, 0
-            return path, self.encoders.encode_captions(rows, writer, _silent)
+                cut = 0
+            else:
+                cut = self.encoders.encode_captions(rows, writer, _silent)
+        _kill_point("ray_index:shard-written", folder)
+        return path, cut
+
+
+def _failure(exc: Exception) -> dict[str, Any]:
+    """A job's error fields: a UserError or OSError (a full disk, a file gone) is the user's
+    one line; anything else is a bug, with the worker's traceback."""
+    if isinstance(exc, UserError):
+        return {"error": str(exc), "bug": False}
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return {"error": f"{where}{exc.strerror or exc}", "bug": False}
+    return {"error": traceback.format_exc(), "bug": True}
 
 
 def _silent(stage: str, done: int, total: int) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scan_deploy.runtime.generations import generation_folder
 from scan_deploy.runtime.ray_cluster import require_ray
 from scan_deploy.runtime.retriever import KINDS_BY_QUERY, Retriever, hits_of
 from scan_deploy.runtime.search import Hit, Queries, TopK
@@ -41,22 +42,26 @@ class ShardActor:
     def __init__(
         self,
         bundle: str,
-        gallery: str,
+        generation: str,
         parts: dict[str, tuple[int, int]],
         backend: str,
         precision: str,
         threads: int,
+        checkpoint: str | None,
+        scorer: str,
     ) -> None:
+        """`generation`: the folder of the generation the driver opened (the same one after a
+        writer makes another current, and after a restart)."""
         from scan_deploy.runtime.backends import open_backend  # in the actor's process
-        from scan_deploy.runtime.retriever import open_galleries
+        from scan_deploy.runtime.generations import open_generation
 
         from scan_deploy.bundle import load_bundle
 
         loaded = load_bundle(bundle)
-        galleries = open_galleries(gallery, verify=False)
+        galleries = open_generation(generation, verify=False)
         views = {kind: galleries[kind].restricted(*parts[kind]) for kind in parts}
-        opened = open_backend(loaded, backend, precision, threads=threads)
-        self.retriever = Retriever(loaded, views, opened, threads=threads)
+        opened = open_backend(loaded, backend, precision, threads=threads, checkpoint=checkpoint)
+        self.retriever = Retriever(loaded, views, opened, threads=threads, scorer=scorer)
         self.live = {kind: view.live_in_shards() for kind, view in views.items()}
 
     def rank(self, query: str, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,13 +104,16 @@ class ShardedRetriever:
         timeout: float = 600.0,
         retriever: Retriever | None = None,
         first_stage: str | None = None,
+        checkpoint: str | None = None,
+        scorer: str = "auto",
     ) -> None:
         ray = require_ray()
         if not isinstance(actors, int) or actors < 1:
             raise input_error(None, "actors", f"expected an integer ≥ 1, got {actors!r}")
         self.local = retriever or Retriever.open(
-            bundle, gallery, backend, precision, threads=threads, first_stage=first_stage
-        )
+            bundle, gallery, backend, precision, threads=threads, first_stage=first_stage,
+            checkpoint=checkpoint, scorer=scorer,
+        )  # fmt: skip
         self._owned = retriever is None
         self.galleries = self.local.galleries
         if not ray.is_initialized():
@@ -113,8 +121,12 @@ class ShardedRetriever:
         self.timeout, self._ray = timeout, ray
         self.parts = split_shards(self.galleries, actors)
         remote = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ShardActor)
+        generation = str(generation_folder(self.galleries))
+        where = None if checkpoint is None else str(checkpoint)
         self.actors = [
-            remote.remote(str(bundle), str(gallery), part, backend, precision, threads)
+            remote.remote(
+                str(bundle), generation, part, backend, precision, threads, where, str(scorer)
+            )
             for part in self.parts
         ]
 

@@ -97,9 +97,12 @@ class Retriever:
         token_candidates: int | None = None,
         scorer: Scorer | str = Scorer.AUTO,
         faiss_params: str | None = None,
+        *,
+        runners: dict[Graph, _Locked] | None = None,
     ) -> None:
         """`faiss_params`: those the galleries' first-stage indexes were opened with (`open`),
-        kept for `on_galleries`."""
+        kept for `on_galleries`; `runners`: the locked runners of a retriever on the same
+        backend (`on_galleries`), shared so that the two never run one at once."""
         self.bundle, self.galleries, self.backend = bundle, galleries, backend
         self.faiss_params = faiss_params
         self.shortlist_engine = check_engine(shortlist_engine)
@@ -116,7 +119,7 @@ class Retriever:
             raise input_error(None, "token_candidates", message)
         self.token_candidates = token_candidates
         self.pooling = Pooling.of(bundle.config)
-        self._runners = {name: _Locked(backend.runner(name)) for name in Graph}
+        self._runners = runners or {name: _Locked(backend.runner(name)) for name in Graph}
         self.sizes = CallSizes.of(backend)
         self._explain: Explainer | None = None
         self._owned: list = []  # what close() closes
@@ -219,16 +222,26 @@ class Retriever:
             self.token_candidates,
             self.scorer,
             self.faiss_params,
+            runners=self._runners,  # the same locks: the two take turns on the runners
         )
 
-    def close(self) -> None:
-        """Close the int8 scorers, the explain session and the backend `open` opened (one
-        passed to the constructor stays its owner's); searching afterwards is a UserError."""
+    def close_galleries(self) -> None:
+        """Release what this retriever holds for its galleries (device blocks, first-stage
+        indexes, the explain session), keeping the backend: `serve` does so when it has switched
+        to a later generation on the same backend."""
         for scorer in self.scorers.values():
             scorer.close()
         with self._explainer_lock:
             if self._explain is not None:
                 self._explain.close()
+                self._explain = None  # opened again if asked (a UserError once closed)
+        for gallery in self.galleries.values():
+            gallery.close_indexes()
+
+    def close(self) -> None:
+        """`close_galleries`, and close the backend `open` opened (one passed to the
+        constructor stays its owner's); searching afterwards is a UserError."""
+        self.close_galleries()
         for backend in self._owned:
             backend.close()
         self._owned.clear()

@@ -46,6 +46,7 @@ from scan_deploy.errors import input_error
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 KILL_AT = "SCAN_DEPLOY_KILL_AT"
+KILL_ONCE = "SCAN_DEPLOY_KILL_ONCE"  # a file: kill at KILL_AT only while it does not exist
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -303,9 +304,17 @@ def _remove(path: Path) -> None:
 
 
 def _kill_point(point: str, target: Path) -> None:
-    """Die here (SIGKILL, as `kill -9` would) when the crash tests ask for this point."""
+    """Die here (SIGKILL, as `kill -9` would) when the crash tests ask for this point; with
+    KILL_ONCE (a file), only the first time (the file is created then): a process restarted
+    and run again lives."""
     wanted = os.environ.get(KILL_AT)
     if wanted and wanted in (point, f"{point}@{target.name}"):
+        once = os.environ.get(KILL_ONCE)
+        if once:
+            try:
+                Path(once).touch(exist_ok=False)
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
 
 

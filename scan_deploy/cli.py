@@ -1231,6 +1231,8 @@ def serve(
                     str(precision),
                     threads,
                     retriever=retriever,
+                    checkpoint=None if checkpoint is None else str(checkpoint),
+                    scorer=str(scorer),
                 )  # fmt: skip
             )
         app_ = create_app(retriever, settings, sharded, gallery)

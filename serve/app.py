@@ -82,7 +82,7 @@ def create_app(
     settings = settings or ServeSettings()
     if sharded is not None and settings.watch:
         raise UserError("a gallery sharded over Ray actors is not watched: restart to switch")
-    live = LiveGallery(gallery if settings.watch else None, retriever)
+    live = LiveGallery(gallery, retriever)
     metrics = Metrics()
     batchers: dict[str, Batcher] = {}
 
@@ -107,7 +107,7 @@ def create_app(
             )  # fmt: skip
             batchers[kind].start()
         watcher = None
-        if live.root is not None:
+        if live.root is not None and settings.watch:
             watcher = asyncio.get_running_loop().create_task(live.watch(settings.watch))
         app.state.ready = True
         yield
@@ -187,12 +187,7 @@ def create_app(
 
     @app.post("/v1/explain", summary="The attention behind a text's score of an image")
     async def explain(body: ExplainRequest) -> dict[str, Any]:
-        with live.using() as snapshot:
-            index, images = _image(snapshot, body.id)
-            hit = Hit(index, body.id, 0.0, None)
-            explain_text = snapshot.retriever.explain_text
-            (result,) = await asyncio.to_thread(explain_text, body.text, [hit])
-            shown = result.boxes(images.boxes_of(index))
+        result, shown, _ = await asyncio.to_thread(_explanation, live, body.text, body.id)
         out = result.to_dict()
         if shown is not None:
             out.update(boxes=shown[0].tolist(), image_size=list(shown[1]))
@@ -201,17 +196,14 @@ def create_app(
     @app.get("/v1/explain.png", summary="The attention picture (the plots extra)")
     async def explain_png(text: str = Query(min_length=1), id: str = Query(min_length=1)):
         with live.using() as snapshot:
-            index, images = _image(snapshot, id)
-            try:
-                import matplotlib  # noqa: F401 (the plots extra; attention_picture imports it late)
-            except ModuleNotFoundError:
-                return _error(501, "pictures need matplotlib: pip install 'scan-deploy[plots]'")
-            from scan_deploy.attention_picture import write_hit_png
+            _image(snapshot, id)  # 404 before 501
+        try:
+            import matplotlib  # noqa: F401 (the plots extra; attention_picture imports it late)
+        except ModuleNotFoundError:
+            return _error(501, "pictures need matplotlib: pip install 'scan-deploy[plots]'")
+        from scan_deploy.attention_picture import write_hit_png
 
-            explain_text = snapshot.retriever.explain_text
-            (result,) = await asyncio.to_thread(explain_text, text, [Hit(index, id, 0.0, None)])
-            boxed = result.boxes(images.boxes_of(index))
-            image = images.image_file(id)
+        result, boxed, image = await asyncio.to_thread(_explanation, live, text, id)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "explain.png"
             await asyncio.to_thread(write_hit_png, path, text, id, result, boxed, image)
@@ -250,6 +242,16 @@ def create_app(
         return resources.files("scan_deploy.serve").joinpath("page.html").read_text("utf-8")
 
     return app
+
+
+def _explanation(live: LiveGallery, text: str, image_id: str):
+    """(explanation, its boxes or None, the image's file or None) of a text and a gallery
+    image, on one snapshot held until done (a thread: it outlives a cancelled request)."""
+    with live.using() as snapshot:
+        index, images = _image(snapshot, image_id)
+        hit = Hit(index, image_id, 0.0, None)
+        (result,) = snapshot.retriever.explain_text(text, [hit])
+        return result, result.boxes(images.boxes_of(index)), images.image_file(image_id)
 
 
 def _image(snapshot: Snapshot, image_id: str) -> tuple[int, Gallery]:

@@ -3,10 +3,11 @@
 
 A watcher reads the gallery's CURRENT pointer every `interval` seconds; when it names a newer
 generation, that generation is opened (its files checked as at start) beside the one serving,
-on the same backend (`Retriever.on_galleries`), and made current at once. Each request and each
-batch uses one snapshot from start to end (`using`): a search never mixes generations. A
-replaced generation is closed when its last user is done; the one the server started on is its
-opener's to close (`serve` closes it, and the backend, on exit).
+on the same backend (`Retriever.on_galleries`), and made current at once. Each batch and each
+explain uses one snapshot from start to end (`using`): a search never mixes generations. A
+replaced generation is released when its last user is done: closed, or for the one the server
+started on, its galleries released (`Retriever.close_galleries`; its backend, which the later
+ones share, stays its opener's to close).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scan_deploy.runtime.generations import current_generation, open_current
+from scan_deploy.runtime.generations import current_generation, generation_of, open_current
 from scan_deploy.runtime.retriever import Retriever
 
 LOG = logging.getLogger(__name__)
@@ -41,14 +42,16 @@ class Snapshot:
 
 
 class LiveGallery:
-    """The current snapshot of the gallery folder `root`, first `retriever` (the caller's)."""
+    """The current snapshot of the gallery folder `root` (None: a retriever's galleries given
+    without their folder, never switched), first `retriever` (the caller's)."""
 
     def __init__(self, root: str | Path | None, retriever: Retriever, verify: bool = True):
         self.root, self.verify = None if root is None else Path(root), verify
-        number = 0 if self.root is None else current_generation(self.root)[0]
+        number = 0 if self.root is None else generation_of(self.root, retriever.galleries)
         self._first = Snapshot(number, retriever)
         self._current = self._first
         self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def generation(self) -> int:
@@ -67,41 +70,61 @@ class LiveGallery:
                 snapshot.users -= 1
                 done = snapshot.retired and snapshot.users == 0
             if done:
-                self._close(snapshot)
+                self._release(snapshot)
 
     def refresh(self) -> bool:
         """Switch to the generation CURRENT names if it is newer; True when it switched. Runs
         in a thread: opening (and checking) a generation reads its files."""
+        if self.root is None or self._closed:
+            return False
         if current_generation(self.root)[0] <= self._current.generation:
             return False
         number, galleries = open_current(self.root, self.verify)
         snapshot = Snapshot(number, self._current.retriever.on_galleries(galleries))
         with self._lock:
-            old, self._current = self._current, snapshot
-            old.retired = True
-            done = old.users == 0
+            closed = self._closed
+            if not closed:
+                old, self._current = self._current, snapshot
+                old.retired = True
+                done = old.users == 0
+        if closed:  # the server stopped meanwhile
+            snapshot.retriever.close()
+            return False
         if done:
-            self._close(old)
+            self._release(old)
         LOG.info("%s: now serving generation %d", self.root, number)
         return True
 
     async def watch(self, interval: float) -> None:
         """`refresh` every `interval` seconds until cancelled; a generation that cannot be
-        opened is logged and tried again at the next tick (the one serving stays)."""
+        opened is logged and tried again at the next tick (the one serving stays). Cancelled
+        during a refresh, it waits for it (its thread uses the backend the caller closes)."""
         while True:
             await asyncio.sleep(interval)
+            refreshing = asyncio.ensure_future(asyncio.to_thread(self._refresh_logged))
             try:
-                await asyncio.to_thread(self.refresh)
-            except Exception as exc:  # a user error or a half-removed folder: keep serving
-                LOG.warning("%s: staying on generation %d (%s)", self.root, self.generation, exc)
+                await asyncio.shield(refreshing)
+            except asyncio.CancelledError:
+                await asyncio.wait([refreshing])
+                raise
+
+    def _refresh_logged(self) -> None:
+        try:
+            self.refresh()
+        except Exception as exc:  # a user error or a half-removed folder: keep serving
+            LOG.warning("%s: staying on generation %d (%s)", self.root, self.generation, exc)
 
     def close(self) -> None:
-        """Close the snapshots opened here (not the first: its opener's)."""
+        """Stop switching; close the snapshot opened here that is current (the first is its
+        opener's to close)."""
         with self._lock:
-            current, self._current = self._current, self._first
+            self._closed = True
+            current = self._current
         if current is not self._first:
-            self._close(current)
+            current.retriever.close()
 
-    def _close(self, snapshot: Snapshot) -> None:
-        if snapshot is not self._first:
+    def _release(self, snapshot: Snapshot) -> None:
+        if snapshot is self._first:
+            snapshot.retriever.close_galleries()
+        else:
             snapshot.retriever.close()

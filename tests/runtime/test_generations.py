@@ -217,6 +217,7 @@ def test_a_writer_killed_anywhere_leaves_a_whole_generation(parts, tmp_path, kil
         ("duplicate", "ids: image 'i0' is already in the gallery (ids must stay unique)"),
         ("deleted", "ids: image 'i0' was deleted: compact the gallery before adding it again"),
         ("no-captions", "captions: has captions: append them too (--captions)"),
+        ("bundle", "bundle.embed_size: gallery built with another bundle (embed_size 32"),
     ],
 )
 def test_bad_appends_are_one_line_and_change_nothing(parts, tmp_path, setup, message):
@@ -234,8 +235,13 @@ def test_bad_appends_are_one_line_and_change_nothing(parts, tmp_path, setup, mes
         features = features[:, :6]
     _write_part(tmp_path, "bad", np.ascontiguousarray(features), captions, first_id)
     extra = () if setup == "no-captions" else ("--captions", tmp_path / "bad_caps.txt")
-    done = run_cli("index", bundle, "--features", tmp_path / "bad_ims.npy", *extra, "--out",
-                   gallery, "--append")  # fmt: skip
+    appended_with = bundle
+    if setup == "bundle":
+        from tests.export.tiny_bundle import make_bundle
+
+        appended_with = make_bundle(tmp_path / "other")
+    done = run_cli("index", appended_with, "--features",
+                   tmp_path / "bad_ims.npy", *extra, "--out", gallery, "--append")  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     generation = 1 if setup == "deleted" else 0

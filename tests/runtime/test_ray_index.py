@@ -3,6 +3,8 @@ start and stop) make the gallery one process writes: the same shards, ids, texts
 stages, values to float rounding, the same answers; a bad shard is one line and writes nothing."""
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +20,7 @@ from scan_deploy.runtime.ray_cluster import require_ray  # noqa: E402
 from scan_deploy.runtime.ray_index import RayIndexing, shard_jobs  # noqa: E402
 from scan_deploy.runtime.retriever import Retriever  # noqa: E402
 
+from scan_deploy.atomic import KILL_AT, KILL_ONCE  # noqa: E402
 from scan_deploy.bundle import load_bundle  # noqa: E402
 from scan_deploy.errors import UserError  # noqa: E402
 from scan_deploy.precomp import load_split  # noqa: E402
@@ -155,3 +158,35 @@ def test_the_command_line_indexes_and_appends_on_workers(trained, tmp_path):
     with Retriever.open(None, gallery) as grown, Retriever.open(None, tmp_path / "whole") as whole:
         got, expected = grown.search_text(texts, k=8), whole.search_text(texts, k=8)
     assert [[h.id for h in row] for row in got] == [[f"i{h.id}" for h in row] for row in expected]
+
+
+def _index_killing(trained, out, env):
+    data, _, bundle = trained
+    command = [sys.executable, "-m", "scan_deploy", "index", str(bundle), "--features",
+               str(data / "test_ims.npy"), "--captions", str(data / "test_caps.txt"), "--out",
+               str(out), "--shard-size", "150", "--ray-workers", "2"]  # fmt: skip
+    env = {**os.environ, KILL_AT: "ray_index:shard-written@images-000001", **env}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_its_shard_encoded_again(trained, tmp_path):
+    """kill -9 of the worker that has just written image shard 1 (once): Ray Data restarts it
+    and runs the shard again; the gallery is whole and the one one process writes."""
+    once = tmp_path / "killed-once"
+    done = _index_killing(trained, tmp_path / "ray", {KILL_ONCE: str(once)})
+    assert done.returncode == 0, done.stderr
+    assert once.exists()  # the worker was killed
+    _index(trained, tmp_path / "local", "fp16")
+    for kind in ("images", "captions"):
+        remote = open_gallery(tmp_path / "ray" / kind)  # every file's sha256 checked
+        local = open_gallery(tmp_path / "local" / kind)
+        assert remote.ids == local.ids and len(remote.shards) == len(local.shards)
+
+
+def test_a_shard_that_always_kills_its_worker_stops_the_run(trained, tmp_path):
+    done = _index_killing(trained, tmp_path / "ray", {})
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: images 150..299: the Ray worker encoding them died 4 times")
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "ray").exists() and not list(tmp_path.iterdir())

@@ -114,23 +114,32 @@ def test_a_generation_that_cannot_be_opened_keeps_the_one_serving(gallery, caplo
 
 
 def test_a_snapshot_in_use_is_closed_by_its_last_user(gallery, monkeypatch):
+    """A replaced generation is closed once unused; the first (whose backend the later ones
+    share) only releases its galleries; the generation served is the one the retriever opened,
+    even when a writer made a newer one current before the server started."""
     bundle, root, folder, _ = gallery
     closed = []
-    monkeypatch.setattr(Retriever, "close", lambda self: closed.append(self))
+    monkeypatch.setattr(Retriever, "close", lambda self: closed.append(("all", self)))
+    monkeypatch.setattr(Retriever, "close_galleries", lambda self: closed.append(("kept", self)))
     first = Retriever.open(bundle, root)
-    live = LiveGallery(root, first)
     with open_backend(bundle) as backend:
         append_gallery(bundle, backend, root, folder / "rest_ims.npy", folder / "rest_caps.txt")
+    live = LiveGallery(root, first)
+    assert live.generation == 0  # what `first` opened, not what is current now
     assert live.refresh() and live.generation == 1
+    assert closed == [("kept", first)]
     with live.using() as second:
         delete_items(root, ["0"])
         assert live.refresh() and live.generation == 2
-        assert closed == []  # generation 1 is still in use
+        assert len(closed) == 1  # generation 1 is still in use
         assert second.retriever.galleries["images"].count == 400
-    assert closed == [second.retriever]
+    assert closed[1:] == [("all", second.retriever)]
     assert not live.refresh()  # nothing newer
+    with live.using() as third:
+        pass
     live.close()
-    assert len(closed) == 2 and first not in closed  # the first is its opener's to close
+    assert closed[2:] == [("all", third.retriever)]
+    assert not live.refresh()  # closed: never switches again
 
 
 def test_a_sharded_gallery_is_not_watched(gallery):
