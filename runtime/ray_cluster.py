@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from scan_deploy.choices import Provider
 from scan_deploy.errors import UserError
 
 INSTALL = "pip install 'scan-deploy[ray]'"
@@ -55,3 +56,16 @@ def ray_cluster(address: str | None = None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def gpus_for(backend: Any) -> float:
+    """The GPUs a Ray actor running the same backend as `backend` must reserve: one when it runs
+    on a GPU (TensorRT, ONNX Runtime's CUDA or TensorRT provider, torch on CUDA), else none.
+    Ray hides every GPU from an actor that reserves none (CUDA_VISIBLE_DEVICES="")."""
+    providers = getattr(backend, "providers", None)  # ONNX Runtime's, most preferred first
+    if providers is not None:
+        return 0.0 if providers[0] == Provider.CPU else 1.0
+    device = getattr(backend, "device", None)  # torch's
+    if device is not None:
+        return 0.0 if getattr(device, "type", str(device)) == "cpu" else 1.0
+    return 1.0  # TensorRT

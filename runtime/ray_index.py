@@ -46,14 +46,16 @@ ATTEMPTS = 4
 @dataclass(frozen=True)
 class RayIndexing:
     """Encode on `workers` Ray actors, each opening `backend` at `precision` with `threads`
-    threads (ONNX Runtime's intra-op threads, and the CPUs Ray reserves for each actor);
-    `checkpoint`: the torch backend's."""
+    threads (ONNX Runtime's intra-op threads, and the CPUs Ray reserves for each actor) and
+    reserving `gpus` GPUs (`ray_cluster.gpus_for`: one for a backend on a GPU); `checkpoint`:
+    the torch backend's."""
 
     workers: int
     backend: str = "onnxruntime"
     precision: str = "fp32"
     threads: int = 1
     checkpoint: str | None = None
+    gpus: float = 0.0
 
     def __post_init__(self) -> None:
         for field, value in (("ray_workers", self.workers), ("threads", self.threads)):
@@ -102,6 +104,7 @@ def encode_on_ray(
         },
         compute=ray.data.ActorPoolStrategy(size=settings.workers),
         num_cpus=settings.threads,
+        num_gpus=settings.gpus,
     )
     totals = {"images": split.data.num_images, "captions": split.data.num_captions}
     done: dict[tuple[str, int], dict[str, Any]] = {}

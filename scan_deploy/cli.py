@@ -802,12 +802,13 @@ def index(
     with contextlib.ExitStack() as stack:
         ray = None
         if ray_workers:
-            from scan_deploy.runtime.ray_cluster import ray_cluster
+            from scan_deploy.runtime.ray_cluster import gpus_for, ray_cluster
             from scan_deploy.runtime.ray_index import RayIndexing
 
             stack.enter_context(ray_cluster(ray_address))
             where = None if checkpoint is None else str(checkpoint)
-            ray = RayIndexing(ray_workers, str(backend), str(precision), threads or 1, where)
+            settings = (str(backend), str(precision), threads or 1, where, gpus_for(opened))
+            ray = RayIndexing(ray_workers, *settings)
         progress = stack.enter_context(progress_bar(err_console))
         on_progress = stage_bars(progress, "encoding ")
         if append:
