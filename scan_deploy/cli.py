@@ -51,6 +51,10 @@ err_console = Console(stderr=True)
 
 
 # Options several commands share, declared once.
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="The Ray cluster to join, 'auto' or HOST:PORT (default: a local instance)."),
+]
 Threads = Annotated[int, typer.Option(help="ONNX Runtime (and FAISS) threads (0: default).")]
 Backend = Annotated[choices.Backend, typer.Option(help="Inference backend.")]
 GraphPrecision = Annotated[choices.Precision, typer.Option(help="Precision of the graphs.")]
@@ -780,9 +784,7 @@ def index(
             "--threads threads, default 1). 0: in this process.",
         ),
     ] = 0,
-    ray_address: Annotated[
-        str | None, typer.Option(help="The Ray cluster to join (default: a local instance).")
-    ] = None,
+    ray_address: RayAddress = None,
     as_json: Summary = False,
 ) -> None:
     """Encode images (and captions) once into a sharded, memory-mapped gallery for `query`."""
@@ -1154,9 +1156,7 @@ def serve(
             "(the ray extra; a shortlist's first stage runs in this process). 0: in this process.",
         ),
     ] = 0,
-    ray_address: Annotated[
-        str | None, typer.Option(help="The Ray cluster to join (default: a local instance).")
-    ] = None,
+    ray_address: RayAddress = None,
     watch: Annotated[
         float | None,
         typer.Option(
