@@ -184,7 +184,8 @@ def global_shortlist(
     threads: int = 0,
 ) -> np.ndarray:
     """The `size` items with the largest pooled-embedding inner products, on `engine` (FAISS
-    reads the gallery's `global` index when it has one)."""
+    reads the gallery's `global` index when it has one). An IVF index probing few lists may
+    find fewer: the rest are the lowest-indexed other items, as the maxsim stage does."""
     from scan_deploy.runtime.search import TopK  # search → gallery → this module
 
     pooled, top = queries.arrays["global"], TopK(queries.count, size)
@@ -192,7 +193,10 @@ def global_shortlist(
     engine = gallery_engine(check_engine(engine), has_index)
     if engine == ShortlistEngine.FAISS and has_index:
         index = gallery.stage_index(FirstStage.GLOBAL)
-        top.update(*search_faiss_index(index, pooled, min(size, gallery.count), threads))
+        scores, found = search_faiss_index(index, pooled, min(size, gallery.count), threads, True)
+        if (found < 0).any():
+            return np.stack([_filled(row) for row in found])
+        top.update(scores, found)
         return top.result()[1]
     for offset, embeddings in gallery.global_embeddings():
         scores, indices = top_inner_products(pooled, embeddings, size, engine, threads)
@@ -355,6 +359,14 @@ def _item_pooled(
     items, item = np.unique(owners, return_inverse=True)
     counts = gallery.token_starts[items + 1] - gallery.token_starts[items]
     return items, pooling.sparse(best, item, counts, imputed)
+
+
+def _filled(row: np.ndarray) -> np.ndarray:
+    """A row of items found, best first (-1 where the index found none), with the places left
+    empty given to the lowest-indexed other items."""
+    found = row[row >= 0]
+    others = np.setdiff1d(np.arange(len(row)), found, assume_unique=True)
+    return np.concatenate([found, others[: len(row) - len(found)]])
 
 
 def _best(items: np.ndarray, totals: np.ndarray, size: int, count: int) -> np.ndarray:

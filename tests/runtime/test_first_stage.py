@@ -179,6 +179,31 @@ def large_gallery(tmp_path, factory: str, count: int = 400):
     return open_gallery(tmp_path / "large"), list(regions)
 
 
+def test_an_ivf_global_stage_that_finds_fewer_fills_with_other_items(tmp_path):
+    """An IVF global index probing 1 of 4 lists finds about a quarter of the gallery: a larger
+    shortlist keeps what it found, best first, then the lowest-indexed other items (as the
+    maxsim stage does) — not an error."""
+    rng = np.random.default_rng(3)
+    regions = unit(rng.standard_normal((400, 5, D)))
+    arrays = {"regions": regions, "global": unit(regions.mean(axis=1))}
+    with GalleryWriter(
+        tmp_path / "g", "images", fake_bundle(tmp_path), "fp32", 128,
+        first_stages={"global": "IVF4,Flat"},
+    ) as writer:  # fmt: skip
+        writer.add(arrays, [str(i) for i in range(400)])
+    gallery = open_gallery(tmp_path / "g")
+    index = gallery.stage_index(FirstStage.GLOBAL, "nprobe=1")
+    pooled = arrays["global"][:3]
+    queries = Queries({"regions": regions[:3], "global": pooled})
+    _, found = index.search(pooled, 300)
+    assert (found < 0).any()  # one list holds fewer than 300 items
+    rows = global_shortlist(queries, gallery, 300, "faiss")
+    for row, searched in zip(rows, found, strict=True):
+        kept = searched[searched >= 0]
+        assert len(set(row)) == 300 and list(row[: len(kept)]) == list(kept)
+        assert list(row[len(kept) :]) == sorted(set(range(400)) - set(kept))[: 300 - len(kept)]
+
+
 @pytest.mark.parametrize(
     ("factory", "trained_on"),
     [("IVF16,SQ8", 2000), ("HNSW16,SQfp16", 0), ("PQ4x4", 2000), ("IVF8,PQ4x4fs", 2000)],
