@@ -451,8 +451,39 @@ class Gallery:
         return out
 
 
-def open_gallery(path: str | Path, verify: bool = True) -> Gallery:
-    """Open and validate a gallery folder (with `verify`, also every file's sha256)."""
+class Checked:
+    """The files whose sha256 was checked, by device, inode, size, modification time and
+    recorded digest: a later generation's hard links to them (`runtime.generations`: the same
+    immutable files) are not read again. `serve` keeps one across the generations it opens."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    def check(self, file: Path, expected: str | None) -> None:
+        status = file.stat()
+        key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, expected)
+        with self._lock:
+            if key in self._seen:
+                return
+        check_sha256(file, sha256_file(file), expected, REINDEX)
+        with self._lock:
+            self._seen.add(key)
+
+
+Verify = bool | Checked  # check every file's sha256 (True, or the files a Checked has not)
+
+
+def _verify(file: Path, expected: str | None, verify: Verify) -> None:
+    if isinstance(verify, Checked):
+        verify.check(file, expected)
+    elif verify:
+        check_sha256(file, sha256_file(file), expected, REINDEX)
+
+
+def open_gallery(path: str | Path, verify: Verify = True) -> Gallery:
+    """Open and validate a gallery folder (with `verify`, also every file's sha256: a `Checked`
+    skips those it has checked already)."""
     path = Path(path)
     where = path / MANIFEST
     what = "the manifest of a gallery folder (scan-deploy index)"
@@ -542,7 +573,7 @@ def _first_stage_records(manifest: dict[str, Any], where: Path) -> dict[FirstSta
 
 
 def _check_stage_record(
-    gallery: Gallery, stage: FirstStage, record: Any, verify: bool
+    gallery: Gallery, stage: FirstStage, record: Any, verify: Verify
 ) -> dict[str, Any]:
     """The record of a stage's index, checked against the gallery and the file (size, and with
     `verify` its sha256); what the index holds is checked when it is opened."""
@@ -569,8 +600,7 @@ def _check_stage_record(
             f"is {file.stat().st_size} bytes, the manifest records {record['bytes']}: {REINDEX}"
         )
         raise input_error(file, "size", message)
-    if verify:
-        check_sha256(file, sha256_file(file), record["sha256"], REINDEX)
+    _verify(file, record["sha256"], verify)
     return record
 
 
@@ -607,7 +637,7 @@ def _expected_shape(
     return [n, *(sizes.get(a, a) for a in axes)]
 
 
-def _check_npy(file: Path, record: dict[str, Any], field_name: str, verify: bool) -> None:
+def _check_npy(file: Path, record: dict[str, Any], field_name: str, verify: Verify) -> None:
     if not file.is_file():
         raise input_error(file, None, f"missing (named by {MANIFEST} {field_name})")
     expected = f"{tuple(record['shape'])} {np.dtype(record['dtype']).name}"
@@ -620,11 +650,10 @@ def _check_npy(file: Path, record: dict[str, Any], field_name: str, verify: bool
             f"is {shape} {dtype.name}{' (Fortran order)' if fortran else ''}, "
             f"the manifest expects {expected}: {REINDEX}",
         )
-    if verify:
-        check_sha256(file, sha256_file(file), record["sha256"], REINDEX)
+    _verify(file, record["sha256"], verify)
 
 
-def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: bool) -> None:
+def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: Verify) -> None:
     """The optional `boxes` and `image_sizes` records: both or neither, files as recorded."""
     present = [key for key in BOX_FILES if key in manifest]
     if not present:
@@ -643,8 +672,7 @@ def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: bo
             raise input_error(file, None, f"missing (named by {MANIFEST} {key}): {REINDEX}")
         if list(read_npy_header(file, f": {REINDEX}").shape) != shape:
             raise input_error(file, None, f"does not hold the recorded shape {shape}: {REINDEX}")
-        if verify:
-            check_sha256(file, sha256_file(file), record.get("sha256"), REINDEX)
+        _verify(file, record.get("sha256"), verify)
 
 
 def _deleted_indices(path: Path, manifest: dict, ids: list[str], where: Path) -> np.ndarray:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from scan_deploy.runtime.gallery import Gallery, open_gallery
+from scan_deploy.runtime.gallery import Gallery, Verify, open_gallery
 from scan_deploy.runtime.gallery_format import KINDS
 from scan_deploy.runtime.gallery_writer import GalleryWriter
 
@@ -60,7 +60,7 @@ def current_generation(root: Path) -> tuple[int, Path]:
     return number, folder
 
 
-def open_galleries(root: str | Path, verify: bool = True) -> dict[str, Gallery]:
+def open_galleries(root: str | Path, verify: Verify = True) -> dict[str, Gallery]:
     """The `images/` and `captions/` galleries (by kind) of a gallery folder, in its current
     generation."""
     return open_current(root, verify)[1]
@@ -78,13 +78,13 @@ def generation_folder(galleries: dict[str, Gallery]) -> Path:
     return next(iter(galleries.values())).path.parent
 
 
-def open_current(root: str | Path, verify: bool = True) -> tuple[int, dict[str, Gallery]]:
+def open_current(root: str | Path, verify: Verify = True) -> tuple[int, dict[str, Gallery]]:
     """(number, galleries by kind) of a gallery folder's current generation."""
     number, folder = current_generation(Path(root))
     return number, open_generation(folder, verify)
 
 
-def open_generation(folder: str | Path, verify: bool = True) -> dict[str, Gallery]:
+def open_generation(folder: str | Path, verify: Verify = True) -> dict[str, Gallery]:
     """The galleries (by kind) in one generation's folder, whichever generation is current."""
     folder = Path(folder)
     found = {kind: folder / kind for kind in KINDS if (folder / kind).is_dir()}

@@ -35,7 +35,7 @@ from scan_deploy.runtime.backends.base import CallSizes
 from scan_deploy.runtime.encoded import check_encoded_images, check_encoded_texts
 from scan_deploy.runtime.explain import Explainer, Explanation
 from scan_deploy.runtime.first_stage import Pooling, missing_stage, reads_index, shortlist
-from scan_deploy.runtime.gallery import Gallery
+from scan_deploy.runtime.gallery import Gallery, Verify
 from scan_deploy.runtime.generations import open_galleries
 from scan_deploy.runtime.inner_product import (
     FAISS_HINT,
@@ -158,7 +158,7 @@ class Retriever:
         threads: int = 0,
         providers: Sequence[Provider | str] | None = None,
         checkpoint: str | Path | None = None,
-        verify: bool = True,
+        verify: Verify = True,
         shortlist_engine: ShortlistEngine | str = ShortlistEngine.AUTO,
         first_stage: FirstStage | str | None = None,
         faiss_params: str | None = None,

@@ -1184,6 +1184,7 @@ def serve(
 
     import uvicorn
 
+    from scan_deploy.runtime.gallery import Checked
     from scan_deploy.runtime.retriever import Retriever
     from scan_deploy.serve.app import ServeSettings, create_app
 
@@ -1201,6 +1202,7 @@ def serve(
         raise UserError(
             f"--host {host} --port {port}: cannot listen there ({exc.strerror})"
         ) from None
+    checked = Checked()  # each generation served later reads only its new files
     with (
         Retriever.open(
             bundle,
@@ -1209,6 +1211,7 @@ def serve(
             precision,
             threads=threads,
             checkpoint=checkpoint,
+            verify=checked,
             shortlist_engine=shortlist_engine,
             first_stage=first_stage,
             faiss_params=faiss_params,
@@ -1236,7 +1239,7 @@ def serve(
                     scorer=str(scorer),
                 )  # fmt: skip
             )
-        app_ = create_app(retriever, settings, sharded, gallery)
+        app_ = create_app(retriever, settings, sharded, gallery, checked)
         bound = listener.getsockname()[1]
         message = f"serving {gallery} on http://{host}:{bound}/ (API docs at /docs)"
         err_console.print(message, soft_wrap=True)  # one line: scripts read the address

@@ -33,7 +33,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
-from scan_deploy.runtime.gallery import Gallery
+from scan_deploy.runtime.gallery import Gallery, Verify
 from scan_deploy.runtime.retriever import Retriever
 from scan_deploy.runtime.search import Hit
 from scan_deploy.serve.batcher import Batcher, QueueFull
@@ -73,16 +73,18 @@ def create_app(
     settings: ServeSettings | None = None,
     sharded=None,
     gallery: str | Path | None = None,
+    verify: Verify = True,
 ) -> FastAPI:
     """The app; the retriever stays the caller's (closed by whoever opened it). `sharded`: a
     `runtime.ray_shards.ShardedRetriever` over the same gallery that answers the searches; the
     retriever then checks requests, explains and serves image files.
     `gallery`: the retriever's gallery folder, watched for new generations every
-    `settings.watch` seconds (`serve.live`; not with `sharded`)."""
+    `settings.watch` seconds (`serve.live`; not with `sharded`), each new one checked with
+    `verify`."""
     settings = settings or ServeSettings()
     if sharded is not None and settings.watch:
         raise UserError("a gallery sharded over Ray actors is not watched: restart to switch")
-    live = LiveGallery(gallery, retriever)
+    live = LiveGallery(gallery, retriever, verify)
     metrics = Metrics()
     batchers: dict[str, Batcher] = {}
 

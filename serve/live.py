@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scan_deploy.runtime.gallery import Verify
 from scan_deploy.runtime.generations import current_generation, generation_of, open_current
 from scan_deploy.runtime.retriever import Retriever
 
@@ -45,7 +46,9 @@ class LiveGallery:
     """The current snapshot of the gallery folder `root` (None: a retriever's galleries given
     without their folder, never switched), first `retriever` (the caller's)."""
 
-    def __init__(self, root: str | Path | None, retriever: Retriever, verify: bool = True):
+    def __init__(self, root: str | Path | None, retriever: Retriever, verify: Verify = True):
+        """`verify`: how each later generation is checked (`serve` passes the `Checked` it
+        opened the first with: the files generations share are read once)."""
         self.root, self.verify = None if root is None else Path(root), verify
         number = 0 if self.root is None else generation_of(self.root, retriever.galleries)
         self._first = Snapshot(number, retriever)

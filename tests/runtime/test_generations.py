@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from scan_deploy.runtime.generations import CURRENT, current_generation
+from scan_deploy.runtime.gallery import Checked
+from scan_deploy.runtime.generations import CURRENT, current_generation, open_generation
 from scan_deploy.runtime.retriever import Retriever, open_galleries
 
 from scan_deploy.precomp import load_split
@@ -86,6 +87,36 @@ def test_an_appended_gallery_answers_as_one_indexed_at_once(parts, grown):
         )
         record = galleries["images"].first_stages[stage]
         assert record["vectors"] == (400 if stage == "global" else 400 * 8)
+
+
+def test_a_later_generation_reads_only_its_new_files_again(grown, monkeypatch):
+    """With one `Checked` record across generations (serve's), the files a later generation
+    shares with an earlier one (hard links: the same inode) are not hashed again; its new
+    files are, every one."""
+    from pathlib import Path
+
+    from scan_deploy.runtime import gallery as gallery_module
+
+    root = grown[0]
+    hashed = []
+    original = gallery_module.sha256_file
+    monkeypatch.setattr(
+        gallery_module, "sha256_file", lambda file: hashed.append(Path(file)) or original(file)
+    )
+    checked = Checked()
+    open_generation(root, checked)  # generation 0: every file read
+    before = {path.stat().st_ino for path in hashed}
+    assert len(hashed) == len(before) > 10
+    hashed.clear()
+    later = root / "generations" / "000001"
+    open_generation(later, checked)
+    stored = [p for p in later.rglob("*") if p.suffix in (".npy", ".faiss")]
+    new = {p for p in stored if p.stat().st_ino not in before}
+    assert set(hashed) == new and len(hashed) == len(new)
+    assert len(stored) - len(new) == 3 * 3 + 12 * 4  # the shards of the first 300, linked
+    hashed.clear()
+    open_generation(later, checked)  # nothing new
+    assert hashed == []
 
 
 def test_deleted_items_are_never_returned(parts, grown, tmp_path):
