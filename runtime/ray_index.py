@@ -14,15 +14,17 @@ composition (tests/runtime/test_ray_index.py).
 The features are scanned for NaN/Inf and padding shard by shard, in the workers. A user error in
 a shard (NaN features, an image with no regions, a caption the encoder cannot take) comes back
 as its one-line message and stops the run (the jobs left are skipped, the shards being written
-finish first); nothing is written. A worker that dies is restarted
-by Ray Data and its shard encoded again (a shard's part is written whole or replaced), up to
-`ATTEMPTS` times a shard; then the run stops with one line.
+finish first); nothing is written. A worker that dies is restarted by Ray Data and its shard
+encoded again, each attempt in a folder of its own, up to `ATTEMPTS` times a shard; then the run
+stops with one line. A worker whose process dies while it starts (opening the backend) stops
+the run at once (Ray Data's `max_consecutive_actor_init_deaths` is 0), also with one line.
 """
 
 from __future__ import annotations
 
 import shutil
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +111,7 @@ def encode_on_ray(
     totals = {"images": split.data.num_images, "captions": split.data.num_captions}
     done: dict[tuple[str, int], dict[str, Any]] = {}
     error = None
-    for row in dataset.iter_rows():
+    for row in _rows(ray, dataset, parts):
         if row["error"] and error is None:
             # The workers skip the jobs left; the run ends once the shards being written are
             # (none may write into the temp folder after it is removed).
@@ -126,6 +128,17 @@ def encode_on_ray(
         writers[job["kind"]].adopt(Path(done[job["kind"], job["shard"]]["path"]))
     shutil.rmtree(parts)
     return sum(row["cut"] for row in done.values())
+
+
+def _rows(ray: Any, dataset: Any, parts: Path) -> Iterator[dict[str, Any]]:
+    """The dataset's rows; Ray Data failing as a whole (a worker's process died while it
+    started) is one line, after telling the workers left to stop."""
+    try:
+        yield from dataset.iter_rows()
+    except ray.exceptions.RayError as exc:
+        (parts / STOP).touch()
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the Ray Data run failed: {first}") from None
 
 
 class ShardEncoder:
@@ -177,25 +190,15 @@ class ShardEncoder:
         if (self.parts / STOP).exists():
             raise UserError("skipped: another shard failed")
         kind, rows = job["kind"], range(job["start"], job["stop"])
+        attempt = _claim_attempt(self.parts / f"{kind}-{job['shard']:06d}", kind, rows)
         if kind == "images":
             data, features_path = self.split.data, self.split.features_path
             chunk = data.images[rows.start : rows.stop]
             padded = check_feature_values(chunk, features_path, first=rows.start)
             self.bundle.check_regions(data.num_regions, padded, features_path, "shape")
-        # A folder per job: writers never share one (each sweeps its folder for stale temps)
-        folder = self.parts / f"{kind}-{job['shard']:06d}"
-        folder.mkdir(exist_ok=True)
-        tried = len(list(folder.glob("attempt-*")))
-        if tried >= ATTEMPTS:
-            raise UserError(
-                f"{kind} {rows.start}..{rows.stop - 1}: the Ray worker encoding them died "
-                f"{tried} times (out of memory? Ray's logs: /tmp/ray/session_latest/logs)"
-            )
-        (folder / f"attempt-{tried}").touch()
-        path = folder / kind
-        # force: a shard encoded again (its worker died after writing it) replaces the first
+        path = attempt / kind
         writer = GalleryWriter(
-            path, kind, self.bundle, self.dtype, len(rows), force=True, where=self.out / kind
+            path, kind, self.bundle, self.dtype, len(rows), where=self.out / kind
         )
         with writer:
             if kind == "images":
@@ -203,18 +206,38 @@ class ShardEncoder:
                 cut = 0
             else:
                 cut = self.encoders.encode_captions(rows, writer, _silent)
-        _kill_point("ray_index:shard-written", folder)
+        _kill_point("ray_index:shard-written", attempt.parent)
         return path, cut
 
 
+def _claim_attempt(folder: Path, kind: str, rows: range) -> Path:
+    """A new folder for this attempt at a shard (`folder/attempt-N`: claimed by mkdir, so two
+    runs of one job never share one, and no writer sweeps another's temps), or a UserError once
+    the shard's workers died `ATTEMPTS` times."""
+    folder.mkdir(exist_ok=True)
+    for tried in range(ATTEMPTS):
+        try:
+            (folder / f"attempt-{tried}").mkdir()
+        except FileExistsError:
+            continue
+        return folder / f"attempt-{tried}"
+    raise UserError(
+        f"{kind} {rows.start}..{rows.stop - 1}: the Ray worker encoding them died "
+        f"{ATTEMPTS} times (out of memory? Ray's logs: /tmp/ray/session_latest/logs)"
+    )
+
+
 def _failure(exc: Exception) -> dict[str, Any]:
-    """A job's error fields: a UserError or OSError (a full disk, a file gone) is the user's
-    one line; anything else is a bug, with the worker's traceback."""
+    """A job's error fields: a UserError, an OSError (a full disk, a file gone) or running out of
+    memory is the user's one line; anything else is a bug, with the worker's traceback."""
     if isinstance(exc, UserError):
         return {"error": str(exc), "bug": False}
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
         return {"error": f"{where}{exc.strerror or exc}", "bug": False}
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():  # also CUDA's
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return {"error": f"out of memory in a Ray worker: {line}", "bug": False}
     return {"error": traceback.format_exc(), "bug": True}
 
 

@@ -122,6 +122,7 @@ class Retriever:
         self._runners = runners or {name: _Locked(backend.runner(name)) for name in Graph}
         self.sizes = CallSizes.of(backend)
         self._explain: Explainer | None = None
+        self._state = "open"  # released (close_galleries), closed (close)
         self._owned: list = []  # what close() closes
         self._explainer_lock = threading.Lock()
         self.scorer = Scorer.parse(scorer, "scorer")
@@ -228,7 +229,9 @@ class Retriever:
     def close_galleries(self) -> None:
         """Release what this retriever holds for its galleries (device blocks, first-stage
         indexes, the explain session), keeping the backend: `serve` does so when it has switched
-        to a later generation on the same backend."""
+        to a later generation on the same backend. Searching or explaining afterwards is a
+        UserError."""
+        self._state = "closed" if self._state == "closed" else "released"
         for scorer in self.scorers.values():
             scorer.close()
         with self._explainer_lock:
@@ -241,6 +244,7 @@ class Retriever:
     def close(self) -> None:
         """`close_galleries`, and close the backend `open` opened (one passed to the
         constructor stays its owner's); searching afterwards is a UserError."""
+        self._state = "closed"
         self.close_galleries()
         for backend in self._owned:
             backend.close()
@@ -299,6 +303,7 @@ class Retriever:
         """(scores, gallery indices), each (texts, k') best first: `search_text` without the
         hits, k' = min(k, the live items). Captions are length-sorted and encoded
         `text_batch` at a time."""
+        self._require_galleries()
         gallery = self.galleries["images"]
         k = min(k, gallery.live_count)
         token_lists = self._token_lists(texts)
@@ -338,6 +343,7 @@ class Retriever:
         source: str | Path | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, gallery indices), each (images, k'): `search_image` without the hits."""
+        self._require_galleries()
         gallery = self.galleries["captions"]
         k = min(k, gallery.live_count)
         features = self.check_features(features)
@@ -376,6 +382,7 @@ class Retriever:
         """Exact scores of each query's own candidates in the `kind` gallery (any number, maybe
         none: a Ray shard actor gets the first stage's candidates in its shards): (queries, k)
         best first, padded with -inf scores and index -1 (`search.reranked_lists`)."""
+        self._require_galleries()
         gallery, block = self.galleries[kind], self.sizes.block(kind)
         return reranked_lists(self.scorers[kind], queries, gallery, k, candidates, block)
 
@@ -396,13 +403,21 @@ class Retriever:
         side = {name: image.arrays[name] for name in ("regions", "region_gram")}
         return [explainer.explain_encoded(side, explainer.encode_caption(hit.text)) for hit in hits]
 
+    def _require_galleries(self) -> None:
+        if self._state == "released":
+            raise UserError("this retriever's galleries were released (a later one serves)")
+        if self._state == "closed":
+            raise UserError("the retriever is closed")
+
     def _explainer(self) -> Explainer:
+        self._require_galleries()
         with self._explainer_lock:
             if self._explain is None:
                 self._explain = Explainer(self.bundle, self.backend, self.threads)
             return self._explain
 
     def gallery_for(self, query: str, k: int, shortlist: int | None) -> Gallery:
+        self._require_galleries()
         gallery = queried_gallery(self.galleries, query, k)
         if shortlist is not None and not k <= shortlist:
             raise input_error(None, "shortlist", f"expected at least k = {k}, got {shortlist}")

@@ -55,6 +55,8 @@ class LiveGallery:
         self._current = self._first
         self._lock = threading.Lock()
         self._closed = False
+        self._failed: int | None = None  # a generation that could not be opened
+        self._releasing: list[threading.Thread] = []
 
     @property
     def generation(self) -> int:
@@ -80,10 +82,15 @@ class LiveGallery:
         in a thread: opening (and checking) a generation reads its files."""
         if self.root is None or self._closed:
             return False
-        if current_generation(self.root)[0] <= self._current.generation:
-            return False
-        number, galleries = open_current(self.root, self.verify)
-        snapshot = Snapshot(number, self._current.retriever.on_galleries(galleries))
+        newest = current_generation(self.root)[0]
+        if newest <= self._current.generation or newest == self._failed:
+            return False  # a generation that failed is not read again: the next one is
+        try:
+            number, galleries = open_current(self.root, self.verify)
+            snapshot = Snapshot(number, self._current.retriever.on_galleries(galleries))
+        except Exception:
+            self._failed = newest
+            raise
         with self._lock:
             closed = self._closed
             if not closed:
@@ -93,6 +100,7 @@ class LiveGallery:
         if closed:  # the server stopped meanwhile
             snapshot.retriever.close()
             return False
+        self._failed = None
         if done:
             self._release(old)
         LOG.info("%s: now serving generation %d", self.root, number)
@@ -118,16 +126,33 @@ class LiveGallery:
             LOG.warning("%s: staying on generation %d (%s)", self.root, self.generation, exc)
 
     def close(self) -> None:
-        """Stop switching; close the snapshot opened here that is current (the first is its
-        opener's to close)."""
+        """Stop switching; the current snapshot is released when its last user is done (a
+        batch or an explain still running in its thread), the releases are waited for."""
         with self._lock:
             self._closed = True
             current = self._current
-        if current is not self._first:
-            current.retriever.close()
+            current.retired = True
+            done = current.users == 0
+        if done and current is not self._first:  # the first is its opener's to close
+            self._release(current)
+        with self._lock:
+            releasing = list(self._releasing)
+        for thread in releasing:
+            thread.join()
 
     def _release(self, snapshot: Snapshot) -> None:
-        if snapshot is self._first:
-            snapshot.retriever.close_galleries()
-        else:
-            snapshot.retriever.close()
+        """Close a replaced snapshot (the first: release its galleries, keep the backend) in a
+        thread of its own: freeing a large FAISS index or session must not hold the caller,
+        which may be the event loop."""
+
+        def release() -> None:
+            snapshot.image_index = {}
+            if snapshot is self._first:
+                snapshot.retriever.close_galleries()
+            else:
+                snapshot.retriever.close()
+
+        thread = threading.Thread(target=release, name="release-generation")
+        with self._lock:
+            self._releasing = [t for t in self._releasing if t.is_alive()] + [thread]
+        thread.start()

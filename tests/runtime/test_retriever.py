@@ -616,10 +616,12 @@ def test_a_closed_retriever_refuses_to_search(indexed):
     with Retriever.open(bundle, gallery) as retriever:
         assert len(retriever.search_text([split.captions[0]], k=2)[0]) == 2
         retriever.explain_text(split.captions[0], retriever.search_text([split.captions[0]])[0][:1])
-    with pytest.raises(UserError, match="^text_encoder: the runner is closed$"):
+    with pytest.raises(UserError, match="^the retriever is closed$"):
         retriever.search_text([split.captions[0]], k=2)
-    with pytest.raises(UserError, match="^text_encoder: the backend is closed$"):
+    with pytest.raises(UserError, match="^the retriever is closed$"):
         retriever.explain_text(split.captions[0], [])
+    with pytest.raises(UserError, match="^the retriever is closed$"):
+        retriever.rank_image(np.asarray(split.images[:1]), k=2)
     retriever.close()
     backend = open_backend(bundle)
     with backend:

@@ -127,19 +127,28 @@ def test_a_snapshot_in_use_is_closed_by_its_last_user(gallery, monkeypatch):
     live = LiveGallery(root, first)
     assert live.generation == 0  # what `first` opened, not what is current now
     assert live.refresh() and live.generation == 1
-    assert closed == [("kept", first)]
+    _eventually(lambda: closed == [("kept", first)])  # released in a thread of its own
     with live.using() as second:
         delete_items(root, ["0"])
         assert live.refresh() and live.generation == 2
+        time.sleep(0.1)
         assert len(closed) == 1  # generation 1 is still in use
         assert second.retriever.galleries["images"].count == 400
-    assert closed[1:] == [("all", second.retriever)]
+    _eventually(lambda: closed[1:] == [("all", second.retriever)])
     assert not live.refresh()  # nothing newer
     with live.using() as third:
-        pass
-    live.close()
-    assert closed[2:] == [("all", third.retriever)]
+        live.close()  # in use: released when its user is done
+        time.sleep(0.1)
+        assert len(closed) == 2
+    _eventually(lambda: closed[2:] == [("all", third.retriever)])
     assert not live.refresh()  # closed: never switches again
+
+
+def _eventually(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within 10 s"
+        time.sleep(0.01)
 
 
 def test_a_sharded_gallery_is_not_watched(gallery):
