@@ -69,3 +69,14 @@ def gpus_for(backend: Any) -> float:
     if device is not None:
         return 0.0 if getattr(device, "type", str(device)) == "cpu" else 1.0
     return 1.0  # TensorRT
+
+
+def check_gpus(ray: Any, needed: float, what: str) -> None:
+    """A one-line UserError when the cluster has fewer GPUs than `needed` (the actors would wait
+    for them forever)."""
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if needed > have:
+        raise UserError(
+            f"{what} need {needed:g} GPUs (the backend runs on a GPU: one each); "
+            f"the Ray cluster has {have:g}"
+        )

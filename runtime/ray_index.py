@@ -31,7 +31,7 @@ from typing import Any
 
 from scan_deploy.runtime.gallery_writer import GalleryWriter
 from scan_deploy.runtime.indexer import IndexInputs, LocalEncoders, Progress
-from scan_deploy.runtime.ray_cluster import require_ray
+from scan_deploy.runtime.ray_cluster import check_gpus, require_ray
 
 from scan_deploy.atomic import _kill_point
 from scan_deploy.bundle import Bundle
@@ -88,6 +88,9 @@ def encode_on_ray(
     """Encode every shard of `split` on Ray Data actors and add them to `writers` in order;
     returns the number of captions cut to the engine's word limit."""
     ray = require_ray(data=True)
+    if not ray.is_initialized():  # as Ray Data would: a local instance
+        ray.init()
+    check_gpus(ray, settings.workers * settings.gpus, f"{settings.workers} Ray Data workers")
     parts = tmp / PARTS
     parts.mkdir()
     jobs = shard_jobs(split, {kind: writer.shard_size for kind, writer in writers.items()})

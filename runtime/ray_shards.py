@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from scan_deploy.runtime.generations import generation_folder
-from scan_deploy.runtime.ray_cluster import gpus_for, require_ray
+from scan_deploy.runtime.ray_cluster import check_gpus, gpus_for, require_ray
 from scan_deploy.runtime.retriever import KINDS_BY_QUERY, Retriever, hits_of
 from scan_deploy.runtime.search import Hit, Queries, TopK
 
@@ -120,10 +120,10 @@ class ShardedRetriever:
             ray.init()
         self.timeout, self._ray = timeout, ray
         self.parts = split_shards(self.galleries, actors)
+        gpus = gpus_for(self.local.backend)  # the backend this process runs
+        check_gpus(ray, actors * gpus, f"{actors} Ray actors")
         remote = ray.remote(
-            max_restarts=max_restarts,
-            max_task_retries=max_restarts,
-            num_gpus=gpus_for(self.local.backend),  # the backend this process runs
+            max_restarts=max_restarts, max_task_retries=max_restarts, num_gpus=gpus
         )(ShardActor)
         generation = str(generation_folder(self.galleries))
         where = None if checkpoint is None else str(checkpoint)

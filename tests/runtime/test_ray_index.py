@@ -116,6 +116,14 @@ def test_a_bad_shard_is_one_line_and_writes_nothing(cluster, trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_caps.txt", "bad_ims.npy"]
 
 
+def test_workers_on_a_gpu_backend_need_the_cluster_s_gpus(cluster, trained, tmp_path):
+    with pytest.raises(UserError) as raised:
+        _index(trained, tmp_path / "out", "fp16", RayIndexing(2, gpus=1.0))
+    expected = "2 Ray Data workers need 2 GPUs (the backend runs on a GPU: one each); "
+    assert str(raised.value) == expected + "the Ray cluster has 0"
+    assert not (tmp_path / "out").exists()
+
+
 def test_settings_are_checked(monkeypatch):
     with pytest.raises(UserError, match=r"^ray_workers: expected an integer ≥ 1, got 0$"):
         RayIndexing(0)
