@@ -206,6 +206,7 @@ class Gallery:
     deleted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted indices
     _indexes: dict[FirstStage, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lease: Any = field(default=None, repr=False)  # `generations.Lease`: kept from `prune`
 
     @property
     def embed_size(self) -> int:
@@ -326,10 +327,13 @@ class Gallery:
                 apply_search_params(self._indexes[stage], search_params, self.path / MANIFEST)
         return self._indexes[stage]
 
-    def close_indexes(self) -> None:
-        """Drop the first-stage indexes opened (FAISS frees each with its last reference)."""
+    def close(self) -> None:
+        """Drop the first-stage indexes opened (FAISS frees each with its last reference) and
+        release the reader's lease on the generation (`runtime.generations.Lease`), if any."""
         with self._lock:
             self._indexes.clear()
+        if self.lease is not None:
+            self.lease.close()
 
     @functools.cached_property
     def token_starts(self) -> np.ndarray:

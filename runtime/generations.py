@@ -18,9 +18,10 @@ A writer holds an exclusive lock on `GALLERY/.lock` (one writer at a time), writ
 generation into a temp folder renamed into place (`atomic_dir`), and only then replaces CURRENT
 (temp file + rename). Killed at any point (kill -9), it leaves the previous generation current
 and whole (tests/runtime/test_generations.py kills it at every step); the next writer sweeps
-what was left. Finished generations are kept (a reader, e.g. a running `serve`, may still be on
-one; they share their shard files, so each costs its manifests, ids and first-stage indexes):
-remove old `generations/NNNNNN` folders by hand once no reader uses them.
+what was left. Finished generations are kept until `prune_generations` (`scan-deploy prune`)
+removes those before the current one that no reader holds: a reader takes a shared flock on
+`GALLERY/.readers/NNNNNN` before it opens generation N and keeps it until its galleries are
+closed (`Lease`; the kernel drops it when the process ends, however it ends).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from scan_deploy.runtime.gallery import Gallery, Verify, open_gallery
 from scan_deploy.runtime.gallery_format import KINDS
@@ -44,6 +45,7 @@ from scan_deploy.jsonfile import read_json_object, typed
 CURRENT = "CURRENT"
 GENERATIONS = "generations"
 LOCK = ".lock"
+READERS = ".readers"  # a lease file per generation read: `Lease`
 
 
 def current_generation(root: Path) -> tuple[int, Path]:
@@ -62,8 +64,41 @@ def current_generation(root: Path) -> tuple[int, Path]:
 
 def open_galleries(root: str | Path, verify: Verify = True) -> dict[str, Gallery]:
     """The `images/` and `captions/` galleries (by kind) of a gallery folder, in its current
-    generation."""
+    generation, leased (`Lease`) until they are closed."""
     return open_current(root, verify)[1]
+
+
+class Lease:
+    """A reader's hold on the generation it opened: a shared flock on GALLERY/.readers/NNNNNN,
+    which `prune_generations` never removes a generation under. Released by `close()` (the
+    galleries' `close`), or by the kernel when the process ends, however it ends."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self._file: IO[str] | None = file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _lease(root: Path, number: int) -> Lease | None:
+    """A shared lock on generation `number`'s lease file; None where the gallery folder is read
+    only (nobody can prune it then either)."""
+    try:
+        (root / READERS).mkdir(exist_ok=True)
+        file = open(root / READERS / f"{number:06d}", "a")  # noqa: SIM115 (held by the Lease)
+    except OSError:
+        return None
+    fcntl.flock(file, fcntl.LOCK_SH)
+    return Lease(file)
+
+
+def _generation_folders(root: Path, number: int) -> list[Path]:
+    """What generation `number` is on disk: `generations/NNNNNN`, or for generation 0 the
+    `images/` and `captions/` folders `index` wrote in the gallery folder."""
+    folders = [root / GENERATIONS / f"{number:06d}"] if number else [root / k for k in KINDS]
+    return [folder for folder in folders if folder.is_dir()]
 
 
 def generation_of(root: str | Path, galleries: dict[str, Gallery]) -> int:
@@ -79,9 +114,26 @@ def generation_folder(galleries: dict[str, Gallery]) -> Path:
 
 
 def open_current(root: str | Path, verify: Verify = True) -> tuple[int, dict[str, Gallery]]:
-    """(number, galleries by kind) of a gallery folder's current generation."""
-    number, folder = current_generation(Path(root))
-    return number, open_generation(folder, verify)
+    """(number, galleries by kind) of a gallery folder's current generation, leased: the lease
+    is taken before the folder is opened, and a generation pruned in between is read again
+    from CURRENT (only ever a newer one)."""
+    root = Path(root)
+    while True:
+        number, folder = current_generation(root)
+        lease = _lease(root, number)
+        gone = lease is not None and not _generation_folders(root, number)
+        if not (gone and current_generation(root)[0] != number):
+            break
+        lease.close()  # pruned after CURRENT was read: a newer one is current
+    try:
+        galleries = open_generation(folder, verify)
+    except BaseException:
+        if lease is not None:
+            lease.close()
+        raise
+    for gallery in galleries.values():
+        gallery.lease = lease
+    return number, galleries
 
 
 def open_generation(folder: str | Path, verify: Verify = True) -> dict[str, Gallery]:
@@ -107,7 +159,11 @@ def changing(root: Path) -> Iterator[tuple[dict[str, Gallery], Path]]:
         _prune_unfinished(root, number)
         base = open_galleries(root, verify=False)  # immutable: checked when it was written
         target = root / GENERATIONS / f"{number + 1:06d}"
-        yield base, target
+        try:
+            yield base, target
+        finally:
+            for gallery in base.values():
+                gallery.close()
         _kill_point("generation:written", target)
         pointer = {"format_version": 1, "generation": number + 1}
         write_json(root / CURRENT, {**pointer, "path": f"{GENERATIONS}/{target.name}"})
@@ -184,6 +240,46 @@ def compact_gallery(root: Path) -> dict[str, int]:
                     tmp / kind, kind, None, base=gallery, compact=True, where=root / kind
                 ).close()
     return {kind: gallery.live_count for kind, gallery in base.items()}
+
+
+def prune_generations(root: Path) -> dict[str, Any]:
+    """Remove the generations before the current one that no reader holds (`Lease`), under
+    the writer's lock; returns {"removed": [numbers], "in_use": [numbers], "current": N,
+    "freed_bytes": bytes of files no other generation shares}."""
+    root = Path(root)
+    if not (root / CURRENT).is_file() and not any((root / kind).is_dir() for kind in KINDS):
+        raise input_error(root, None, "not a gallery folder (expected images/ or captions/)")
+    removed, in_use, freed = [], [], 0
+    with open(root / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current, _ = current_generation(root)
+        for number in range(current):
+            folders = _generation_folders(root, number)
+            if not folders:
+                continue
+            (root / READERS).mkdir(exist_ok=True)
+            lease_file = root / READERS / f"{number:06d}"
+            with open(lease_file, "a") as held:
+                try:
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    in_use.append(number)
+                    continue
+                freed += sum(_unshared_bytes(folder) for folder in folders)
+                for folder in folders:
+                    shutil.rmtree(folder)
+                lease_file.unlink()
+            removed.append(number)
+    return {"removed": removed, "in_use": in_use, "current": current, "freed_bytes": freed}
+
+
+def _unshared_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` that no other generation links to."""
+    return sum(
+        status.st_size
+        for path in folder.rglob("*")
+        if path.is_file() and (status := path.stat()).st_nlink == 1
+    )
 
 
 def _prune_unfinished(root: Path, current: int) -> None:

@@ -228,9 +228,9 @@ class Retriever:
 
     def close_galleries(self) -> None:
         """Release what this retriever holds for its galleries (device blocks, first-stage
-        indexes, the explain session), keeping the backend: `serve` does so when it has switched
-        to a later generation on the same backend. Searching or explaining afterwards is a
-        UserError."""
+        indexes, the explain session, the lease on their generation), keeping the backend:
+        `serve` does so when it has switched to a later generation on the same backend.
+        Searching or explaining afterwards is a UserError."""
         self._state = "closed" if self._state == "closed" else "released"
         for scorer in self.scorers.values():
             scorer.close()
@@ -239,7 +239,7 @@ class Retriever:
                 self._explain.close()
                 self._explain = None  # opened again if asked (a UserError once closed)
         for gallery in self.galleries.values():
-            gallery.close_indexes()
+            gallery.close()
 
     def close(self) -> None:
         """`close_galleries`, and close the backend `open` opened (one passed to the

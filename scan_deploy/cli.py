@@ -884,6 +884,29 @@ def compact(
 
 
 @app.command()
+def prune(
+    gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
+    as_json: Summary = False,
+) -> None:
+    """Remove the generations before the current one that no reader (query, serve, an app's
+    Retriever) still has open."""
+    from scan_deploy.runtime.generations import prune_generations
+
+    if not gallery.is_dir():
+        raise UserError(f"{gallery}: not a gallery folder")
+    done = prune_generations(gallery)
+    if as_json:
+        print(json.dumps({"gallery": str(gallery), **done}))
+        return
+    removed = ", ".join(map(str, done["removed"])) or "none"
+    line = f"{gallery}: generation {done['current']} current; removed {removed}"
+    line += f" ({done['freed_bytes'] / 2**20:.1f} MiB freed)"
+    if done["in_use"]:
+        line += "; in use, kept: " + ", ".join(map(str, done["in_use"]))
+    console.print(line, soft_wrap=True)
+
+
+@app.command()
 def query(
     gallery: Annotated[Path, typer.Argument(help="Gallery folder written by `index`.")],
     text: Annotated[list[str] | None, typer.Argument(help="Text queries.")] = None,

@@ -183,6 +183,7 @@ USAGE_ERRORS = {
     "serve": (("g", "--port", "70000"), "'--port'"),
     "delete": (("g",), "Missing argument 'ids'"),
     "compact": (("g", "--nope"), "No such option"),
+    "prune": (("g", "h"), "unexpected extra argument"),
 }
 # Commands that need an extra before they read their inputs, and what they say.
 NEEDS_EXTRA = {

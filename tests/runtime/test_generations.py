@@ -119,6 +119,48 @@ def test_a_later_generation_reads_only_its_new_files_again(grown, monkeypatch):
     assert hashed == []
 
 
+def test_prune_removes_the_generations_no_reader_holds(parts, grown, tmp_path):
+    """Generations 0 and 1 behind the current 2: a reader opened on 1 keeps it (and answers
+    from it) while 0 goes; once that reader closes, the next prune removes 1. The current
+    generation answers as before, every file's sha256 checked."""
+    bundle, root = parts
+    gallery = tmp_path / "g"  # indexed here: a copy would not keep the hard links
+    _index(bundle, root, "first", gallery)
+    _index(bundle, root, "rest", gallery, "--append")
+    texts = (root / "all_caps.txt").read_text().splitlines()[:20:4]
+    features = np.load(root / "all_ims.npy")[[3, 250, 399]]
+    unshared = sum(  # what only generation 0 holds: all but its shards (linked into 1)
+        path.stat().st_size
+        for kind in ("images", "captions")
+        for path in (gallery / kind).rglob("*")
+        if path.is_file() and path.suffix != ".npy"
+    )
+    reader = Retriever.open(None, gallery)  # generation 1, leased
+    before = reader.search_text(texts, k=8)
+    assert run_cli("delete", gallery, "i7").returncode == 0  # generation 2
+    done = run_cli("prune", gallery, "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["removed"], summary["in_use"], summary["current"]) == ([0], [1], 2)
+    assert summary["freed_bytes"] == unshared  # its shards live on in 1 and 2 (links)
+    assert not (gallery / "images").exists() and (gallery / "generations" / "000001").is_dir()
+    assert reader.search_text(texts, k=8) == before  # its files are still there
+    reader.close()  # releases the lease
+    again = run_cli("prune", gallery)
+    assert again.returncode == 0, again.stderr
+    assert "generation 2 current; removed 1 (" in again.stdout
+    assert not (gallery / "generations" / "000001").exists()
+    assert _intact(gallery) == 400
+    expected = _answers(grown[0], texts, features)
+    got = _answers(gallery, texts, features)
+    assert [[hit for hit in row if hit[0] != "i7"][:7] for row in expected[:5]] == [
+        [hit for hit in row if hit[0] != "i7"][:7] for row in got[:5]
+    ]
+    assert run_cli("prune", gallery).stdout.startswith(
+        f"{gallery}: generation 2 current; removed none"
+    )
+
+
 def test_deleted_items_are_never_returned(parts, grown, tmp_path):
     import shutil
 
