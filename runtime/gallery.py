@@ -551,13 +551,17 @@ def open_gallery(path: str | Path, verify: Verify = True) -> Gallery:
         raise input_error(where, "shards", f"hold {offset} items, the manifest count is {count}")
     ids = _read_list(path, manifest, "ids", count, where, required=True)
     texts = _read_list(path, manifest, "texts", count, where, required=False)
-    if len(set(ids)) != len(ids):
+    deleted = _deleted_indices(path, manifest, ids, where)
+    live = np.ones(count, bool)
+    live[deleted] = False
+    live_ids = [item for item, keep in zip(ids, live, strict=True) if keep]
+    if len(set(live_ids)) != len(live_ids):  # a deleted id may be added again
         raise input_error(path / IDS, None, "has duplicate ids, expected unique ids")
     _check_boxes(path, manifest, count, where, verify)
     if "images_dir" in manifest:
         typed(manifest["images_dir"], str, "images_dir", where)
     gallery = Gallery(path, kind, dtype, count, manifest, shards, ids, texts)
-    gallery.deleted = _deleted_indices(path, manifest, ids, where)
+    gallery.deleted = deleted
     for stage, record in _first_stage_records(manifest, where).items():
         gallery.first_stages[stage] = _check_stage_record(gallery, stage, record, verify)
     return gallery
@@ -680,11 +684,23 @@ def _check_boxes(path: Path, manifest: dict, count: int, where: Path, verify: Ve
 
 
 def _deleted_indices(path: Path, manifest: dict, ids: list[str], where: Path) -> np.ndarray:
-    """The sorted indices of the items `deleted.json` names (none without it)."""
+    """The sorted indices of the deleted items (none without `deleted.json`): from format 4 on,
+    the file holds their positions (an id deleted, then added again, is in the gallery twice);
+    before, their ids."""
     record = manifest.get("deleted")
     if record is None:
         return np.zeros(0, np.int64)
     count = typed(typed(record, dict, "deleted", where).get("count"), int, "deleted.count", where)
+    if manifest["format_version"] >= 4:
+        positions = _read_list(path, manifest, "deleted", count, where, True, int)
+        bad = [i for i in positions if isinstance(i, bool) or not 0 <= i < len(ids)]
+        if bad:
+            message = f"names position {bad[0]!r}, expected 0..{len(ids) - 1}"
+            raise input_error(path / DELETED, None, message)
+        indices = np.unique(np.array(positions, np.int64))
+        if len(indices) != count:
+            raise input_error(path / DELETED, None, "names a position twice")
+        return indices
     position = {item: i for i, item in enumerate(ids)}
     names = _read_list(path, manifest, "deleted", count, where, required=True)
     unknown = [item for item in names if item not in position]
@@ -697,8 +713,14 @@ def _deleted_indices(path: Path, manifest: dict, ids: list[str], where: Path) ->
 
 
 def _read_list(
-    root: Path, manifest: dict, key: str, count: int, where: Path, required: bool
-) -> list[str] | None:
+    root: Path,
+    manifest: dict,
+    key: str,
+    count: int,
+    where: Path,
+    required: bool,
+    item_type: type = str,
+) -> list | None:
     entry = manifest.get(key)
     if entry is None and not required:
         return None
@@ -714,8 +736,9 @@ def _read_list(
         items = json.loads(raw)
     except ValueError as exc:
         raise input_error(file, None, f"invalid JSON ({exc})") from None
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise input_error(file, None, "expected a JSON list of strings")
+    if not isinstance(items, list) or not all(isinstance(i, item_type) for i in items):
+        what = "strings" if item_type is str else "integers"
+        raise input_error(file, None, f"expected a JSON list of {what}")
     if len(items) != count:
         raise input_error(file, None, f"has {len(items)} entries, the manifest count is {count}")
     return items

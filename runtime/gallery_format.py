@@ -55,9 +55,10 @@ from scan_deploy.bundle import Bundle
 from scan_deploy.choices import GalleryDtype, Graph
 from scan_deploy.int8_rows import INT8_ZERO_POINT
 
-FORMAT_VERSION = 3
-# 1: one optional float16 index of the globals (`faiss_index`); 1 and 2: int8 values as int8
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+# 1: one optional float16 index of the globals (`faiss_index`); 1 and 2: int8 values as int8;
+# up to 3: `deleted.json` names the deleted items by id (from 4 on: by position)
+READABLE_VERSIONS = (1, 2, 3, 4)
 V1_INDEX = "shortlist.faiss"
 KINDS = ("images", "captions")
 MANIFEST = "manifest.json"

@@ -101,6 +101,10 @@ class GalleryWriter:
         if base is not None:
             if base.kind != kind:
                 raise RuntimeError(f"{base.path}: a gallery of {base.kind}, not {kind}")
+            version = base.manifest["format_version"]
+            if version < 3:  # its int8 rows or index file name differ: not extended in place
+                message = f"format {version}, written by an older scan-deploy: re-run index"
+                raise input_error(base.path / MANIFEST, "format_version", message)
             dtype, shard_size = base.dtype, int(base.manifest["shard_size"])
             stages = {stage: record["factory"] for stage, record in base.first_stages.items()}
             folder = base.manifest.get("images_dir")
@@ -128,7 +132,7 @@ class GalleryWriter:
         self._state = "open"
         self._context = atomic_dir(self.path)
         self._tmp = self._context.__enter__()
-        self._deleted: list[str] = []
+        self._deleted: list[int] = []  # positions of the deleted items
         if base is not None and compact:
             self._copy_live(base)
         elif base is not None:
@@ -156,7 +160,9 @@ class GalleryWriter:
             for record in shard["files"].values():
                 link_or_copy(base.path / record["file"], self._tmp / record["file"])
         self._shards = json.loads(json.dumps(base.manifest["shards"]))
-        self._ids, self._seen, self._count = list(base.ids), set(base.ids), base.count
+        live = ~base.deleted_mask
+        self._ids, self._count = list(base.ids), base.count
+        self._seen = {item for item, keep in zip(base.ids, live, strict=True) if keep}
         self._texts = None if base.texts is None else list(base.texts)
         if base.kind == "images":
             self._regions = base.shards[0].shape("regions")[1]
@@ -166,14 +172,16 @@ class GalleryWriter:
             self.boxes = tuple(np.concatenate([a, b]) for a, b in zip(old, new, strict=True))
         else:
             self.boxes = None
-        self._deleted = [base.ids[i] for i in base.deleted]
-        gone = set(self._deleted)
+        self._deleted = [int(i) for i in base.deleted]
+        live_at = {item: i for i, item in enumerate(base.ids) if live[i]}
+        known = set(base.ids)
         for item in delete:
-            if item not in self._seen or item in gone:
-                state = "already deleted" if item in gone else "not in the gallery"
+            if item not in live_at:
+                state = "already deleted" if item in known else "not in the gallery"
                 raise input_error(self.where, "delete", f"id {item!r}: {state}")
-            gone.add(item)
-            self._deleted.append(item)
+            self._deleted.append(live_at.pop(item))
+            self._seen.discard(item)
+        self._deleted.sort()
 
     def __enter__(self) -> GalleryWriter:
         return self
@@ -551,6 +559,6 @@ def _fit_axis(value: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.pad(value, pad, constant_values=stored_zero(value.dtype))
 
 
-def _write_list(folder: Path, name: str, items: list[str]) -> dict[str, Any]:
+def _write_list(folder: Path, name: str, items: list) -> dict[str, Any]:
     (folder / name).write_text(json.dumps(items, ensure_ascii=False) + "\n", encoding="utf-8")
     return {"file": name, "sha256": sha256_file(folder / name), "count": len(items)}

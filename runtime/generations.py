@@ -212,11 +212,13 @@ def delete_items(root: Path, ids: Sequence[str]) -> dict[str, Any]:
             if kind is None:
                 raise input_error(root, "delete", f"id {item!r}: not in the gallery")
             by_kind[kind].append(item)
-        if "captions" in base and by_kind.get("images"):  # an image's captions go with it
+        if "captions" in base and by_kind.get("images"):  # an image's live captions go with it
             captions, gone = base["captions"], set(by_kind["images"])
-            already = {captions.ids[i] for i in captions.deleted} | set(by_kind["captions"])
+            asked = set(by_kind["captions"])
             by_kind["captions"] += [
-                c for c in captions.ids if c.rpartition(":")[0] in gone and c not in already
+                caption
+                for caption, deleted in zip(captions.ids, captions.deleted_mask, strict=True)
+                if caption.rpartition(":")[0] in gone and not deleted and caption not in asked
             ]
         with atomic_dir(target) as tmp:
             for kind, gallery in base.items():

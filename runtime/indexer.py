@@ -111,12 +111,11 @@ def index_gallery(
     bundle.check_regions(data.num_regions, data.padded, features_path, "shape")
     if base is not None:
         _check_base(base, data, features_path, captions_path)
-        images = base["images"]
-        known, deleted = set(images.ids), {images.ids[i] for i in images.deleted}
+        images = base["images"]  # a deleted id may be added again
+        known = {
+            item for item, gone in zip(images.ids, images.deleted_mask, strict=True) if not gone
+        }
         clash = next((name for name in split.names if name in known), None)
-        if clash in deleted:
-            message = f"image {clash!r} was deleted: compact the gallery before adding it again"
-            raise input_error(features_path, "ids", message)
         if clash is not None:
             message = f"image {clash!r} is already in the gallery (ids must stay unique)"
             raise input_error(features_path, "ids", message)

@@ -39,7 +39,15 @@ class Snapshot:
 
     def __post_init__(self) -> None:
         images = self.retriever.galleries.get("images")
-        self.image_index = {} if images is None else {i: n for n, i in enumerate(images.ids)}
+        self.image_index = (
+            {}
+            if images is None
+            else {
+                i: n
+                for n, (i, gone) in enumerate(zip(images.ids, images.deleted_mask, strict=True))
+                if not gone
+            }
+        )  # live items only: an id deleted and added again names its live row
 
 
 class LiveGallery:

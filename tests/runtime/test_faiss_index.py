@@ -121,7 +121,7 @@ def test_a_format_1_gallery_opens_with_its_index_as_the_global_stage(tmp_path):
     q = queries(6)
     exact = np.argsort(-(q.arrays["global"] @ items["global"].T), axis=1)[:, :5]
     np.testing.assert_array_equal(shortlist(q, gallery, 5, "faiss"), exact)
-    manifest["format_version"] = 4
+    manifest["format_version"] = 5
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=r"format_version: got 4, expected one of 1, 2, 3"):
+    with pytest.raises(UserError, match=r"format_version: got 5, expected one of 1, 2, 3, 4"):
         open_gallery(path)

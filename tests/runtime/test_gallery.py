@@ -268,7 +268,7 @@ def test_manifest_records_bundle_identity_and_files(tmp_path):
     path, _, manifest = write(tmp_path, "images", "int8")
     on_disk = json.loads((path / "manifest.json").read_text())
     assert on_disk == manifest
-    assert manifest["format_version"] == 3 and manifest["shard_size"] == SHARD
+    assert manifest["format_version"] == 4 and manifest["shard_size"] == SHARD
     assert manifest["bundle"]["graphs"]["scorer"] == "c" * 64
     assert manifest["bundle"]["vocab"]["words_sha256"] == "d" * 64
     assert (manifest["bundle"]["embed_size"], manifest["bundle"]["cross_attn"]) == (D, "t2i")
