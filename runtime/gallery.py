@@ -329,9 +329,11 @@ class Gallery:
 
     def close(self) -> None:
         """Drop the first-stage indexes opened (FAISS frees each with its last reference) and
-        release the reader's lease on the generation (`runtime.generations.Lease`), if any."""
+        the kept shard maps, so that a pruned generation's disk space is freed, and release the
+        reader's lease on the generation (`runtime.generations.Lease`), if any."""
         with self._lock:
             self._indexes.clear()
+        _mapped.cache_clear()  # its shards' maps (others are mapped again when next read)
         if self.lease is not None:
             self.lease.close()
 
@@ -555,7 +557,8 @@ def open_gallery(path: str | Path, verify: Verify = True) -> Gallery:
     live = np.ones(count, bool)
     live[deleted] = False
     live_ids = [item for item, keep in zip(ids, live, strict=True) if keep]
-    if len(set(live_ids)) != len(live_ids):  # a deleted id may be added again
+    unique = live_ids if manifest["format_version"] >= 4 else ids  # from 4: a deleted id again
+    if len(set(unique)) != len(unique):
         raise input_error(path / IDS, None, "has duplicate ids, expected unique ids")
     _check_boxes(path, manifest, count, where, verify)
     if "images_dir" in manifest:

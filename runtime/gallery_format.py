@@ -66,7 +66,7 @@ MARKER = Marker(MANIFEST, ("format_version", "kind", "shards", "bundle"), "galle
 IDS = "ids.json"
 BOX_FILES = {"boxes": "boxes.npy", "image_sizes": "image_sizes.npy"}  # optional, images only
 TEXTS = "texts.json"
-DELETED = "deleted.json"  # the ids of deleted items (tombstones), when there are any
+DELETED = "deleted.json"  # the deleted items' positions (format 3: ids), when there are any
 SCALE_SUFFIX = "_scale"
 QUANTIZATION = "symmetric-per-row"
 

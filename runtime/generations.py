@@ -8,11 +8,11 @@ drops them, and each change is a new generation of the gallery, switched to atom
 
 A generation never changes once written. The next one links the shard files of the one before
 (hard links: shards are immutable, so nothing is copied), adds shards for the items appended,
-rewrites the ids, texts, boxes, tombstones (`deleted.json`: the deleted items' ids, skipped by
-every search) and manifest, and extends the first-stage FAISS indexes with the new vectors (their
-training kept). Readers (`open_galleries`, `Retriever.open`) read CURRENT once and open that
-generation: a consistent snapshot whatever a writer does meanwhile (`serve` looks again every
-few seconds and switches: `serve.live`).
+rewrites the ids, texts, boxes, tombstones (`deleted.json`: the deleted items' positions,
+skipped by every search) and manifest, and extends the first-stage FAISS indexes with the new
+vectors (their training kept). Readers (`open_galleries`, `Retriever.open`) read CURRENT once and
+open that generation: a consistent snapshot whatever a writer does meanwhile (`serve` looks
+again every few seconds and switches: `serve.live`).
 
 A writer holds an exclusive lock on `GALLERY/.lock` (one writer at a time), writes the new
 generation into a temp folder renamed into place (`atomic_dir`), and only then replaces CURRENT
@@ -27,6 +27,8 @@ closed (`Lease`; the kernel drops it when the process ends, however it ends).
 from __future__ import annotations
 
 import fcntl
+import logging
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +44,7 @@ from scan_deploy.bundle import Bundle
 from scan_deploy.errors import input_error
 from scan_deploy.jsonfile import read_json_object, typed
 
+LOG = logging.getLogger(__name__)
 CURRENT = "CURRENT"
 GENERATIONS = "generations"
 LOCK = ".lock"
@@ -83,14 +86,24 @@ class Lease:
 
 
 def _lease(root: Path, number: int) -> Lease | None:
-    """A shared lock on generation `number`'s lease file; None where the gallery folder is read
-    only (nobody can prune it then either)."""
+    """A shared lock on generation `number`'s lease file (writers create it: a reader without
+    write access opens it read-only); None, with a warning, where there is none to take."""
+    path = root / READERS / f"{number:06d}"
     try:
-        (root / READERS).mkdir(exist_ok=True)
-        file = open(root / READERS / f"{number:06d}", "a")  # noqa: SIM115 (held by the Lease)
+        path.parent.mkdir(exist_ok=True)
+        file = open(path, "a")  # noqa: SIM115 (held by the Lease)
     except OSError:
+        try:
+            file = open(path)  # noqa: SIM115
+        except OSError as exc:
+            LOG.warning("%s: no reader's lease (%s): prune may remove it", path, exc.strerror)
+            return None
+    try:
+        fcntl.flock(file, fcntl.LOCK_SH)
+    except OSError as exc:  # a file system without flock
+        file.close()
+        LOG.warning("%s: no reader's lease (%s): prune may remove it", path, exc.strerror)
         return None
-    fcntl.flock(file, fcntl.LOCK_SH)
     return Lease(file)
 
 
@@ -165,6 +178,8 @@ def changing(root: Path) -> Iterator[tuple[dict[str, Gallery], Path]]:
             for gallery in base.values():
                 gallery.close()
         _kill_point("generation:written", target)
+        (root / READERS).mkdir(exist_ok=True)  # its lease file, for readers without write access
+        (root / READERS / f"{number + 1:06d}").touch()
         pointer = {"format_version": 1, "generation": number + 1}
         write_json(root / CURRENT, {**pointer, "path": f"{GENERATIONS}/{target.name}"})
         _kill_point("generation:switched", target)
@@ -268,9 +283,13 @@ def prune_generations(root: Path) -> dict[str, Any]:
                     in_use.append(number)
                     continue
                 freed += sum(_unshared_bytes(folder) for folder in folders)
-                for folder in folders:
-                    shutil.rmtree(folder)
+                aside = [root / GENERATIONS / f".pruned-{number:06d}-{f.name}" for f in folders]
+                (root / GENERATIONS).mkdir(exist_ok=True)
+                for folder, target in zip(folders, aside, strict=True):
+                    os.replace(folder, target)  # gone from readers at once, whole
                 lease_file.unlink()
+                for target in aside:  # a removal cut short is swept by the next writer
+                    shutil.rmtree(target)
             removed.append(number)
     return {"removed": removed, "in_use": in_use, "current": current, "freed_bytes": freed}
 

@@ -179,28 +179,28 @@ class Retriever:
         engine = check_engine(shortlist_engine)
         stage = None if first_stage is None else FirstStage.parse(first_stage, "first_stage")
         galleries = open_galleries(gallery, verify)
-        if not isinstance(bundle, Bundle):
-            if bundle is None:
-                bundle = next(iter(galleries.values())).manifest["bundle"]["path"]
-            bundle = load_bundle(bundle)
-        for part in galleries.values():
-            part.check_bundle(bundle)
-        for part in galleries.values():
-            _open_stage_index(part, stage_of(part, stage), engine, faiss_params)
-        opened = open_backend(
-            bundle, backend, precision, threads=threads, providers=providers, checkpoint=checkpoint
-        )
-        retriever = cls(
-            bundle,
-            galleries,
-            opened,
-            engine,
-            threads,
-            stage,
-            token_candidates,
-            scorer,
-            faiss_params,
-        )
+        opened = None
+        try:  # a failure closes what was opened: the generation's lease with its galleries
+            if not isinstance(bundle, Bundle):
+                if bundle is None:
+                    bundle = next(iter(galleries.values())).manifest["bundle"]["path"]
+                bundle = load_bundle(bundle)
+            for part in galleries.values():
+                part.check_bundle(bundle)
+            for part in galleries.values():
+                _open_stage_index(part, stage_of(part, stage), engine, faiss_params)
+            opened = open_backend(
+                bundle, backend, precision, threads=threads, providers=providers,
+                checkpoint=checkpoint,
+            )  # fmt: skip
+            settings = (engine, threads, stage, token_candidates, scorer, faiss_params)
+            retriever = cls(bundle, galleries, opened, *settings)
+        except BaseException:
+            if opened is not None:
+                opened.close()
+            for part in galleries.values():
+                part.close()
+            raise
         retriever._owned.append(opened)  # opened here: closed with the retriever
         return retriever
 

@@ -93,11 +93,14 @@ class LiveGallery:
         newest = current_generation(self.root)[0]
         if newest <= self._current.generation or newest == self._failed:
             return False  # a generation that failed is not read again: the next one is
+        galleries: dict = {}
         try:
             number, galleries = open_current(self.root, self.verify)
             snapshot = Snapshot(number, self._current.retriever.on_galleries(galleries))
         except Exception:
             self._failed = newest
+            for gallery in galleries.values():  # its lease: prune may take it
+                gallery.close()
             raise
         with self._lock:
             closed = self._closed

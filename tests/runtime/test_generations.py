@@ -15,6 +15,7 @@ from scan_deploy.runtime.gallery import Checked
 from scan_deploy.runtime.generations import CURRENT, current_generation, open_generation
 from scan_deploy.runtime.retriever import Retriever, open_galleries
 
+from scan_deploy.errors import UserError
 from scan_deploy.precomp import load_split
 from tests.cli_runner import run_cli
 
@@ -159,6 +160,26 @@ def test_prune_removes_the_generations_no_reader_holds(parts, grown, tmp_path):
     assert run_cli("prune", gallery).stdout.startswith(
         f"{gallery}: generation 2 current; removed none"
     )
+
+
+def test_a_reader_that_fails_to_open_holds_no_lease(parts, tmp_path):
+    import fcntl
+
+    from tests.export.tiny_bundle import make_bundle
+
+    bundle, root = parts
+    gallery = tmp_path / "g"
+    _index(bundle, root, "first", gallery)
+    with pytest.raises(UserError, match="gallery built with another bundle"):
+        Retriever.open(make_bundle(tmp_path / "other"), gallery)
+    with open(gallery / ".readers" / "000000") as lease:  # nobody holds it
+        fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with (
+        Retriever.open(None, gallery),
+        open(gallery / ".readers" / "000000") as lease,
+        pytest.raises(BlockingIOError),  # an open retriever holds it
+    ):
+        fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_deleted_image_can_be_added_again(parts, tmp_path):
