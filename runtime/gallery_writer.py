@@ -209,12 +209,7 @@ class GalleryWriter:
                 return
             self._pending.append(self._to_storage(batch))
             self._pending_count += len(ids)
-            self._ids.extend(ids)
-            self._seen.update(ids)
-            if texts is not None:
-                self._texts = self._texts if self._texts is not None else []
-                self._texts.extend(texts)
-            self._count += len(ids)
+            self._record(ids, texts)
             while self._pending_count >= self.shard_size:
                 self._write_shard(self.shard_size)
         except BaseException:
@@ -258,15 +253,19 @@ class GalleryWriter:
                 for name, record in shard["files"].items()
             }
             self._shards.append({"count": gallery.count, "offset": self._count, "files": files})
-            self._ids.extend(gallery.ids)
-            self._seen.update(gallery.ids)
-            if texts is not None:
-                self._texts = self._texts if self._texts is not None else []
-                self._texts.extend(texts)
-            self._count += gallery.count
+            self._record(gallery.ids, texts)
         except BaseException:
             self.abort()
             raise
+
+    def _record(self, ids: Sequence[str], texts: Sequence[str] | None) -> None:
+        """The ids (and texts) of items added, in order."""
+        self._ids.extend(ids)
+        self._seen.update(ids)
+        if texts is not None:
+            self._texts = self._texts if self._texts is not None else []
+            self._texts.extend(texts)
+        self._count += len(ids)
 
     def _write_boxes(self) -> dict[str, Any]:
         """`boxes.npy` and `image_sizes.npy` and their manifest records, when given."""

@@ -85,10 +85,14 @@ class Lease:
             self._file = None
 
 
+def _lease_file(root: Path, number: int) -> Path:
+    return root / READERS / f"{number:06d}"
+
+
 def _lease(root: Path, number: int) -> Lease | None:
     """A shared lock on generation `number`'s lease file (writers create it: a reader without
     write access opens it read-only); None, with a warning, where there is none to take."""
-    path = root / READERS / f"{number:06d}"
+    path = _lease_file(root, number)
     try:
         path.parent.mkdir(exist_ok=True)
         file = open(path, "a")  # noqa: SIM115 (held by the Lease)
@@ -116,7 +120,7 @@ def _generation_folders(root: Path, number: int) -> list[Path]:
 
 def generation_of(root: str | Path, galleries: dict[str, Gallery]) -> int:
     """The number of the generation of `root` that `galleries` (`open_galleries`) belong to."""
-    folder = next(iter(galleries.values())).path.parent.resolve()
+    folder = generation_folder(galleries).resolve()
     return 0 if folder == Path(root).resolve() else int(folder.name)
 
 
@@ -159,15 +163,22 @@ def open_generation(folder: str | Path, verify: Verify = True) -> dict[str, Gall
 
 
 @contextmanager
+def _writer_lock(root: Path) -> Iterator[None]:
+    """The gallery folder `root`'s writer's lock (one writer, or prune, at a time)."""
+    if not (root / CURRENT).is_file() and not any((root / kind).is_dir() for kind in KINDS):
+        raise input_error(root, None, "not a gallery folder (expected images/ or captions/)")
+    with open(root / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
 def changing(root: Path) -> Iterator[tuple[dict[str, Gallery], Path]]:
     """Hold the writer's lock; yield the current galleries and the folder to write the next
     generation to (`atomic_dir` it); when the block ends normally the folder is made current.
     """
     root = Path(root)
-    if not (root / CURRENT).is_file() and not any((root / kind).is_dir() for kind in KINDS):
-        raise input_error(root, None, "not a gallery folder (expected images/ or captions/)")
-    with open(root / LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _writer_lock(root):
         number, _ = current_generation(root)
         _prune_unfinished(root, number)
         base = open_galleries(root, verify=False)  # immutable: checked when it was written
@@ -179,7 +190,7 @@ def changing(root: Path) -> Iterator[tuple[dict[str, Gallery], Path]]:
                 gallery.close()
         _kill_point("generation:written", target)
         (root / READERS).mkdir(exist_ok=True)  # its lease file, for readers without write access
-        (root / READERS / f"{number + 1:06d}").touch()
+        _lease_file(root, number + 1).touch()
         pointer = {"format_version": 1, "generation": number + 1}
         write_json(root / CURRENT, {**pointer, "path": f"{GENERATIONS}/{target.name}"})
         _kill_point("generation:switched", target)
@@ -264,18 +275,15 @@ def prune_generations(root: Path) -> dict[str, Any]:
     the writer's lock; returns {"removed": [numbers], "in_use": [numbers], "current": N,
     "freed_bytes": bytes of files no other generation shares}."""
     root = Path(root)
-    if not (root / CURRENT).is_file() and not any((root / kind).is_dir() for kind in KINDS):
-        raise input_error(root, None, "not a gallery folder (expected images/ or captions/)")
     removed, in_use, freed = [], [], 0
-    with open(root / LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _writer_lock(root):
         current, _ = current_generation(root)
         for number in range(current):
             folders = _generation_folders(root, number)
             if not folders:
                 continue
             (root / READERS).mkdir(exist_ok=True)
-            lease_file = root / READERS / f"{number:06d}"
+            lease_file = _lease_file(root, number)
             with open(lease_file, "a") as held:
                 try:
                     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

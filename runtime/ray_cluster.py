@@ -80,3 +80,8 @@ def check_gpus(ray: Any, needed: float, what: str) -> None:
             f"{what} need {needed:g} GPUs (the backend runs on a GPU: one each); "
             f"the Ray cluster has {have:g}"
         )
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (Ray's carry tracebacks), or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -31,7 +31,7 @@ from typing import Any
 
 from scan_deploy.runtime.gallery_writer import GalleryWriter
 from scan_deploy.runtime.indexer import IndexInputs, LocalEncoders, Progress
-from scan_deploy.runtime.ray_cluster import check_gpus, require_ray
+from scan_deploy.runtime.ray_cluster import check_gpus, first_line, require_ray
 
 from scan_deploy.atomic import _kill_point
 from scan_deploy.bundle import Bundle
@@ -140,8 +140,7 @@ def _rows(ray: Any, dataset: Any, parts: Path) -> Iterator[dict[str, Any]]:
         yield from dataset.iter_rows()
     except ray.exceptions.RayError as exc:
         (parts / STOP).touch()
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"the Ray Data run failed: {first}") from None
+        raise UserError(f"the Ray Data run failed: {first_line(exc)}") from None
 
 
 class ShardEncoder:
@@ -239,8 +238,7 @@ def _failure(exc: Exception) -> dict[str, Any]:
         where = f"{exc.filename}: " if exc.filename else ""
         return {"error": f"{where}{exc.strerror or exc}", "bug": False}
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():  # also CUDA's
-        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return {"error": f"out of memory in a Ray worker: {line}", "bug": False}
+        return {"error": f"out of memory in a Ray worker: {first_line(exc)}", "bug": False}
     return {"error": traceback.format_exc(), "bug": True}
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from scan_deploy.runtime.generations import generation_folder
-from scan_deploy.runtime.ray_cluster import check_gpus, gpus_for, require_ray
+from scan_deploy.runtime.ray_cluster import check_gpus, first_line, gpus_for, require_ray
 from scan_deploy.runtime.retriever import KINDS_BY_QUERY, Retriever, hits_of
 from scan_deploy.runtime.search import Hit, Queries, TopK
 
@@ -190,8 +190,7 @@ class ShardedRetriever:
             return self._ray.get(call, timeout=self.timeout)
         except (errors.RayActorError, errors.GetTimeoutError) as exc:
             shards = ", ".join(f"{kind} shards {a}..{b - 1}" for kind, (a, b) in part.items())
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"the Ray actor of {shards} failed: {reason}") from None
+            raise UserError(f"the Ray actor of {shards} failed: {first_line(exc)}") from None
         except errors.RayTaskError as exc:  # a UserError in the actor: its own message
             cause = exc.as_instanceof_cause()
             raise UserError(str(cause).strip().splitlines()[-1]) from None

@@ -185,10 +185,7 @@ class Retriever:
                 if bundle is None:
                     bundle = next(iter(galleries.values())).manifest["bundle"]["path"]
                 bundle = load_bundle(bundle)
-            for part in galleries.values():
-                part.check_bundle(bundle)
-            for part in galleries.values():
-                _open_stage_index(part, stage_of(part, stage), engine, faiss_params)
+            _check_galleries(galleries, bundle, stage, engine, faiss_params)
             opened = open_backend(
                 bundle, backend, precision, threads=threads, providers=providers,
                 checkpoint=checkpoint,
@@ -208,11 +205,8 @@ class Retriever:
         """This retriever's bundle, backend and settings over `galleries` (a later generation
         of its gallery: `serve` switches to it), their first-stage indexes opened as `open`
         does. The backend stays this retriever's: closing the new one closes its own scorers."""
-        for part in galleries.values():
-            part.check_bundle(self.bundle)
-        for part in galleries.values():
-            stage = stage_of(part, self.first_stage)
-            _open_stage_index(part, stage, self.shortlist_engine, self.faiss_params)
+        settings = (self.first_stage, self.shortlist_engine, self.faiss_params)
+        _check_galleries(galleries, self.bundle, *settings)
         return Retriever(
             self.bundle,
             galleries,
@@ -524,6 +518,21 @@ def stage_of(gallery: Gallery, requested: FirstStage | None) -> FirstStage:
     if requested is not None:
         return requested
     return FirstStage.MAXSIM if FirstStage.MAXSIM in gallery.first_stages else FirstStage.GLOBAL
+
+
+def _check_galleries(
+    galleries: dict[str, Gallery],
+    bundle: Bundle,
+    stage: FirstStage | None,
+    engine: ShortlistEngine,
+    params: str | None,
+) -> None:
+    """Galleries of `bundle`, their first-stage indexes that will be used opened (and checked)
+    with `params`; one-line UserErrors otherwise."""
+    for part in galleries.values():
+        part.check_bundle(bundle)
+    for part in galleries.values():
+        _open_stage_index(part, stage_of(part, stage), engine, params)
 
 
 def _open_stage_index(

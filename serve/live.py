@@ -119,7 +119,7 @@ class LiveGallery:
 
     async def watch(self, interval: float) -> None:
         """`refresh` every `interval` seconds until cancelled; a generation that cannot be
-        opened is logged and tried again at the next tick (the one serving stays). Cancelled
+        opened is logged once and skipped (the one serving stays; a newer one is tried). Cancelled
         during a refresh, it waits for it (its thread uses the backend the caller closes)."""
         while True:
             await asyncio.sleep(interval)
